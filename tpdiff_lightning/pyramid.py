@@ -1,0 +1,252 @@
+"""The temporal pyramid: stages, windows with the jump, Down/Up, stage-wise targets, renoise.
+
+Stages are numbered in denoising order (stage 0 is the noisiest and has the lowest frame
+rate); see ``SPEC.md``. Legend: ``S_i`` stride of stage i, ``F_i`` its frame count,
+``r_i`` the frame-rate factor from stage i to i+1, ``s_i``/``e_i`` its start/end time,
+``x_start``/``x_end`` the stage's end points (paper Eq. 7/8), ``u`` the position inside a
+stage (1 at the start), ``eps_k`` the stage's DDIM noise (Eq. 11).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from tpdiff_lightning.schedules import Schedule, make_schedule
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pyramid, in denoising order."""
+
+    index: int
+    num_frames: int
+    stride: int
+    t_start: float
+    t_end: float
+    reduction: int
+    """Frame-rate factor to the next stage; 1 for the last stage."""
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Shape a per-sample ``(B,)`` tensor to broadcast against ``(B, C, F, H, W)``."""
+    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+
+
+def randn(shape: Sequence[int], generator: torch.Generator | None = None, device=None,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise drawn on the generator's device, then moved, so a CPU seed works for any device."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def frames_at_stride(num_frames: int, stride: int, anchor_first_frame: bool) -> int:
+    """``F / S``, or ``(F - 1) / S + 1`` with an anchored first frame; an error if it does not divide."""
+    span = num_frames - 1 if anchor_first_frame else num_frames
+    if span < 0 or span % stride != 0 or (not anchor_first_frame and span == 0):
+        rule = "(num_frames - 1) % stride == 0 (anchor_first_frame)" if anchor_first_frame else "num_frames % stride == 0"
+        raise ValueError(f"num_frames={num_frames} does not fit stride {stride}: expected {rule}")
+    return span // stride + (1 if anchor_first_frame else 0)
+
+
+class TemporalPyramid:
+    """TPDiff's temporal pyramid over one noise schedule.
+
+    Args:
+        schedule: ``"flow"`` (flow matching) or ``"ddim"`` (Stable Diffusion 1.5 schedule).
+        num_frames: frames of the full-rate clip (latent frames when a VAE is used).
+        num_stages: K; 1 is vanilla diffusion.
+        reductions: ``K - 1`` frame-rate factors between consecutive stages (default all 2).
+        partition: ``K`` weights splitting [0, 1] into stage windows (default uniform).
+        anchor_first_frame: keep frame 0 out of the stride, for causal VAEs with ``1 + 4k`` frames.
+        stage_weights: ``K`` training probabilities of each stage (default proportional to ``partition``).
+    """
+
+    def __init__(
+        self,
+        schedule: str | Schedule = "flow",
+        num_frames: int = 16,
+        num_stages: int = 3,
+        reductions: Sequence[int] | None = None,
+        partition: Sequence[float] | None = None,
+        anchor_first_frame: bool = False,
+        stage_weights: Sequence[float] | None = None,
+    ):
+        if not isinstance(num_stages, int) or num_stages < 1:
+            raise ValueError(f"num_stages={num_stages!r} is invalid; expected an integer >= 1")
+        K = num_stages
+        reductions = tuple(reductions) if reductions is not None else (2,) * (K - 1)
+        partition = tuple(partition) if partition is not None else (1.0,) * K
+        if len(reductions) != K - 1:
+            raise ValueError(f"reductions={list(reductions)} has length {len(reductions)}; expected num_stages - 1 = {K - 1}")
+        if any(not isinstance(r, int) or r < 2 for r in reductions):
+            raise ValueError(f"reductions={list(reductions)} is invalid; expected integers >= 2")
+        if len(partition) != K:
+            raise ValueError(f"partition={list(partition)} has length {len(partition)}; expected num_stages = {K}")
+        if any(not (w > 0) for w in partition):
+            raise ValueError(f"partition={list(partition)} is invalid; expected positive weights")
+        stage_weights = tuple(stage_weights) if stage_weights is not None else partition
+        if len(stage_weights) != K or any(not (w >= 0) for w in stage_weights) or sum(stage_weights) <= 0:
+            raise ValueError(f"stage_weights={list(stage_weights)} is invalid; expected {K} non-negative weights with a positive sum")
+
+        self.schedule = make_schedule(schedule)
+        self.num_frames = num_frames
+        self.num_stages = K
+        self.reductions = reductions
+        self.partition = partition
+        self.anchor_first_frame = anchor_first_frame
+        self.stage_weights = stage_weights
+        self.stages = self._build_stages()
+
+    def _build_stages(self) -> list[Stage]:
+        K, r = self.num_stages, self.reductions
+        strides = [math.prod(r[i:]) for i in range(K)]  # S_i = r_i * ... * r_{K-2}
+        total = float(sum(self.partition))
+        starts = [1.0 - sum(self.partition[:i]) / total for i in range(K)]
+        ends = [self.window_end(starts[i + 1], r[i]) for i in range(K - 1)] + [0.0]
+        return [
+            Stage(i, frames_at_stride(self.num_frames, strides[i], self.anchor_first_frame), strides[i],
+                  starts[i], ends[i], r[i] if i < K - 1 else 1)
+            for i in range(K)
+        ]
+
+    def window_end(self, next_start: float, reduction: int) -> float:
+        """``e_i`` with ``SNR(e_i) = r_i * SNR(s_{i+1})`` (paper Eq. 15/21): the jump before upsampling."""
+        lam_next = self.schedule.log_snr(torch.tensor(next_start, dtype=torch.float64))
+        return float(self.schedule.t_from_log_snr(lam_next + 0.5 * math.log(reduction)))
+
+    def with_num_frames(self, num_frames: int) -> "TemporalPyramid":
+        """The same pyramid for another clip length (zero-shot long video)."""
+        return TemporalPyramid(self.schedule, num_frames, self.num_stages, self.reductions, self.partition,
+                               self.anchor_first_frame, self.stage_weights)
+
+    def stage_shape(self, x0: Tensor, i: int) -> tuple[int, ...]:
+        """Shape of stage i's tensors for a full-rate ``x0`` of shape ``(B, C, F, H, W)``."""
+        B, C, _, H, W = x0.shape
+        return (B, C, self.stages[i].num_frames, H, W)
+
+    def downsample(self, x: Tensor, stride: int) -> Tensor:
+        """``Down(x, S)``: keep frames ``0, S, 2S, ...`` of ``(B, C, F, H, W)``."""
+        frames_at_stride(x.shape[2], stride, self.anchor_first_frame)
+        return x[:, :, ::stride]  # (B, C, F / S, H, W)
+
+    def upsample(self, x: Tensor, factor: int) -> Tensor:
+        """``Up(x, r)``: repeat each frame r times (nearest); anchored, frame 0 stays single."""
+        if not self.anchor_first_frame:
+            return x.repeat_interleave(factor, dim=2)  # (B, C, F * r, H, W)
+        rest = x[:, :, 1:].repeat_interleave(factor, dim=2)  # (B, C, (F - 1) * r, H, W)
+        return torch.cat([x[:, :, :1], rest], dim=2)  # (B, C, 1 + (F - 1) * r, H, W)
+
+    def _coefficients(self, t: float, like: Tensor) -> tuple[Tensor, Tensor]:
+        gamma, sigma = self.schedule.scalar(t)
+        return torch.tensor(gamma, dtype=like.dtype, device=like.device), torch.tensor(sigma, dtype=like.dtype, device=like.device)
+
+    def start_content(self, x0: Tensor, i: int) -> Tensor:
+        """The clean content of stage i's start: ``Up(Down(x0, S_{i-1}), r_{i-1})``, or ``Down(x0, S_0)``."""
+        if i == 0:
+            return self.downsample(x0, self.stages[0].stride)
+        prev = self.stages[i - 1]
+        return self.upsample(self.downsample(x0, prev.stride), prev.reduction)
+
+    def endpoints(self, x0: Tensor, noise: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """Stage i's start and end points (paper Eq. 7 and 8), sharing one noise draw.
+
+        Args:
+            x0: full-rate data ``(B, C, F, H, W)``.
+            noise: noise at stage i's shape ``(B, C, F_i, H, W)``.
+        Returns:
+            ``(x_start, x_end)``, both ``(B, C, F_i, H, W)``.
+        """
+        self._check_stage(i)
+        expected = self.stage_shape(x0, i)
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected stage {i}'s shape {expected}")
+        stage = self.stages[i]
+        gamma_s, sigma_s = self._coefficients(stage.t_start, x0)
+        gamma_e, sigma_e = self._coefficients(stage.t_end, x0)
+        x_start = gamma_s * self.start_content(x0, i) + sigma_s * noise
+        x_end = gamma_e * self.downsample(x0, stage.stride) + sigma_e * noise
+        return x_start, x_end
+
+    def stage_time(self, i: int, u: Tensor) -> Tensor:
+        """Global time ``t = e_i + u * (s_i - e_i)`` of position ``u`` inside stage i."""
+        stage = self.stages[i]
+        return stage.t_end + u * (stage.t_start - stage.t_end)
+
+    def interpolate(self, x0: Tensor, noise: Tensor, i: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage-wise ``x_t`` and regression target at positions ``u`` (B,) inside stage i.
+
+        ``flow`` (Eq. 12/13): ``x_t = (1 - u) x_end + u x_start``, target ``x_start - x_end``.
+        ``ddim`` (Eq. 10/11): ``x_t`` on the DDIM path through ``x_start`` with noise ``eps_k``, target ``eps_k``.
+        Returns ``(x_t, t, target)`` with ``t`` the global time (B,).
+        """
+        x_start, x_end = self.endpoints(x0, noise, i)
+        u = u.to(device=x0.device, dtype=x0.dtype)
+        t = self.stage_time(i, u)
+        if self.schedule.name == "flow":
+            ub = _bcast(u, x0)
+            return (1 - ub) * x_end + ub * x_start, t, x_start - x_end
+        eps_k = self.stage_noise(x_start, x_end, i)
+        gamma_t, sigma_t = (_bcast(c, x0) for c in self.schedule.gamma_sigma(t))
+        gamma_s, sigma_s = self._coefficients(self.stages[i].t_start, x0)
+        x_t = (gamma_t / gamma_s) * x_start + gamma_t * eps_k * (sigma_t / gamma_t - sigma_s / gamma_s)
+        return x_t, t, eps_k
+
+    def stage_noise(self, x_start: Tensor, x_end: Tensor, i: int) -> Tensor:
+        """``eps_k = (x_end / gamma_e - x_start / gamma_s) / (sigma_e / gamma_e - sigma_s / gamma_s)`` (Eq. 11)."""
+        stage = self.stages[i]
+        gamma_s, sigma_s = self._coefficients(stage.t_start, x_start)
+        gamma_e, sigma_e = self._coefficients(stage.t_end, x_start)
+        return (x_end / gamma_e - x_start / gamma_s) / (sigma_e / gamma_e - sigma_s / gamma_s)
+
+    def renoise_noise(self, shape: Sequence[int], reduction: int, generator: torch.Generator | None = None,
+                      device=None, dtype=torch.float32) -> Tensor:
+        """``n = z - a_g * mean_g(z)`` over each group of copies, ``a_g = 1 - sqrt(1 - |g| / r)``.
+
+        Its covariance is ``I - J / r`` inside a full group, so added to the shared noise of the
+        copies it restores ``sigma^2 I`` (Eq. 15 generalised from 2 to r copies).
+        """
+        z = randn(shape, generator, device, dtype)  # (B, C, F', H, W)
+        B, C, F, H, W = z.shape
+        r = reduction
+        if self.anchor_first_frame:
+            first = z[:, :, :1] * math.sqrt(1.0 - 1.0 / r)  # a group of one: z - a z
+            rest = z[:, :, 1:].reshape(B, C, (F - 1) // r, r, H, W)  # (B, C, groups, r, H, W)
+            rest = (rest - rest.mean(dim=3, keepdim=True)).reshape(B, C, F - 1, H, W)
+            return torch.cat([first, rest], dim=2)
+        groups = z.reshape(B, C, F // r, r, H, W)  # (B, C, groups, r, H, W)
+        return (groups - groups.mean(dim=3, keepdim=True)).reshape(B, C, F, H, W)
+
+    def renoise(self, x_end: Tensor, i: int, generator: torch.Generator | None = None, enabled: bool = True) -> Tensor:
+        """Start of stage i+1 from the end of stage i: ``(gamma_s'/gamma_e) Up(x_end, r_i) + sigma_s' n``.
+
+        With ``enabled=False`` (the paper's ablation) only the upsampling and the scale are applied.
+        """
+        self._check_stage(i)
+        if i >= self.num_stages - 1:
+            raise ValueError(f"stage {i} is the last stage; renoise needs a stage below {self.num_stages - 1}")
+        stage, nxt = self.stages[i], self.stages[i + 1]
+        gamma_e, _ = self._coefficients(stage.t_end, x_end)
+        gamma_s, sigma_s = self._coefficients(nxt.t_start, x_end)
+        x = (gamma_s / gamma_e) * self.upsample(x_end, stage.reduction)  # (B, C, F_{i+1}, H, W)
+        if not enabled:
+            return x
+        n = self.renoise_noise(x.shape, stage.reduction, generator, device=x.device, dtype=x.dtype)
+        return x + sigma_s * n
+
+    def sample_stage(self, generator: torch.Generator | None = None) -> int:
+        """Draw one stage for a whole batch, with probability proportional to ``stage_weights``."""
+        weights = torch.tensor(self.stage_weights, dtype=torch.float64)
+        return int(torch.multinomial(weights, 1, generator=generator))
+
+    def _check_stage(self, i: int) -> None:
+        if not 0 <= i < self.num_stages:
+            raise IndexError(f"stage index {i} is out of range; expected 0 <= i < {self.num_stages}")
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"({s.num_frames}f x{s.stride}, t {s.t_start:.3f}->{s.t_end:.3f})" for s in self.stages)
+        return f"TemporalPyramid({self.schedule.name}, {rows})"
