@@ -1,0 +1,6 @@
+"""Command line: ``python lightning_cli.py fit|validate|test|predict --config configs/default.yaml``."""
+
+from tpdiff_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Tests of the data layer: mp4 round trips, the synthetic generator, and the webdataset pipelines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from tpdiff_lightning.data import synthetic
+from tpdiff_lightning.data.datamodule import (
+    CorruptSampleWarning,
+    VideoDataModule,
+    eval_pipeline,
+    frames_to_tensor,
+    train_pipeline,
+)
+from tpdiff_lightning.data.synthetic import (
+    DIRECTIONS,
+    PALETTE,
+    SHAPES,
+    clip_rng,
+    make_clip,
+    render_clip,
+    synthetic_exists,
+    write_synthetic_shards,
+)
+from tpdiff_lightning.data.video_io import decode_mp4, encode_mp4, write_mp4
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(num_train=32, num_eval=12, num_frames=8, size=16, seed=0, clips_per_shard=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """A tiny synthetic build: 4 train shards and 2 eval shards of 8-frame 16x16 clips."""
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_shards(root, progress=False, **TINY)
+    return root
+
+
+def _write_labelled_shard(
+    path: Path, num_good: int, corrupt_at: tuple[int, ...] = (), short_at: tuple[int, ...] = (), prefix: str = ""
+) -> set[str]:
+    """Write one shard whose good clips have unique captions "clip {prefix}{i}"; return the set of good captions."""
+    good = set()
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(num_good + len(corrupt_at) + len(short_at)):
+            frames = render_clip("red", "square", "right", "slow", (i % 16, 8.0), 8, 16)
+            if i in corrupt_at:
+                mp4 = b"this is not an mp4 file" * 4
+            elif i in short_at:
+                mp4 = encode_mp4(frames[:3])
+            else:
+                mp4 = encode_mp4(frames)
+                good.add(f"clip {prefix}{i}")
+            sink.write({"__key__": f"s{i:04d}", "mp4": mp4, "txt": f"clip {prefix}{i}"})
+    return good
+
+
+def _captions(batches) -> list[str]:
+    return [caption for batch in batches for caption in batch["caption"]]
+
+
+def test_encode_decode_round_trip_keeps_smooth_content():
+    frames = render_clip("blue", "circle", "left", "fast", (8.0, 9.0), 8, 32)
+    decoded = decode_mp4(encode_mp4(frames, fps=8))
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    error = np.abs(decoded.astype(np.int16) - frames.astype(np.int16))
+    assert error.mean() < 6.0, f"mean abs error {error.mean():.2f} too large for smooth content"
+
+
+def test_decode_mp4_stops_at_max_frames_and_write_mp4_writes_a_file(tmp_path):
+    frames = render_clip("green", "square", "up", "slow", (8.0, 8.0), 6, 16)
+    path = tmp_path / "sub" / "clip.mp4"
+    write_mp4(path, frames, fps=4)
+    assert decode_mp4(path.read_bytes()).shape == (6, 16, 16, 3)
+    assert decode_mp4(path.read_bytes(), max_frames=2).shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    "frames, expected",
+    [
+        (np.zeros((4, 15, 16, 3), np.uint8), "H=15"),
+        (np.zeros((4, 16, 17, 3), np.uint8), "W=17"),
+        (np.zeros((4, 16, 16, 3), np.float32), "float32"),
+        (np.zeros((16, 16, 3), np.uint8), "(16, 16, 3)"),
+    ],
+)
+def test_encode_mp4_rejects_bad_frames_naming_the_value(frames, expected):
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        encode_mp4(frames)
+
+
+def test_make_clip_is_deterministic_per_seed():
+    first = make_clip(clip_rng(3, "train", 5), 8, 16)
+    again = make_clip(clip_rng(3, "train", 5), 8, 16)
+    other = make_clip(clip_rng(3, "train", 6), 8, 16)
+    np.testing.assert_array_equal(first[0], again[0])
+    assert first[1:] == again[1:]
+    assert encode_mp4(first[0]) == encode_mp4(again[0])
+    assert not np.array_equal(first[0], other[0]) or first[2] != other[2]
+
+
+def test_make_clip_shape_size_and_caption_match_the_frames():
+    frames, caption, meta = make_clip(np.random.default_rng(0), 16, 32)
+    assert frames.shape == (16, 32, 32, 3) and frames.dtype == np.uint8
+    assert caption == f"a {meta['colour']} {meta['shape']} moving {meta['direction']} {meta['speed']}"
+    covered = (np.abs(frames[0].astype(int) - synthetic.BACKGROUND).sum(-1) > 60).mean()
+    assert 0.1 < covered < 0.3, f"shape covers {covered:.2f} of the frame; expected a big shape"
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_rendered_motion_follows_the_caption_direction(direction):
+    frames = render_clip("yellow", "circle", direction, "fast", (16.0, 16.0), 4, 32)
+    mask = np.abs(frames.astype(int) - synthetic.BACKGROUND).sum(-1) > 60  # (F, H, W)
+    ys, xs = np.mgrid[:32, :32]
+    centroids = np.stack([[(xs * m).sum() / m.sum(), (ys * m).sum() / m.sum()] for m in mask])  # (F, 2)
+    velocity = np.diff(centroids, axis=0).mean(0)
+    np.testing.assert_allclose(velocity, np.asarray(DIRECTIONS[direction]) * 2.0, atol=0.1)
+
+
+def test_captions_cover_every_colour_shape_and_direction():
+    metas = [make_clip(clip_rng(0, "train", i), 2, 16)[2] for i in range(200)]
+    assert {m["colour"] for m in metas} == set(PALETTE)
+    assert {m["shape"] for m in metas} == set(SHAPES)
+    assert {m["direction"] for m in metas} == set(DIRECTIONS)
+    assert {m["speed"] for m in metas} == {"slow", "fast"}
+
+
+def test_shards_are_byte_identical_across_builds_and_train_differs_from_eval(tmp_path, tiny_root):
+    write_synthetic_shards(tmp_path, progress=False, **TINY)
+    for name in ("train-000000.tar", "eval-000001.tar"):
+        assert (tmp_path / name).read_bytes() == (tiny_root / name).read_bytes()
+    train = make_clip(clip_rng(0, "train", 0), 8, 16)[0]
+    evaluation = make_clip(clip_rng(0, "eval", 0), 8, 16)[0]
+    assert not np.array_equal(train, evaluation)
+
+
+def test_manifest_lists_existing_shards_and_synthetic_exists_checks_args(tiny_root):
+    manifest = synthetic.read_manifest(tiny_root)
+    assert manifest["splits"]["train"] == {"shards": [f"train-{i:06d}.tar" for i in range(4)], "num_clips": 32}
+    assert manifest["splits"]["eval"]["num_clips"] == 12 and len(manifest["splits"]["eval"]["shards"]) == 2
+    assert all((tiny_root / name).is_file() for s in manifest["splits"].values() for name in s["shards"])
+    assert synthetic_exists(tiny_root, **TINY)
+    assert not synthetic_exists(tiny_root, **{**TINY, "num_train": 64})
+    assert not synthetic_exists(tiny_root / "nowhere", **TINY)
+
+
+def test_cli_builds_and_prints_summary(tmp_path, capsys):
+    out = tmp_path / "cli"
+    synthetic.main(["--out", str(out), "--num-train", "4", "--num-eval", "2", "--num-frames", "4",
+                    "--size", "16", "--no-progress"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "train: 4 clips in 1 shards" in printed and (out / "manifest.json").is_file()
+    synthetic.main(["--out", str(out), "--num-train", "4", "--num-eval", "2", "--num-frames", "4", "--size", "16"])
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_make_synthetic_script_has_help():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "data" / "make_synthetic.py"), "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--num-train" in result.stdout
+
+
+def test_odd_synthetic_size_is_rejected_with_the_value(tmp_path):
+    with pytest.raises(ValueError, match="got 15"):
+        write_synthetic_shards(tmp_path, size=15, progress=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_train_batches_have_the_documented_format(tiny_root, num_workers):
+    dm = VideoDataModule(root=str(tiny_root), num_frames=4, frame_stride=2, resolution=16, batch_size=4,
+                         num_workers=num_workers, train_steps_per_epoch=4, shuffle_buffer=8)  # fmt: skip
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4
+    for batch in batches:
+        assert batch["video"].shape == (4, 3, 4, 16, 16) and batch["video"].dtype == torch.float32
+        assert batch["video"].min() >= -1 and batch["video"].max() <= 1 and batch["video"].std() > 0.1
+        assert len(batch["caption"]) == 4 and all(c.startswith("a ") for c in batch["caption"])
+        assert batch["num_skipped"].dtype == torch.long and batch["num_skipped"].shape == () and batch["num_skipped"] == 0
+
+
+def test_eval_stream_yields_every_clip_once_with_workers(tmp_path):
+    good = _write_labelled_shard(tmp_path / "eval-000000.tar", 5, prefix="a")
+    good |= _write_labelled_shard(tmp_path / "eval-000001.tar", 4, prefix="b")
+    dm = VideoDataModule(root=str(tmp_path), eval_shards="eval-{000000..000001}.tar", num_frames=8, resolution=16,
+                         batch_size=2, num_workers=2)  # fmt: skip
+    captions = _captions(dm.val_dataloader())
+    assert Counter(captions) == Counter(good)
+
+
+def test_eval_stream_splits_clips_across_ranks_exactly_once(tmp_path):
+    good = _write_labelled_shard(tmp_path / "a.tar", 7)
+    urls = [str(tmp_path / "a.tar")]
+    per_rank = [_captions(eval_pipeline(urls, 8, 16, 3, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(good)
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+
+
+def test_eval_stream_takes_the_first_frames_with_stride(tmp_path):
+    frames = render_clip("blue", "square", "down", "fast", (4.0, 4.0), 8, 16)
+    with wds.TarWriter(str(tmp_path / "e.tar")) as sink:
+        sink.write({"__key__": "k", "mp4": encode_mp4(frames), "txt": "x"})
+    batch = next(iter(eval_pipeline([str(tmp_path / "e.tar")], 3, 16, 1, frame_stride=2)))
+    expected = frames_to_tensor(decode_mp4(encode_mp4(frames))[[0, 2, 4]], 16)
+    torch.testing.assert_close(batch["video"][0], expected)
+
+
+def test_corrupt_samples_are_skipped_counted_and_lose_nothing_else(tmp_path):
+    good = _write_labelled_shard(tmp_path / "eval-000000.tar", 6, corrupt_at=(2,), short_at=(5,))
+    with pytest.warns(CorruptSampleWarning) as record:
+        batches = list(eval_pipeline([str(tmp_path / "eval-000000.tar")], 8, 16, 4))
+    messages = " ".join(str(w.message) for w in record)
+    assert "s0002" in messages and "s0005" in messages and "3 frames, needs 8" in messages
+    assert sorted(_captions(batches)) == sorted(good)
+    assert sum(int(b["num_skipped"]) for b in batches) == 2
+
+
+def test_train_clips_start_at_random_frames_and_respect_the_stride(tmp_path):
+    levels = 30 + 25 * np.arange(8)  # frame i is a flat grey of level 30 + 25 i, which H.264 keeps exactly
+    frames = np.broadcast_to(levels[:, None, None, None], (8, 16, 16, 3)).astype(np.uint8)
+    with wds.TarWriter(str(tmp_path / "t.tar")) as sink:
+        sink.write({"__key__": "k", "mp4": encode_mp4(frames), "txt": "grey"})
+    batches = list(train_pipeline([str(tmp_path / "t.tar")], 3, 16, 4, frame_stride=2).with_epoch(4))
+    mean_levels = torch.cat([b["video"] for b in batches]).mean(dim=(1, 3, 4)) * 127.5 + 127.5  # (B, F)
+    frame_index = torch.round((mean_levels - 30) / 25)
+    assert torch.all(frame_index[:, 1:] - frame_index[:, :-1] == 2)
+    assert set(frame_index[:, 0].tolist()) == {0.0, 1.0}
+
+
+def test_corrupt_samples_are_counted_in_the_training_stream(tmp_path):
+    good = _write_labelled_shard(tmp_path / "t.tar", 6, corrupt_at=(1, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        batches = list(train_pipeline([str(tmp_path / "t.tar")], 8, 16, 3, shuffle_buffer=4).with_epoch(6))
+    assert set(_captions(batches)) <= good
+    assert sum(int(b["num_skipped"]) for b in batches) > 0
+
+
+def test_truncated_shard_is_counted_by_the_tar_handler(tmp_path):
+    _write_labelled_shard(tmp_path / "full.tar", 6)
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        batches = list(eval_pipeline([str(tmp_path / "cut.tar"), str(tmp_path / "full.tar")], 8, 16, 16))
+    assert sum(int(b["num_skipped"]) for b in batches) >= 1
+    assert {f"clip {i}" for i in range(6)} <= set(_captions(batches))
+
+
+def _first_batches(urls, **kwargs):
+    pipeline = train_pipeline(urls, 4, 16, 4, shuffle_buffer=8, **kwargs).with_epoch(2)
+    return list(pipeline)
+
+
+def test_train_stream_is_seeded_by_rank_and_resume_step(tiny_root):
+    urls = [str(p) for p in sorted(tiny_root.glob("train-*.tar"))]
+    rank0 = _first_batches(urls, rank=0)
+    assert _captions(rank0) == _captions(_first_batches(urls, rank=0))
+    torch.testing.assert_close(rank0[0]["video"], _first_batches(urls, rank=0)[0]["video"])
+    assert _captions(rank0) != _captions(_first_batches(urls, rank=1))
+    assert _captions(rank0) != _captions(_first_batches(urls, rank=0, resume_step=100))
+
+
+def test_set_resume_step_and_trainer_global_step_reseed_the_training_stream(tiny_root):
+    def captions(step=None, trainer=None):
+        dm = VideoDataModule(root=str(tiny_root), num_frames=4, resolution=16, batch_size=4, num_workers=0,
+                             train_steps_per_epoch=2)  # fmt: skip
+        dm.trainer = trainer
+        if step is not None:
+            dm.set_resume_step(step)
+        return _captions(dm.train_dataloader())
+
+    resumed_trainer = SimpleNamespace(global_step=500, global_rank=0, world_size=1)
+    assert captions() == captions(0)
+    assert captions() != captions(500)
+    assert captions(trainer=resumed_trainer) == captions(500)
+    with pytest.raises(ValueError, match="-1"):
+        VideoDataModule().set_resume_step(-1)
+
+
+def test_missing_shards_raise_file_not_found_with_a_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json.*make_synthetic\.py"):
+        VideoDataModule(root=str(tmp_path), build_synthetic=False).train_dataloader()
+    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar.*make_synthetic\.py"):
+        VideoDataModule(root=str(tmp_path), train_shards="train-{000001..000002}.tar").train_dataloader()
+
+
+def test_prepare_data_builds_missing_synthetic_data_once(tmp_path):
+    dm = VideoDataModule(root=str(tmp_path / "s"), num_frames=4, resolution=16, synthetic_num_train=8,
+                         synthetic_num_eval=4, num_workers=0, batch_size=4)  # fmt: skip
+    dm.prepare_data()
+    manifest_path = tmp_path / "s" / "manifest.json"
+    built = manifest_path.stat().st_mtime_ns
+    dm.prepare_data()
+    assert manifest_path.stat().st_mtime_ns == built
+    assert len(_captions(dm.val_dataloader())) == 4
+
+
+def test_prepare_data_leaves_a_foreign_dataset_alone(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"generator": "openvid", "splits": {}}')
+    VideoDataModule(root=str(tmp_path)).prepare_data()
+    assert not list(tmp_path.glob("*.tar"))
+
+
+def test_frames_to_tensor_resizes_short_side_and_centre_crops():
+    frames = np.zeros((2, 24, 48, 3), np.uint8)
+    frames[:, :, 18:30] = 255  # resized to columns 12..20 of 32, i.e. 4..12 of the centre crop
+    video = frames_to_tensor(frames, 16)
+    assert video.shape == (3, 2, 16, 16)
+    torch.testing.assert_close(video[..., 5:11], torch.ones(3, 2, 16, 6))
+    torch.testing.assert_close(video[..., :3], -torch.ones(3, 2, 16, 3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(resolution=0), "resolution.*0"),
+        (dict(batch_size=-2), "batch_size.*-2"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(predict_prompts=[]), "predict_prompts"),
+    ],
+)
+def test_bad_datamodule_args_raise_value_error_naming_them(kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        VideoDataModule(**kwargs)
+
+
+def test_predict_batches_cover_prompts_times_seeds():
+    dm = VideoDataModule(predict_prompts=["a", "b", "c"], predict_seeds_per_prompt=2, batch_size=4, seed=10)
+    batches = list(dm.predict_dataloader())
+    assert [len(b["caption"]) for b in batches] == [4, 2]
+    assert "".join(_captions(batches)) == "aabbcc"
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(6))
+    assert torch.cat([b["seed"] for b in batches]).tolist() == list(range(10, 16))
+    assert batches[0]["seed"].dtype == torch.long

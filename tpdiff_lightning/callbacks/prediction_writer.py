@@ -1,0 +1,58 @@
+"""Writes generated clips as playable mp4 files and a PNG contact sheet."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from tpdiff_lightning.data.video_io import write_mp4
+from tpdiff_lightning.visualize import save_contact_sheet
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe version of a caption."""
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:limit] or "empty"
+
+
+class VideoPredictionWriter(BasePredictionWriter):
+    """Saves each predicted clip as ``<output_dir>/<index>_<caption>_seed<seed>_rank<r>.mp4``.
+
+    Args:
+        output_dir: folder for the mp4 files and ``contact_sheet_rank<r>.png``.
+        fps: frame rate written into the mp4 files.
+        contact_sheet: also write a PNG with one row per clip at the end.
+    """
+
+    def __init__(self, output_dir: str = "outputs/predictions", fps: int = 8, contact_sheet: bool = True):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.fps = fps
+        self.contact_sheet = contact_sheet
+        self._videos: list = []
+        self._captions: list[str] = []
+        self.written: list[Path] = []
+
+    def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        for video, caption, seed, index in zip(prediction["video"], prediction["caption"], prediction["seed"],
+                                               prediction["index"]):
+            frames = video.numpy()  # (F, H, W, 3) uint8
+            path = self.output_dir / f"{index:04d}_{slug(caption)}_seed{seed}_rank{rank}.mp4"
+            write_mp4(path, frames, fps=self.fps)
+            self.written.append(path)
+            if self.contact_sheet:
+                self._videos.append(frames)
+                self._captions.append(caption)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.contact_sheet and self._videos:
+            path = save_contact_sheet(self.output_dir / f"contact_sheet_rank{trainer.global_rank}.png",
+                                      self._videos, self._captions)
+            self.written.append(path)
+        self._videos, self._captions = [], []

@@ -1,0 +1,418 @@
+"""Webdataset video pipelines and the Lightning DataModule that serves them.
+
+Every batch of clips is a dict `{"video": (B, 3, F, H, W) float32 in [-1, 1], "caption": list[str],
+"num_skipped": LongTensor ()}`, where `num_skipped` counts the samples that the producing worker dropped
+(corrupt mp4, too few frames, unreadable tar member) since its previous batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import braceexpand
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from tpdiff_lightning.data.synthetic import (
+    GENERATOR_NAME,
+    caption_for,
+    read_manifest,
+    synthetic_exists,
+    write_synthetic_shards,
+)
+from tpdiff_lightning.data.video_io import decode_mp4
+
+DEFAULT_PREDICT_PROMPTS = (
+    caption_for("red", "square", "right", "fast"),
+    caption_for("green", "circle", "left", "slow"),
+    caption_for("blue", "square", "up", "fast"),
+    caption_for("yellow", "circle", "down", "slow"),
+)
+
+
+class CorruptSampleWarning(UserWarning):
+    """Warned once per sample that a pipeline drops instead of crashing."""
+
+
+class SkipCounter:
+    """Counts the samples one worker's pipeline dropped; the collate reads and resets it once per batch."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def skip(self, what: str, exn: BaseException) -> None:
+        """Record one dropped sample and warn with its name and the error."""
+        self.count += 1
+        warnings.warn(f"skipping {what}: {type(exn).__name__}: {exn}", CorruptSampleWarning, stacklevel=2)
+
+    def handler(self, exn: BaseException) -> bool:
+        """Webdataset exception handler for tar-level errors: count, warn and continue."""
+        self.skip("unreadable shard data", exn)
+        return True
+
+    def take(self) -> int:
+        """Return the count since the last call and reset it."""
+        count, self.count = self.count, 0
+        return count
+
+
+def worker_seed(seed: int, rank: int, resume_step: int, salt: int) -> int:
+    """Mix the seed, rank, DataLoader worker id, resume step and a per-stage salt into one 63-bit seed."""
+    info = torch.utils.data.get_worker_info()
+    worker = 0 if info is None else info.id
+    state = np.random.SeedSequence([seed, rank, worker, resume_step, salt]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def frames_to_tensor(frames: np.ndarray, resolution: int) -> torch.Tensor:
+    """Map uint8 frames (F, H, W, 3) to float32 (3, F, r, r) in [-1, 1]: short side resized to r, centre crop."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    height, width = x.shape[-2:]
+    if min(height, width) != resolution:
+        scale = resolution / min(height, width)
+        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)  # (F, 3, H', W')
+    top = (x.shape[-2] - resolution) // 2
+    left = (x.shape[-1] - resolution) // 2
+    x = x[..., top : top + resolution, left : left + resolution]  # (F, 3, r, r)
+    return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, r, r)
+
+
+def decode_clip(
+    sample: dict, num_frames: int, frame_stride: int, resolution: int, rng: random.Random | None
+) -> dict:
+    """Decode one raw webdataset sample into `{"video": (3, F, r, r), "caption": str}`; start at 0 when rng is None."""
+    span = (num_frames - 1) * frame_stride + 1
+    frames = decode_mp4(sample["mp4"], max_frames=None if rng is not None else span)
+    if len(frames) < span:
+        raise ValueError(f"clip has {len(frames)} frames, needs {span} (num_frames={num_frames}, stride={frame_stride})")
+    start = 0 if rng is None else 1
+    clip = frames[start : start + span : frame_stride]  # (F, H, W, 3)
+    return {"video": frames_to_tensor(clip, resolution), "caption": sample["txt"].decode("utf-8")}
+
+
+class DecodeClips:
+    """Pipeline stage that decodes raw samples into clips and counts (never raises on) the ones it cannot use."""
+
+    def __init__(
+        self,
+        counter: SkipCounter,
+        num_frames: int,
+        frame_stride: int,
+        resolution: int,
+        random_start: bool,
+        seed: int = 0,
+        rank: int = 0,
+        resume_step: int = 0,
+    ) -> None:
+        self.counter = counter
+        self.clip_args = (num_frames, frame_stride, resolution)
+        self.random_start = random_start
+        self.seed_args = (seed, rank, resume_step)
+        self.passes = 0
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        self.passes += 1
+        rng = random.Random(worker_seed(*self.seed_args, salt=2 * self.passes)) if self.random_start else None
+        for sample in src:
+            try:
+                clip = decode_clip(sample, *self.clip_args, rng=rng)
+            except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised
+                self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                continue
+            yield clip
+
+
+class BufferShuffle:
+    """Pipeline stage that shuffles through a buffer, seeded per worker and pass (webdataset seeds from time)."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int, resume_step: int) -> None:
+        self.bufsize = bufsize
+        self.seed_args = (seed, rank, resume_step)
+        self.passes = 0
+
+    def __call__(self, src: Iterable[Any]) -> Iterator[Any]:
+        self.passes += 1
+        rng = random.Random(worker_seed(*self.seed_args, salt=2 * self.passes + 1))
+        buffer: list = []
+        for sample in src:
+            if len(buffer) < self.bufsize:
+                buffer.append(sample)
+                continue
+            k = rng.randrange(self.bufsize)
+            yield buffer[k]
+            buffer[k] = sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
+    """Stack clips into `{"video": (B, 3, F, H, W), "caption": list[str], "num_skipped": LongTensor ()}`."""
+    return {
+        "video": torch.stack([s["video"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "num_skipped": torch.tensor(counter.take(), dtype=torch.long),
+    }
+
+
+def split_samples_by_rank(src: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """Keep every `world_size`-th sample of each shard starting at `rank`, so ranks can share even one shard."""
+    url, position = None, 0
+    for sample in src:
+        if sample.get("__url__") != url:
+            url, position = sample.get("__url__"), 0
+        if position % world_size == rank:
+            yield sample
+        position += 1
+
+
+def train_pipeline(
+    urls: list[str],
+    num_frames: int,
+    resolution: int,
+    batch_size: int,
+    frame_stride: int = 1,
+    seed: int = 0,
+    rank: int = 0,
+    resume_step: int = 0,
+    shuffle_buffer: int = 256,
+) -> wds.DataPipeline:
+    """Infinite stream of full training batches: resampled shards, seeded shuffle, random clip start.
+
+    Every (seed, rank, worker, resume_step) draws its own shard sequence, so ranks need no node splitter and
+    always get the same number of batches; cut the stream into epochs with `.with_epoch(batches_per_worker)`.
+    """
+    counter = SkipCounter()
+    seeds = dict(seed=seed, rank=rank, resume_step=resume_step)
+    shard_seed = functools.partial(worker_seed, seed, rank, resume_step, 0)
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
+        wds.tarfile_to_samples(handler=counter.handler),
+        BufferShuffle(shuffle_buffer, **seeds),
+        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, **seeds),
+        wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=False),
+    )
+
+
+def eval_pipeline(
+    urls: list[str],
+    num_frames: int,
+    resolution: int,
+    batch_size: int,
+    frame_stride: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
+) -> wds.DataPipeline:
+    """Each clip of `urls` exactly once across ranks and workers, from its first frame, in batches (last one partial).
+
+    Ranks take interleaved samples of every shard (all ranks read all shards, which is cheap for eval sets) and
+    their batch counts can differ by one, so reduce eval metrics at epoch end rather than per step.
+    """
+    counter = SkipCounter()
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=counter.handler),
+        functools.partial(split_samples_by_rank, rank=rank, world_size=world_size),
+        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False),
+        wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=True),
+    )
+
+
+def _check_positive(**values: int) -> None:
+    """Raise ValueError naming the first argument that is not a positive integer."""
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Captioned video clips from webdataset shards (`mp4` + `txt` per sample), with synthetic data built on demand.
+
+    Args:
+        root: Folder holding the shards. Without explicit patterns, its `manifest.json` lists them
+            (`splits.train.shards`, `splits.eval.shards`).
+        train_shards: Brace pattern of training shards, e.g. `"train-{000000..000007}.tar"`, relative to
+            `root` unless absolute. None reads the manifest.
+        eval_shards: Brace pattern of evaluation shards, like `train_shards`. None reads the manifest.
+        num_frames: Frames per clip, F.
+        resolution: Side of the square frames, H = W; clips are resized on the short side and centre-cropped.
+        batch_size: Clips per batch for training, evaluation and prompts per batch for prediction.
+        num_workers: DataLoader worker processes (0 decodes in the main process).
+        train_steps_per_epoch: Training batches per epoch from the infinite resampled stream (rounded up to a
+            multiple of `num_workers`, since webdataset counts the epoch per worker).
+        seed: Base seed of shard resampling, shuffling, clip starts and prediction seeds (>= 0).
+        frame_stride: Take every `frame_stride`-th decoded frame, so a clip spans (F - 1) * stride + 1 frames.
+        shuffle_buffer: Raw samples held by the training shuffle buffer.
+        build_synthetic: When no patterns are given and `root` has no manifest (or an outdated synthetic one),
+            `prepare_data` writes synthetic moving-shape shards there.
+        synthetic_num_train: Training clips of the synthetic build.
+        synthetic_num_eval: Evaluation clips of the synthetic build.
+        predict_prompts: Captions to sample in `predict`; None uses a few synthetic captions.
+        predict_seeds_per_prompt: Samples per prompt in `predict`, each with its own seed.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        train_shards: str | None = None,
+        eval_shards: str | None = None,
+        num_frames: int = 16,
+        resolution: int = 32,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        train_steps_per_epoch: int = 200,
+        seed: int = 0,
+        frame_stride: int = 1,
+        shuffle_buffer: int = 256,
+        build_synthetic: bool = True,
+        synthetic_num_train: int = 2048,
+        synthetic_num_eval: int = 128,
+        predict_prompts: list[str] | None = None,
+        predict_seeds_per_prompt: int = 1,
+    ) -> None:
+        super().__init__()
+        _check_positive(
+            num_frames=num_frames,
+            resolution=resolution,
+            batch_size=batch_size,
+            train_steps_per_epoch=train_steps_per_epoch,
+            frame_stride=frame_stride,
+            shuffle_buffer=shuffle_buffer,
+            synthetic_num_train=synthetic_num_train,
+            synthetic_num_eval=synthetic_num_eval,
+            predict_seeds_per_prompt=predict_seeds_per_prompt,
+        )
+        if num_workers < 0 or seed < 0:
+            raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
+        if predict_prompts is not None and not predict_prompts:
+            raise ValueError("predict_prompts is an empty list; pass None for the default prompts")
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.train_shards, self.eval_shards = train_shards, eval_shards
+        self.num_frames, self.resolution, self.frame_stride = num_frames, resolution, frame_stride
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.train_steps_per_epoch, self.shuffle_buffer = train_steps_per_epoch, shuffle_buffer
+        self.build_synthetic = build_synthetic
+        self.synthetic_num_train, self.synthetic_num_eval = synthetic_num_train, synthetic_num_eval
+        self.predict_prompts = list(predict_prompts or DEFAULT_PREDICT_PROMPTS)
+        self.predict_seeds_per_prompt = predict_seeds_per_prompt
+        self.resume_step: int | None = None
+
+    def set_resume_step(self, step: int) -> None:
+        """Reseed the training stream from `step` so a resumed run does not replay the start of the data.
+
+        Without a call, `train_dataloader` uses the attached trainer's `global_step` (already restored from the
+        checkpoint when Lightning builds the loader), so resuming through `ckpt_path` needs nothing extra.
+        """
+        if step < 0:
+            raise ValueError(f"resume step must be >= 0, got {step}")
+        self.resume_step = step
+
+    def _synthetic_args(self) -> dict:
+        """Arguments of the synthetic build that matches this module's clip length and resolution."""
+        return dict(
+            num_train=self.synthetic_num_train,
+            num_eval=self.synthetic_num_eval,
+            num_frames=(self.num_frames - 1) * self.frame_stride + 1,
+            size=self.resolution,
+            seed=self.seed,
+        )
+
+    def prepare_data(self) -> None:
+        """Build synthetic shards in `root` when asked to and no usable dataset is there (runs on one process)."""
+        if not self.build_synthetic or self.train_shards or self.eval_shards:
+            return
+        manifest = read_manifest(self.root)
+        foreign = manifest is not None and manifest.get("generator") != GENERATOR_NAME
+        if foreign or synthetic_exists(self.root, **self._synthetic_args()):
+            return
+        write_synthetic_shards(self.root, **self._synthetic_args())
+
+    def shard_urls(self, split: str) -> list[str]:
+        """Return the existing shard paths of `split` ("train" or "eval"), or raise FileNotFoundError saying how to fix it."""
+        pattern = self.train_shards if split == "train" else self.eval_shards
+        how = f"build synthetic data with `python data/make_synthetic.py --out {self.root}` or set build_synthetic=True"
+        if pattern is None:
+            manifest = read_manifest(self.root)
+            if manifest is None:
+                raise FileNotFoundError(f"no manifest.json in {self.root} and no {split}_shards pattern given; {how}")
+            if split not in manifest.get("splits", {}):
+                raise FileNotFoundError(f"{self.root / 'manifest.json'} lists no {split!r} split; {how}")
+            names = manifest["splits"][split]["shards"]
+        else:
+            names = list(braceexpand.braceexpand(pattern))
+        paths = [str(self.root / name) for name in names]
+        missing = [path for path in paths if not Path(path).is_file()]
+        if missing or not paths:
+            shown = missing[0] if missing else pattern
+            raise FileNotFoundError(f"{len(missing)} of {len(paths)} {split} shards missing (e.g. {shown}); {how}")
+        return paths
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        """Global rank and world size of the attached trainer, or (0, 1) when used on its own."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader(self, dataset: Any) -> DataLoader:
+        """Wrap a batched pipeline in a DataLoader that passes its batches through unchanged."""
+        return DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite resampled training batches, cut into epochs of about `train_steps_per_epoch` batches."""
+        rank, _ = self._rank_and_world_size()
+        resume_step = self.resume_step
+        if resume_step is None:
+            resume_step = 0 if self.trainer is None else self.trainer.global_step
+        pipeline = train_pipeline(
+            self.shard_urls("train"),
+            self.num_frames,
+            self.resolution,
+            self.batch_size,
+            frame_stride=self.frame_stride,
+            seed=self.seed,
+            rank=rank,
+            resume_step=resume_step,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        batches_per_worker = math.ceil(self.train_steps_per_epoch / max(1, self.num_workers))
+        return self._loader(pipeline.with_epoch(batches_per_worker))
+
+    def val_dataloader(self) -> DataLoader:
+        """Every evaluation clip once (split across ranks), from its first frame; the last batch may be partial."""
+        rank, world_size = self._rank_and_world_size()
+        pipeline = eval_pipeline(
+            self.shard_urls("eval"),
+            self.num_frames,
+            self.resolution,
+            self.batch_size,
+            frame_stride=self.frame_stride,
+            rank=rank,
+            world_size=world_size,
+        )
+        return self._loader(pipeline)
+
+    def predict_items(self) -> list[dict]:
+        """Prompt x seed grid as `{"caption", "seed", "index"}` dicts; seeds are `seed + index`, so reruns match."""
+        items = []
+        for caption in self.predict_prompts:
+            for _ in range(self.predict_seeds_per_prompt):
+                index = len(items)
+                items.append({"caption": caption, "seed": self.seed + index, "index": index})
+        return items
+
+    def predict_dataloader(self) -> DataLoader:
+        """Batches of `{"caption": list[str], "seed": LongTensor (B,), "index": LongTensor (B,)}` over prompts x seeds."""
+        return DataLoader(self.predict_items(), batch_size=self.batch_size, shuffle=False)

@@ -1,0 +1,249 @@
+"""Deterministic captioned clips of one big shape sliding over a dark background, written as webdataset shards.
+
+Every clip shows a single solid shape (about 45% of the frame side) of one palette colour that moves
+at a constant speed in one direction and wraps around the frame edges, so motion never stops. The
+caption names all four factors, e.g. "a red circle moving left fast". Each clip is drawn from its own
+generator seeded by (seed, split, index), so any clip can be rebuilt alone and train and eval never
+share a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from tpdiff_lightning.data.video_io import encode_mp4
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 100, 240),
+    "yellow": (235, 215, 40),
+}
+SHAPES = ("square", "circle")
+DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# Pixels per frame as a fraction of the frame side: 1 and 2 px/frame at 32x32, so 16 frames of
+# "fast" wrap exactly once around the frame.
+SPEEDS: dict[str, float] = {"slow": 1 / 32, "fast": 1 / 16}
+BACKGROUND = (16, 16, 24)
+SHAPE_FRACTION = 0.45
+SPLIT_IDS = {"train": 0, "eval": 1}
+MANIFEST = "manifest.json"
+GENERATOR_NAME = "tpdiff_lightning.data.synthetic"
+
+
+def caption_for(colour: str, shape: str, direction: str, speed: str) -> str:
+    """Return the caption that names a clip's colour, shape, direction and speed."""
+    return f"a {colour} {shape} moving {direction} {speed}"
+
+
+def _wrapped_offset(coords: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
+    """Signed distance from `centre` (F,) to `coords` (N,) on a circle of length `size`, as (F, N)."""
+    return (coords[None, :] - centre[:, None] + size / 2) % size - size / 2
+
+
+def _coverage(dx: np.ndarray, dy: np.ndarray, shape: str, radius: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of a shape of half-side `radius` at offsets dx (F, 1, W), dy (F, H, 1)."""
+    if shape == "square":
+        distance = np.maximum(np.abs(dx), np.abs(dy))
+    elif shape == "circle":
+        distance = np.sqrt(dx**2 + dy**2)
+    else:
+        raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
+    # A one-pixel linear ramp at the edge keeps sub-pixel motion smooth, which H.264 preserves well.
+    return np.clip(radius - distance + 0.5, 0.0, 1.0)
+
+
+def render_clip(
+    colour: str, shape: str, direction: str, speed: str, start: tuple[float, float], num_frames: int, size: int
+) -> np.ndarray:
+    """Render one clip as uint8 frames (F, H, W, 3) with the shape centred at `start` (x, y) in frame 0."""
+    step = SPEEDS[speed] * size
+    vx, vy = DIRECTIONS[direction]
+    t = np.arange(num_frames, dtype=np.float64)
+    pixel = np.arange(size, dtype=np.float64) + 0.5
+    dx = _wrapped_offset(pixel, start[0] + vx * step * t, size)[:, None, :]  # (F, 1, W)
+    dy = _wrapped_offset(pixel, start[1] + vy * step * t, size)[:, :, None]  # (F, H, 1)
+    alpha = _coverage(dx, dy, shape, SHAPE_FRACTION * size / 2)[..., None]  # (F, H, W, 1)
+    background = np.asarray(BACKGROUND, dtype=np.float64)
+    frames = background + alpha * (np.asarray(PALETTE[colour], dtype=np.float64) - background)
+    return np.round(frames).astype(np.uint8)
+
+
+def make_clip(rng: np.random.Generator, num_frames: int, size: int) -> tuple[np.ndarray, str, dict]:
+    """Draw one random clip: uint8 frames (F, H, W, 3) with H = W = size, its caption, and its metadata."""
+    if num_frames < 1 or size < 4:
+        raise ValueError(f"need num_frames >= 1 and size >= 4, got num_frames={num_frames}, size={size}")
+    colour = str(rng.choice(list(PALETTE)))
+    shape = str(rng.choice(SHAPES))
+    direction = str(rng.choice(list(DIRECTIONS)))
+    speed = str(rng.choice(list(SPEEDS)))
+    start = (float(rng.uniform(0, size)), float(rng.uniform(0, size)))
+    frames = render_clip(colour, shape, direction, speed, start, num_frames, size)
+    meta = {
+        "colour": colour,
+        "shape": shape,
+        "direction": direction,
+        "speed": speed,
+        "speed_px_per_frame": SPEEDS[speed] * size,
+        "start_xy": list(start),
+        "num_frames": num_frames,
+        "size": size,
+    }
+    return frames, caption_for(colour, shape, direction, speed), meta
+
+
+def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Return the generator of clip `index` of `split`; splits get disjoint seed sequences."""
+    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+
+
+def _remove_old_shards(out_dir: Path, split: str) -> None:
+    """Delete `split` shards of an earlier build, so a smaller rebuild leaves no stale shards behind."""
+    for path in out_dir.glob(f"{split}-*.tar"):
+        if re.fullmatch(rf"{split}-\d{{6}}\.tar", path.name):
+            path.unlink()
+
+
+def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqdm) -> list[str]:
+    """Write `num_clips` clips of `split` as `{split}-%06d.tar` shards in `out_dir` and return the shard names."""
+    _remove_old_shards(out_dir, split)
+    pattern = str(out_dir / f"{split}-%06d.tar")
+    # mtime=0 makes the tar bytes depend only on the clips, so rebuilding gives identical shards.
+    with wds.ShardWriter(pattern, maxcount=args["clips_per_shard"], verbose=0, mtime=0) as sink:
+        for index in range(num_clips):
+            frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), args["num_frames"], args["size"])
+            key = f"{split}-{index:06d}"
+            sink.write({"__key__": key, "mp4": encode_mp4(frames, fps=args["fps"]), "txt": caption, "json": meta})
+            bar.update(1)
+    num_shards = -(-num_clips // args["clips_per_shard"])
+    return [f"{split}-{shard:06d}.tar" for shard in range(num_shards)]
+
+
+def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps) -> dict:
+    """Collect and check the arguments that fully determine a synthetic build."""
+    args = dict(
+        num_train=num_train,
+        num_eval=num_eval,
+        num_frames=num_frames,
+        size=size,
+        seed=seed,
+        clips_per_shard=clips_per_shard,
+        fps=fps,
+    )
+    for name in ("num_train", "num_eval", "num_frames", "clips_per_shard", "fps"):
+        if not isinstance(args[name], int) or args[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, got {args[name]!r}")
+    if not isinstance(size, int) or size < 4 or size % 2:
+        raise ValueError(f"size must be an even integer >= 4 (H.264 yuv420p), got {size!r}")
+    return args
+
+
+def write_synthetic_shards(
+    out_dir: str | Path,
+    num_train: int = 2048,
+    num_eval: int = 128,
+    num_frames: int = 16,
+    size: int = 32,
+    seed: int = 0,
+    clips_per_shard: int = 256,
+    fps: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Write train and eval shards of synthetic clips (F=num_frames, H=W=size) plus `manifest.json`; return the manifest."""
+    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Drop the manifest first so an interrupted build is never mistaken for a finished one.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    counts = {"train": num_train, "eval": num_eval}
+    with tqdm(total=num_train + num_eval, desc="synthetic clips", unit="clip", disable=not progress) as bar:
+        splits = {
+            split: {"shards": _write_split(out_dir, split, count, args, bar), "num_clips": count}
+            for split, count in counts.items()
+        }
+    manifest = {"generator": GENERATOR_NAME, "args": args, "splits": splits}
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out_dir / MANIFEST)
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict | None:
+    """Return the parsed `manifest.json` in `root`, or None when there is none."""
+    path = Path(root) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def synthetic_exists(
+    out_dir: str | Path,
+    num_train: int = 2048,
+    num_eval: int = 128,
+    num_frames: int = 16,
+    size: int = 32,
+    seed: int = 0,
+    clips_per_shard: int = 256,
+    fps: int = 8,
+) -> bool:
+    """Return True when `out_dir` holds a finished synthetic build made with exactly these arguments."""
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest.get("generator") != GENERATOR_NAME:
+        return False
+    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps)
+    if manifest.get("args") != args:
+        return False
+    shards = [name for split in manifest["splits"].values() for name in split["shards"]]
+    return all((Path(out_dir) / name).is_file() for name in shards)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser shared by `data/make_synthetic.py` and `python -m`."""
+    parser = argparse.ArgumentParser(
+        description="Write captioned moving-shape clips as webdataset shards (train-*.tar, eval-*.tar, manifest.json)."
+    )
+    parser.add_argument("--out", default="data/synthetic", help="output folder (default: %(default)s)")
+    parser.add_argument("--num-train", type=int, default=2048, help="training clips (default: %(default)s)")
+    parser.add_argument("--num-eval", type=int, default=128, help="evaluation clips (default: %(default)s)")
+    parser.add_argument("--num-frames", type=int, default=16, help="frames per clip (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=32, help="even frame side in pixels (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
+    parser.add_argument("--clips-per-shard", type=int, default=256, help="clips per tar (default: %(default)s)")
+    parser.add_argument("--fps", type=int, default=8, help="frame rate stored in the mp4 (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Build the synthetic shards from command-line arguments, print a summary and return the manifest."""
+    opts = build_parser().parse_args(argv)
+    kwargs = dict(
+        num_train=opts.num_train,
+        num_eval=opts.num_eval,
+        num_frames=opts.num_frames,
+        size=opts.size,
+        seed=opts.seed,
+        clips_per_shard=opts.clips_per_shard,
+        fps=opts.fps,
+    )
+    start = time.perf_counter()
+    if not opts.force and synthetic_exists(opts.out, **kwargs):
+        print(f"{opts.out}: a matching synthetic build exists; nothing to do (use --force to rebuild)")
+        return read_manifest(opts.out)
+    manifest = write_synthetic_shards(opts.out, progress=not opts.no_progress, **kwargs)
+    elapsed = time.perf_counter() - start
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['num_clips']} clips in {len(info['shards'])} shards")
+    print(f"wrote {Path(opts.out) / MANIFEST} in {elapsed:.1f} s")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Encode and decode H.264 mp4 clips in memory with PyAV (torchvision has no CPU build here)."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    """Raise ValueError unless `frames` is uint8 (F, H, W, 3) with F >= 1 and even H, W (yuv420p)."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+        got = getattr(frames, "dtype", type(frames).__name__)
+        raise ValueError(f"frames must be a uint8 numpy array, got {got}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
+        raise ValueError(f"frames must have shape (F, H, W, 3) with F >= 1, got {frames.shape}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even height and width, got H={height}, W={width}")
+
+
+def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 23) -> bytes:
+    """Encode uint8 RGB frames (F, H, W, 3) as an H.264 (libx264, yuv420p) mp4 and return its bytes."""
+    _check_frames(frames)
+    if fps < 1:
+        raise ValueError(f"fps must be a positive integer, got {fps}")
+    buffer = BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "veryfast"})
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def decode_mp4(data: bytes, max_frames: int | None = None) -> np.ndarray:
+    """Decode mp4 bytes into uint8 RGB frames (F, H, W, 3), stopping after `max_frames` when given."""
+    frames = []
+    with av.open(BytesIO(data), "r") as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    if not frames:
+        raise ValueError(f"mp4 of {len(data)} bytes holds no decodable video frames")
+    return np.stack(frames)
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
+    """Write uint8 RGB frames (F, H, W, 3) to an mp4 file at `path`, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_mp4(frames, fps=fps))

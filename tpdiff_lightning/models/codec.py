@@ -1,0 +1,29 @@
+"""Codecs map videos to the space the diffusion runs in, and back.
+
+The interface is `encode(video (B, 3, F, H, W) in [-1, 1]) -> latents (B, latent_channels, F', H', W')`,
+`decode(latents) -> video`, plus the attributes `latent_channels`, `name`, `temporal_compression` and
+`spatial_compression`. VAEs (SD's AutoencoderKL, Wan's causal video VAE) will plug in with the same interface.
+"""
+
+from torch import Tensor, nn
+
+
+class IdentityCodec(nn.Module):
+    """Pixel-space diffusion: latents are the video itself, the CPU default."""
+
+    name: str = "identity"
+    latent_channels: int = 3
+    temporal_compression: int = 1
+    spatial_compression: int = 1
+
+    def encode(self, video: Tensor) -> Tensor:
+        """Return `video (B, 3, F, H, W)` unchanged as latents."""
+        if video.ndim != 5 or video.shape[1] != self.latent_channels:
+            raise ValueError(f"expected video of shape (B, 3, F, H, W), got {tuple(video.shape)}")
+        return video
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Return `latents (B, 3, F, H, W)` unchanged as video in [-1, 1]."""
+        if latents.ndim != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"expected latents of shape (B, 3, F, H, W), got {tuple(latents.shape)}")
+        return latents

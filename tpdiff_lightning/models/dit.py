@@ -1,0 +1,239 @@
+"""The built-in video DiT: spatial patches per frame, full 3D self-attention with stage-consistent RoPE.
+
+Notation: B batch, C channels, F frames (of the current stage), H, W pixels, p patch size,
+h = H/p, w = W/p, N = F·h·w tokens, D hidden size, L text tokens, S the stage's temporal stride.
+Patches are spatial only (temporal patch 1), so the model takes any frame count: a low-frame-rate
+stage really is a shorter sequence, and the stride only changes the temporal RoPE positions (Eq. 14).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from tpdiff_lightning.models.embeddings import CaptionPoolEmbedder, TimestepEmbedder
+from tpdiff_lightning.models.rope import RoPE3D, rotate, temporal_positions
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    """Architecture of one named DiT size."""
+
+    hidden: int
+    """Token width D."""
+    depth: int
+    """Number of transformer blocks."""
+    heads: int
+    """Attention heads; `hidden / heads` must be even and at least 6 for the 3D RoPE."""
+    patch: int
+    """Default spatial patch size p."""
+    mlp_ratio: float = 4.0
+    """MLP width as a multiple of D."""
+
+
+DIT_SIZES: dict[str, DiTSize] = {
+    "dit-tiny": DiTSize(hidden=128, depth=4, heads=4, patch=8, mlp_ratio=4.0),
+    "dit-s": DiTSize(hidden=384, depth=12, heads=6, patch=2),
+    "dit-b": DiTSize(hidden=768, depth=12, heads=12, patch=2),
+    "dit-l": DiTSize(hidden=1024, depth=24, heads=16, patch=2),
+}
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation of tokens `x (B, N, D)` by per-sample `shift, scale (B, D)`."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nn.Module):
+    """Full multi-head self-attention over all F·h·w tokens, with 3D RoPE on q and k."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, heads, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, N, d) each
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        out = nnf.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the caption tokens that `text_mask` marks as real."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(hidden, hidden)
+        self.kv = nn.Linear(hidden, 2 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        B, N, D = x.shape
+        L = text.shape[1]
+        q = self.q(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, N, d)
+        kv = self.kv(text).view(B, L, 2, self.heads, D // self.heads)  # (B, L, 2, heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # (B, heads, L, d) each
+        # A caption with no real token would give a softmax over nothing (NaN): let it attend to
+        # everything, then zero its output so it contributes no text at all.
+        has_text = text_mask.any(dim=1)  # (B,)
+        attend = (text_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        out = nnf.scaled_dot_product_attention(q, k, v, attn_mask=attend)  # (B, heads, N, d)
+        out = out * has_text[:, None, None, None].to(out.dtype)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention, then cross-attention to the caption, then an adaLN-Zero GELU MLP."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden, heads)
+        self.norm_cross = nn.LayerNorm(hidden, eps=1e-6)
+        self.cross = CrossAttention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden)
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x: Tensor, c: Tensor, text: Tensor, text_mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) each
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), cos, sin)  # (B, N, D)
+        x = x + self.cross(self.norm_cross(x), text, text_mask)  # (B, N, D)
+        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a linear map from each token to its p·p·C patch pixels."""
+
+    def __init__(self, hidden: int, patch: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
+
+
+class VideoDiT(nn.Module):
+    """Video diffusion transformer on `(B, C, F, H, W)` with adaLN-Zero timestep/caption conditioning.
+
+    `in_channels` and `text_dim` come first so that a module can build it as `backbone(in_channels, text_dim)`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        text_dim: int,
+        size: str = "dit-tiny",
+        patch_size: int | None = None,
+        caption_pooling: bool = True,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if size not in DIT_SIZES:
+            raise ValueError(f"unknown DiT size {size!r}; expected one of {sorted(DIT_SIZES)}")
+        cfg = DIT_SIZES[size]
+        if cfg.hidden % cfg.heads != 0:
+            raise ValueError(f"size {size!r}: hidden={cfg.hidden} is not divisible by heads={cfg.heads}")
+        self.in_channels = in_channels
+        self.text_dim = text_dim
+        self.size = size
+        self.patch_size = patch_size or cfg.patch
+        self.gradient_checkpointing = gradient_checkpointing
+        D, p = cfg.hidden, self.patch_size
+
+        self.patch_embed = nn.Linear(in_channels * p * p, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.caption_pool = CaptionPoolEmbedder(text_dim, D) if caption_pooling else None
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.rope = RoPE3D(D // cfg.heads)
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(D, p, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, N(0, 0.02) embedding MLPs, and zeroed adaLN and output layers (adaLN-Zero, as in DiT)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        embed_mlps = [self.t_embedder.mlp] + ([self.caption_pool.mlp] if self.caption_pool is not None else [])
+        for mlp in embed_mlps:
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for layer in [*self.blocks, self.final_layer]:
+            nn.init.zeros_(layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def temporal_positions(self, num_frames: int, stride: int) -> Tensor:
+        """Temporal RoPE positions `j·S` of the F frames of a stage with stride S (SPEC, Eq. 14)."""
+        return temporal_positions(num_frames, stride)
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """Cut each frame of `x (B, C, F, H, W)` into p×p patches: tokens `(B, F·h·w, C·p·p)`."""
+        B, C, F, H, W = x.shape
+        p = self.patch_size
+        x = x.view(B, C, F, H // p, p, W // p, p)  # (B, C, F, h, p, w, p)
+        x = x.permute(0, 2, 3, 5, 1, 4, 6)  # (B, F, h, w, C, p, p)
+        return x.reshape(B, F * (H // p) * (W // p), C * p * p)  # (B, N, C*p*p)
+
+    def unpatchify(self, x: Tensor, F: int, h: int, w: int) -> Tensor:
+        """Inverse of `patchify`: tokens `(B, N, C·p·p)` back to `(B, C, F, H, W)`."""
+        B, p, C = x.shape[0], self.patch_size, self.in_channels
+        x = x.view(B, F, h, w, C, p, p)  # (B, F, h, w, C, p, p)
+        x = x.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, F, h, p, w, p)
+        return x.reshape(B, C, F, h * p, w * p)  # (B, C, F, H, W)
+
+    def _check_inputs(self, x: Tensor, text: Tensor, stride: int) -> None:
+        if x.ndim != 5:
+            raise ValueError(f"expected x of shape (B, C, F, H, W), got shape {tuple(x.shape)}")
+        B, C, F, H, W = x.shape
+        p = self.patch_size
+        if C != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got x of shape {tuple(x.shape)}")
+        if H % p or W % p:
+            raise ValueError(f"H={H} and W={W} must both be divisible by patch_size={p}")
+        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != self.text_dim:
+            raise ValueError(f"expected text of shape ({B}, L, {self.text_dim}), got {tuple(text.shape)}")
+        if stride < 1:
+            raise ValueError(f"stride must be a positive int, got stride={stride}")
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1) -> Tensor:
+        """Predict the target for `x (B, C, F, H, W)` at timesteps `t (B,)` in [0, 1000], given captions
+        `text (B, L, text_dim)` with `text_mask (B, L)` (True = real token); the output has the shape of x."""
+        self._check_inputs(x, text, stride)
+        B, C, F, H, W = x.shape
+        h, w = H // self.patch_size, W // self.patch_size
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        text_mask = text_mask.bool()
+
+        tokens = self.patch_embed(self.patchify(x))  # (B, N, D)
+        c = self.t_embedder(t)  # (B, D)
+        if self.caption_pool is not None:
+            c = c + self.caption_pool(text, text_mask)  # (B, D)
+        ctx = self.text_proj(text)  # (B, L, D)
+        cos, sin = self.rope(F, h, w, stride, device=x.device)  # (N, d/2) each
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c, ctx, text_mask, cos, sin, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, ctx, text_mask, cos, sin)  # (B, N, D)
+        out = self.final_layer(tokens, c)  # (B, N, p*p*C)
+        return self.unpatchify(out, F, h, w)  # (B, C, F, H, W)

@@ -1,0 +1,227 @@
+"""TPDiffModule: the LightningModule that trains, validates and samples a backbone with the temporal pyramid."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tpdiff_lightning.alignment import align_noise
+from tpdiff_lightning.ema import EMA
+from tpdiff_lightning.models.codec import IdentityCodec
+from tpdiff_lightning.models.dit import VideoDiT
+from tpdiff_lightning.models.text_encoder import T5TextEncoder
+from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
+from tpdiff_lightning.sampling import guided, sample
+
+BackboneFactory = Callable[[int, int], nn.Module]
+
+
+def to_uint8_video(video: Tensor) -> Tensor:
+    """``(B, 3, F, H, W)`` in [-1, 1] to uint8 ``(B, F, H, W, 3)``."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+
+
+class TPDiffModule(L.LightningModule):
+    """Trains one backbone over every stage of a temporal pyramid (TPDiff), or over one stage (vanilla).
+
+    Args:
+        backbone: factory ``(in_channels, text_dim) -> nn.Module`` taking ``(x, t, text, text_mask, stride)``;
+            default the built-in ``VideoDiT`` at size ``dit-tiny``.
+        text_encoder: ``captions -> (emb, mask)`` module with ``.dim``; default a small byte-level T5.
+        codec: video to latent codec with ``encode``/``decode``/``latent_channels``; default identity (pixels).
+        schedule: ``"flow"`` (flow matching, velocity target) or ``"ddim"`` (SD1.5 schedule, noise target).
+        num_frames: full-rate frames per clip (linked from the data's ``num_frames`` by the CLI).
+        resolution: frame height and width (linked from the data).
+        num_stages: number of pyramid stages; 1 is vanilla diffusion.
+        reductions: frame-rate factor between consecutive stages, ``num_stages - 1`` values (default all 2).
+        partition: relative time span of each stage in denoising order (default uniform).
+        stage_weights: training probability of each stage (default proportional to ``partition``).
+        anchor_first_frame: keep frame 0 outside the stride (causal video VAEs with ``1 + 4k`` frames).
+        alignment: pair data and noise by the Hungarian algorithm per batch (paper Algorithm 1).
+        caption_dropout: probability of training on an empty caption, for classifier-free guidance.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear learning-rate warmup, in optimizer steps.
+        ema_decay: decay of the weight EMA used for sampling; ``None`` disables it.
+        sample_steps: total sampling steps, split over stages by ``partition``.
+        guidance_scale: classifier-free guidance weight; 1 means none.
+        renoise: add the corrective noise between stages when sampling (False is the paper's ablation).
+        sample_num_frames: frames to generate at predict time (default ``num_frames``; more is zero-shot long video).
+        stage_seed: seed of the per-step stage draw; every rank draws the same stage at the same step.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory | None = None,
+        text_encoder: nn.Module | None = None,
+        codec: nn.Module | None = None,
+        schedule: str = "flow",
+        num_frames: int = 16,
+        resolution: int = 32,
+        num_stages: int = 3,
+        reductions: Sequence[int] | None = None,
+        partition: Sequence[float] | None = None,
+        stage_weights: Sequence[float] | None = None,
+        anchor_first_frame: bool = False,
+        alignment: bool = True,
+        caption_dropout: float = 0.1,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        ema_decay: float | None = 0.999,
+        sample_steps: int = 30,
+        guidance_scale: float = 1.0,
+        renoise: bool = True,
+        sample_num_frames: int | None = None,
+        stage_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout={caption_dropout} is invalid; expected 0 <= p < 1")
+        self.pyramid = TemporalPyramid(schedule, num_frames, num_stages, reductions, partition,
+                                       anchor_first_frame, stage_weights)
+        self.codec = codec if codec is not None else IdentityCodec()
+        self.text_encoder = text_encoder if text_encoder is not None else T5TextEncoder()
+        backbone = backbone if backbone is not None else VideoDiT
+        self.backbone = backbone(self.codec.latent_channels, self.text_encoder.dim)
+        self.ema = EMA(self.denoiser_modules(), ema_decay) if ema_decay is not None else None
+
+    def denoiser_modules(self) -> nn.ModuleList:
+        """The trained parts: the backbone and the text encoder (when it is trainable)."""
+        parts = [self.backbone]
+        if any(p.requires_grad for p in self.text_encoder.parameters()):
+            parts.append(self.text_encoder)
+        return nn.ModuleList(parts)
+
+    def sampling_modules(self, use_ema: bool = True) -> tuple[nn.Module, nn.Module]:
+        """``(backbone, text_encoder)`` to sample with: the EMA copies when there are any."""
+        if use_ema and self.ema is not None:
+            shadow = self.ema.shadow
+            return shadow[0], shadow[1] if len(shadow) > 1 else self.text_encoder
+        return self.backbone, self.text_encoder
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """Global time in [0, 1] to the timestep the backbone is told (``t*1000`` flow, ``t*999`` ddim)."""
+        return t * self.pyramid.schedule.timestep_scale
+
+    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+        """Replace each caption by the empty one with probability ``caption_dropout``."""
+        p = self.hparams.caption_dropout
+        if p == 0:
+            return list(captions)
+        keep = torch.rand(len(captions)) >= p
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    def stage_generator(self, step: int) -> torch.Generator:
+        """A generator seeded by the step alone, so all ranks (and a resumed run) draw the same stage."""
+        return torch.Generator().manual_seed(self.hparams.stage_seed * 1_000_003 + step)
+
+    def stage_loss(self, x0: Tensor, text: Tensor, text_mask: Tensor, i: int, generator: torch.Generator | None = None,
+                   backbone: nn.Module | None = None) -> Tensor:
+        """Mean squared error of the backbone against stage i's target (paper Algorithm 2)."""
+        stage = self.pyramid.stages[i]
+        noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H, W)
+        if self.hparams.alignment:
+            noise = align_noise(self.pyramid.downsample(x0, stage.stride), noise)
+        draw_device = generator.device if generator is not None else x0.device
+        u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0)  # (B,) position in the stage
+        x_t, t, target = self.pyramid.interpolate(x0, noise, i, u)
+        backbone = backbone if backbone is not None else self.backbone
+        pred = backbone(x_t, self.model_time(t), text, text_mask, stride=stage.stride)  # (B, C, F_i, H, W)
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def encode_video(self, video: Tensor) -> Tensor:
+        """Pixels ``(B, 3, F, H, W)`` in [-1, 1] to latents ``(B, C, F', H', W')``."""
+        return self.codec.encode(video)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        x0 = self.encode_video(batch["video"])  # (B, C, F, H, W)
+        text, text_mask = self.text_encoder(self.drop_captions(batch["caption"]))  # (B, L, D)
+        i = self.pyramid.sample_stage(self.stage_generator(self.global_step))
+        loss = self.stage_loss(x0, text, text_mask, i)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at global_step={self.global_step} in stage {i} "
+                f"({self.pyramid.stages[i].num_frames} frames); expected a finite value. "
+                "Lower the learning rate or check the data.")
+        B = x0.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log(f"train/loss_stage{i}", loss, batch_size=B)
+        self.log("train/stage", float(i), batch_size=B)
+        if "num_skipped" in batch:
+            skipped = batch["num_skipped"].sum().float()
+            self.log("data/skipped", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.denoiser_modules())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        x0 = self.encode_video(batch["video"])
+        text, text_mask = self.text_encoder(list(batch["caption"]))
+        B = x0.shape[0]
+        losses = []
+        for i in range(self.pyramid.num_stages):
+            # Fixed seeds: the same noise and positions at every validation, so curves compare.
+            g = torch.Generator().manual_seed(10_000 * batch_idx + i)
+            loss = self.stage_loss(x0, text, text_mask, i, g)
+            losses.append(loss)
+            self.log(f"val/loss_stage{i}", loss, batch_size=B, sync_dist=True)
+        self.log("val/loss", torch.stack(losses).mean(), prog_bar=True, batch_size=B, sync_dist=True)
+
+    @torch.no_grad()
+    def generate(self, captions: Sequence[str], seeds: Sequence[int], num_frames: int | None = None,
+                 num_steps: int | None = None, guidance_scale: float | None = None, use_ema: bool = True,
+                 renoise: bool | None = None) -> Tensor:
+        """Sample one clip per caption with its own seed; returns pixels ``(B, 3, F, H, W)`` in [-1, 1]."""
+        hp = self.hparams
+        num_frames = num_frames or hp.sample_num_frames or hp.num_frames
+        pyramid = self.pyramid if num_frames == self.pyramid.num_frames else self.pyramid.with_num_frames(num_frames)
+        scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        renoise = hp.renoise if renoise is None else renoise
+        backbone, text_encoder = self.sampling_modules(use_ema)
+        H = W = hp.resolution // getattr(self.codec, "spatial_compression", 1)
+        clips = []
+        for caption, seed in zip(captions, seeds):
+            text, mask = text_encoder([caption])
+            model = self.denoiser(backbone, text, mask)
+            if scale != 1.0:
+                empty, empty_mask = text_encoder([""])
+                model = guided(model, self.denoiser(backbone, empty, empty_mask), scale)
+            g = torch.Generator().manual_seed(int(seed))
+            latents = sample(model, pyramid, 1, (self.codec.latent_channels, H, W), num_steps or hp.sample_steps,
+                             g, renoise, device=self.device, dtype=text.dtype)
+            clips.append(self.codec.decode(latents))
+        return torch.cat(clips).clamp(-1, 1)
+
+    def denoiser(self, backbone: nn.Module, text: Tensor, text_mask: Tensor) -> Callable[[Tensor, Tensor, Stage], Tensor]:
+        """Close over the captions: the sampler's ``(x, t, stage) -> prediction``."""
+        def model(x: Tensor, t: Tensor, stage: Stage) -> Tensor:
+            B = x.shape[0]
+            return backbone(x, self.model_time(t), text.expand(B, -1, -1), text_mask.expand(B, -1), stride=stage.stride)
+        return model
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        captions = list(batch["caption"])
+        seeds = [int(s) for s in batch["seed"]]
+        video = self.generate(captions, seeds)
+        return {"video": to_uint8_video(video).cpu(), "caption": captions,
+                "seed": seeds, "index": [int(i) for i in batch.get("index", range(len(captions)))]}
+
+    def configure_optimizers(self):
+        params = [p for p in self.denoiser_modules().parameters() if p.requires_grad]
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        warmup = max(1, hp.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
