@@ -234,7 +234,7 @@ def test_train_clips_start_at_random_frames_and_respect_the_stride(tmp_path):
     mean_levels = torch.cat([b["video"] for b in batches]).mean(dim=(1, 3, 4)) * 127.5 + 127.5  # (B, F)
     frame_index = torch.round((mean_levels - 30) / 25)
     assert torch.all(frame_index[:, 1:] - frame_index[:, :-1] == 2)
-    assert set(frame_index[:, 0].tolist()) == {0.0, 1.0}
+    assert set(frame_index[:, 0].tolist()) == {0.0, 1.0, 2.0, 3.0}  # span 5 of 8 frames
 
 
 def test_corrupt_samples_are_counted_in_the_training_stream(tmp_path):

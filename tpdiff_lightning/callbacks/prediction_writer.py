@@ -22,19 +22,23 @@ class VideoPredictionWriter(BasePredictionWriter):
     """Saves each predicted clip as ``<output_dir>/<index>_<caption>_seed<seed>_rank<r>.mp4``.
 
     Args:
-        output_dir: folder for the mp4 files and ``contact_sheet_rank<r>.png``.
+        output_dir: folder for the mp4 files and ``contact_sheet_rank<r>.png``; ``None`` is ``<trainer.log_dir>/predictions``.
         fps: frame rate written into the mp4 files.
         contact_sheet: also write a PNG with one row per clip at the end.
     """
 
-    def __init__(self, output_dir: str = "outputs/predictions", fps: int = 8, contact_sheet: bool = True):
+    def __init__(self, output_dir: str | None = None, fps: int = 8, contact_sheet: bool = True):
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir else None
         self.fps = fps
         self.contact_sheet = contact_sheet
         self._videos: list = []
         self._captions: list[str] = []
         self.written: list[Path] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.output_dir is None:
+            self.output_dir = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:

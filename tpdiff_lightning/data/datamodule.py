@@ -95,7 +95,7 @@ def decode_clip(
     frames = decode_mp4(sample["mp4"], max_frames=None if rng is not None else span)
     if len(frames) < span:
         raise ValueError(f"clip has {len(frames)} frames, needs {span} (num_frames={num_frames}, stride={frame_stride})")
-    start = 0 if rng is None else 1
+    start = 0 if rng is None else rng.randint(0, len(frames) - span)
     clip = frames[start : start + span : frame_stride]  # (F, H, W, 3)
     return {"video": frames_to_tensor(clip, resolution), "caption": sample["txt"].decode("utf-8")}
 

@@ -1,0 +1,54 @@
+"""Shared fixtures: real configs shrunk to CPU size, and one tiny synthetic dataset per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+DEFAULT = CONFIGS / "default.yaml"
+OVERLAYS = sorted(p for p in CONFIGS.rglob("*.yaml") if p != DEFAULT)
+
+TINY_DATA = dict(num_frames=16, resolution=16, synthetic_num_train=24, synthetic_num_eval=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """A synthetic shard folder shared by the end-to-end tests (built by the first run that needs it)."""
+    from tpdiff_lightning.data.synthetic import write_synthetic_shards
+
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_shards(root, num_train=TINY_DATA["synthetic_num_train"], num_eval=TINY_DATA["synthetic_num_eval"],
+                           num_frames=TINY_DATA["num_frames"], size=TINY_DATA["resolution"], seed=0, progress=False)
+    return root
+
+
+def shrink_args(out_dir: Path, data_root: Path, max_steps: int = 2, steps_per_epoch: int = 2) -> list[str]:
+    """Command-line overrides that shrink any config in ``configs/`` to a seconds-long CPU run."""
+    return [
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={out_dir}",
+        f"--data.init_args.root={data_root}",
+        f"--data.init_args.num_frames={TINY_DATA['num_frames']}",
+        f"--data.init_args.resolution={TINY_DATA['resolution']}",
+        f"--data.init_args.synthetic_num_train={TINY_DATA['synthetic_num_train']}",
+        f"--data.init_args.synthetic_num_eval={TINY_DATA['synthetic_num_eval']}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        f"--data.init_args.train_steps_per_epoch={steps_per_epoch}",
+        "--data.init_args.predict_prompts=[a red square moving right fast]",
+        "--model.init_args.sample_steps=5",
+        "--model.init_args.warmup_steps=1",
+    ]
+
+
+def write_overlay(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
