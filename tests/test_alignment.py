@@ -58,3 +58,10 @@ def test_switch_off_and_batch_of_one_return_noise_unchanged():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(4, 3, 2, 4, 4\).*\(4, 3, 4, 4, 4\)"):
         align_noise(torch.randn(4, 3, 2, 4, 4), torch.randn(4, 3, 4, 4, 4))
+
+
+def test_non_finite_data_is_a_clear_error():
+    x0 = torch.randn(4, 3, 2, 4, 4)
+    x0[1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        align_noise(x0, torch.randn(4, 3, 2, 4, 4))

@@ -29,6 +29,8 @@ def alignment_cost(x0: Tensor, noise: Tensor) -> Tensor:
 def alignment_permutation(x0: Tensor, noise: Tensor) -> Tensor:
     """The permutation ``perm`` minimising ``sum_j C[j, perm[j]]`` (Hungarian algorithm, scipy)."""
     cost = alignment_cost(x0, noise).detach().cpu().numpy().astype(np.float64)
+    if not np.isfinite(cost).all():
+        raise ValueError("alignment cost has non-finite entries; expected finite data and noise (NaN or inf in the batch?)")
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty_like(cols)
     perm[rows] = cols

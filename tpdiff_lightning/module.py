@@ -162,7 +162,9 @@ class TPDiffModule(L.LightningModule):
             self.log("data/skipped", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimizer step here, before any callback (such as ModelCheckpoint) sees the step.
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update(self.denoiser_modules())
 

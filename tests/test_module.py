@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+from tpdiff_lightning.module import TPDiffModule, to_uint8_video
+from tpdiff_lightning.models.dit import VideoDiT
+
+
+def _module(**kwargs):
+    torch.manual_seed(0)
+    defaults = dict(num_frames=16, resolution=16, ema_decay=0.9, sample_steps=6)
+    return TPDiffModule(**{**defaults, **kwargs})
+
+
+def _batch(B=4, F=16, H=16):
+    g = torch.Generator().manual_seed(0)
+    return {"video": torch.rand(B, 3, F, H, H, generator=g) * 2 - 1,
+            "caption": ["a red square moving right fast"] * B, "num_skipped": torch.tensor(0)}
+
+
+@pytest.mark.parametrize("num_stages,expected", [(1, [16]), (3, [4, 8, 16]), (5, [1, 2, 4, 8, 16])])
+def test_backbone_really_receives_the_stage_length(num_stages, expected):
+    m = _module(num_stages=num_stages)
+    seen = []
+    handle = m.backbone.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    batch = _batch()
+    x0 = m.encode_video(batch["video"])
+    text, mask = m.text_encoder(batch["caption"])
+    for i in range(num_stages):
+        m.stage_loss(x0, text, mask, i)
+    handle.remove()
+    tokens_per_frame = (16 // m.backbone.patch_size) ** 2
+    assert seen == [f * tokens_per_frame for f in expected]
+
+
+def test_stage_passes_its_stride_to_the_backbone():
+    m = _module()
+    strides = []
+    original = m.backbone.forward
+    m.backbone.forward = lambda *a, **k: (strides.append(k["stride"]), original(*a, **k))[1]
+    batch = _batch()
+    x0 = m.encode_video(batch["video"])
+    text, mask = m.text_encoder(batch["caption"])
+    for i in range(3):
+        m.stage_loss(x0, text, mask, i)
+    assert strides == [4, 2, 1]
+
+
+def test_stage_draw_depends_on_the_step_only():
+    a, b = _module(), _module(stage_seed=0)
+    draws_a = [a.pyramid.sample_stage(a.stage_generator(s)) for s in range(200)]
+    draws_b = [b.pyramid.sample_stage(b.stage_generator(s)) for s in range(200)]
+    assert draws_a == draws_b and set(draws_a) == {0, 1, 2}
+
+
+def test_training_step_logs_stage_loss_and_nan_stops_with_step_and_stage():
+    m = _module()
+    logged = {}
+    m.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    loss = m.training_step(_batch(), 0)
+    assert torch.isfinite(loss) and "train/loss" in logged
+    assert any(k.startswith("train/loss_stage") for k in logged)
+    with torch.no_grad():  # a diverged network
+        m.backbone.final_layer.linear.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at global_step=0 in stage \d"):
+        m.training_step(_batch(), 0)
+
+
+def test_ema_tracks_the_weights():
+    m = _module(ema_decay=0.5)
+    before = [p.clone() for p in m.ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in m.backbone.parameters():
+            p.add_(1.0)
+    m.ema.update(m.denoiser_modules())
+    moved = [not torch.equal(a, b) for a, b in zip(before, m.ema.shadow.parameters())]
+    assert all(moved[: len(list(m.backbone.parameters()))])
+    assert int(m.ema.num_updates) == 1
+    assert all(not p.requires_grad for p in m.ema.parameters())
+
+
+def test_optimizer_covers_backbone_and_text_encoder_but_not_ema():
+    m = _module()
+    opt = m.configure_optimizers()["optimizer"]
+    ids = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert {id(p) for p in m.backbone.parameters()} <= ids
+    assert {id(p) for p in m.text_encoder.parameters()} <= ids
+    assert not ({id(p) for p in m.ema.parameters()} & ids)
+
+
+def test_generate_is_seeded_and_works_for_longer_clips():
+    m = _module()
+    with torch.no_grad():  # leave zero-init so outputs depend on the network
+        for p in m.backbone.final_layer.parameters():
+            p.normal_(0, 0.02)
+    a = m.generate(["a blue circle moving up slow"], [3])
+    b = m.generate(["a blue circle moving up slow"], [3])
+    c = m.generate(["a blue circle moving up slow"], [4])
+    assert a.shape == (1, 3, 16, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    long = m.generate(["a blue circle moving up slow"], [3], num_frames=32, guidance_scale=2.0)
+    assert long.shape == (1, 3, 32, 16, 16)
+    video = to_uint8_video(long)
+    assert video.dtype == torch.uint8 and video.shape == (1, 32, 16, 16, 3)
+
+
+def test_caption_dropout_rate():
+    m = _module(caption_dropout=0.3)
+    torch.manual_seed(0)
+    dropped = m.drop_captions(["x"] * 4000)
+    assert abs(dropped.count("") / 4000 - 0.3) < 0.03
+
+
+def test_custom_backbone_factory_gets_channels_and_text_width():
+    calls = []
+
+    def factory(in_channels, text_dim):
+        calls.append((in_channels, text_dim))
+        return VideoDiT(in_channels, text_dim, size="dit-tiny")
+
+    _module(backbone=factory)
+    assert calls == [(3, 128)]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_frames=18), "num_frames=18"),
+    (dict(schedule="edm"), "schedule='edm'"),
+    (dict(caption_dropout=1.5), "caption_dropout=1.5"),
+    (dict(partition=[1, 1]), "partition"),
+])
+def test_bad_module_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _module(**kwargs)
