@@ -127,10 +127,36 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, p*p*C)
 
 
+class PixelSkip(nn.Module):
+    """A per-pixel gain, set by the conditioning, on the input patch added to the output patch.
+
+    When the hidden width is below the patch size (p·p·C values), tokens cannot carry per-pixel noise;
+    the velocity and noise targets are largely ``gain(t) * x_t`` plus smooth content, so this path
+    gives the network that identity part directly. Zero-initialised, so it starts switched off.
+    """
+
+    def __init__(self, hidden: int, patch_dim: int):
+        super().__init__()
+        self.gain = nn.Sequential(nn.SiLU(), nn.Linear(hidden, patch_dim))
+
+    def forward(self, patches: Tensor, c: Tensor) -> Tensor:
+        return self.gain(c)[:, None] * patches  # (B, N, p*p*C)
+
+
 class VideoDiT(nn.Module):
     """Video diffusion transformer on `(B, C, F, H, W)` with adaLN-Zero timestep/caption conditioning.
 
     `in_channels` and `text_dim` come first so that a module can build it as `backbone(in_channels, text_dim)`.
+
+    Args:
+        in_channels: channels of the (latent) video; filled in by the module from its codec.
+        text_dim: width of the text tokens; filled in by the module from its text encoder.
+        size: a name from `DIT_SIZES` ("dit-tiny" for CPU, "dit-s", "dit-b", "dit-l" for GPUs).
+        patch_size: spatial patch side (temporal patch is 1); default the size's own.
+        caption_pooling: add the pooled caption to the adaLN conditioning (fast caption learning).
+        gradient_checkpointing: recompute each block in the backward pass to save memory.
+        pixel_skip: per-pixel conditioned skip from input to output patch; default on only when
+            the hidden width is below the patch's pixel count (see `PixelSkip`).
     """
 
     def __init__(
@@ -141,6 +167,7 @@ class VideoDiT(nn.Module):
         patch_size: int | None = None,
         caption_pooling: bool = True,
         gradient_checkpointing: bool = False,
+        pixel_skip: bool | None = None,
     ):
         super().__init__()
         if size not in DIT_SIZES:
@@ -162,6 +189,10 @@ class VideoDiT(nn.Module):
         self.rope = RoPE3D(D // cfg.heads)
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, in_channels)
+        patch_dim = in_channels * p * p
+        # By default only where the tokens are too narrow to carry every pixel of a patch.
+        use_skip = patch_dim > D if pixel_skip is None else pixel_skip
+        self.pixel_skip = PixelSkip(D, patch_dim) if use_skip else None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -179,6 +210,9 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.pixel_skip is not None:
+            nn.init.zeros_(self.pixel_skip.gain[-1].weight)
+            nn.init.zeros_(self.pixel_skip.gain[-1].bias)
 
     def temporal_positions(self, num_frames: int, stride: int) -> Tensor:
         """Temporal RoPE positions `j·S` of the F frames of a stage with stride S (SPEC, Eq. 14)."""
@@ -223,7 +257,8 @@ class VideoDiT(nn.Module):
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         text_mask = text_mask.bool()
 
-        tokens = self.patch_embed(self.patchify(x))  # (B, N, D)
+        patches = self.patchify(x)  # (B, N, C*p*p)
+        tokens = self.patch_embed(patches)  # (B, N, D)
         c = self.t_embedder(t)  # (B, D)
         if self.caption_pool is not None:
             c = c + self.caption_pool(text, text_mask)  # (B, D)
@@ -236,4 +271,6 @@ class VideoDiT(nn.Module):
             else:
                 tokens = block(tokens, c, ctx, text_mask, cos, sin)  # (B, N, D)
         out = self.final_layer(tokens, c)  # (B, N, p*p*C)
+        if self.pixel_skip is not None:
+            out = out + self.pixel_skip(patches, c)  # (B, N, p*p*C)
         return self.unpatchify(out, F, h, w)  # (B, C, F, H, W)
