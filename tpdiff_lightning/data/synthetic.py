@@ -10,6 +10,7 @@ share a seed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import time
@@ -182,21 +183,15 @@ def read_manifest(root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def synthetic_exists(
-    out_dir: str | Path,
-    num_train: int = 2048,
-    num_eval: int = 128,
-    num_frames: int = 16,
-    size: int = 32,
-    seed: int = 0,
-    clips_per_shard: int = 256,
-    fps: int = 8,
-) -> bool:
-    """Return True when `out_dir` holds a finished synthetic build made with exactly these arguments."""
+def synthetic_exists(out_dir: str | Path, **generator_args) -> bool:
+    """Return True when `out_dir` holds a finished synthetic build made with exactly these
+    `write_synthetic_shards` arguments (the same defaults apply)."""
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("generator") != GENERATOR_NAME:
         return False
-    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps)
+    params = inspect.signature(write_synthetic_shards).parameters
+    defaults = {name: p.default for name, p in params.items() if name not in ("out_dir", "progress")}
+    args = _generator_args(**{**defaults, **generator_args})
     if manifest.get("args") != args:
         return False
     shards = [name for split in manifest["splits"].values() for name in split["shards"]]
