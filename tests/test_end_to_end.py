@@ -81,8 +81,11 @@ def test_validate_and_predict_from_a_checkpoint(tmp_path, tiny_data_root):
     metrics = cli.trainer.callback_metrics
     assert {"val/loss", "val/loss_stage0", "val/loss_stage1", "val/loss_stage2"} <= set(metrics)
     prompts = "[a red square moving right fast, a blue circle moving up slow]"
-    main(["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root),
-          f"--data.init_args.predict_prompts={prompts}", "--return_predictions=false", "--ckpt_path", str(ckpt)])
+    cli = main(["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root),
+                f"--data.init_args.predict_prompts={prompts}", "--return_predictions=false",
+                "--model.init_args.sample_steps=4", "--model.init_args.guidance_scale=2.5", "--ckpt_path", str(ckpt)])
+    # Sampling settings on the command line win over the checkpoint's (which has sample_steps=5, guidance 1).
+    assert cli.model.hparams.sample_steps == 4 and cli.model.hparams.guidance_scale == 2.5
     pred_dir = _run_dir(out) / "predictions"
     mp4s = sorted(pred_dir.glob("*.mp4"))
     assert len(mp4s) == 2 and "rank0" in mp4s[0].name

@@ -30,11 +30,11 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("square", "circle")
 DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-# Pixels per frame as a fraction of the frame side: 1 and 2 px/frame at 32x32, so 16 frames of
-# "fast" wrap exactly once around the frame.
-SPEEDS: dict[str, float] = {"slow": 1 / 32, "fast": 1 / 16}
+# Pixels per frame as a fraction of the frame side: 0.5 and 1 px/frame at 32x32, slow enough that a
+# 16-frame clip fits its whole path inside the frame, so the shape is never cut by a border.
+SPEEDS: dict[str, float] = {"slow": 1 / 64, "fast": 1 / 32}
 BACKGROUND = (16, 16, 24)
-SHAPE_FRACTION = 0.45
+SHAPE_FRACTION = 0.4
 SPLIT_IDS = {"train": 0, "eval": 1}
 MANIFEST = "manifest.json"
 GENERATOR_NAME = "tpdiff_lightning.data.synthetic"
@@ -78,6 +78,17 @@ def render_clip(
     return np.round(frames).astype(np.uint8)
 
 
+def start_position(rng: np.random.Generator, direction: str, speed: str, num_frames: int, size: int) -> tuple[float, float]:
+    """A random start (x, y) from which the whole shape stays in frame for the clip; wraps only if it cannot."""
+    half = SHAPE_FRACTION * size / 2 + 1.0  # plus the anti-aliased edge
+    travel = SPEEDS[speed] * size * (num_frames - 1)
+    start = []
+    for v in DIRECTIONS[direction]:
+        low, high = half + (travel if v < 0 else 0.0), size - half - (travel if v > 0 else 0.0)
+        start.append(float(rng.uniform(low, high)) if low <= high else float(rng.uniform(0, size)))
+    return start[0], start[1]
+
+
 def make_clip(rng: np.random.Generator, num_frames: int, size: int) -> tuple[np.ndarray, str, dict]:
     """Draw one random clip: uint8 frames (F, H, W, 3) with H = W = size, its caption, and its metadata."""
     if num_frames < 1 or size < 4:
@@ -86,7 +97,7 @@ def make_clip(rng: np.random.Generator, num_frames: int, size: int) -> tuple[np.
     shape = str(rng.choice(SHAPES))
     direction = str(rng.choice(list(DIRECTIONS)))
     speed = str(rng.choice(list(SPEEDS)))
-    start = (float(rng.uniform(0, size)), float(rng.uniform(0, size)))
+    start = start_position(rng, direction, speed, num_frames, size)
     frames = render_clip(colour, shape, direction, speed, start, num_frames, size)
     meta = {
         "colour": colour,
