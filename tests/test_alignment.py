@@ -65,3 +65,14 @@ def test_non_finite_data_is_a_clear_error():
     x0[1, 0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         align_noise(x0, torch.randn(4, 3, 2, 4, 4))
+
+
+def test_cost_is_float32_under_autocast():
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(6, 3, 8, 16, 16, generator=g) * 4
+    noise = torch.randn(6, 3, 8, 16, 16, generator=g)
+    reference = alignment_cost(x0.double(), noise.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cost = alignment_cost(x0, noise)
+    assert cost.dtype == torch.float32
+    assert torch.allclose(cost, reference, rtol=1e-5)

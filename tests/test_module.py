@@ -129,3 +129,30 @@ def test_custom_backbone_factory_gets_channels_and_text_width():
 def test_bad_module_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _module(**kwargs)
+
+
+@pytest.mark.parametrize("schedule,scale", [("flow", 1000.0), ("ddim", 999.0)])
+def test_backbone_is_told_the_scaled_global_time(schedule, scale):
+    m = _module(schedule=schedule)
+    told = []
+    original = m.backbone.forward
+    m.backbone.forward = lambda x, t, *a, **k: (told.append(t.clone()), original(x, t, *a, **k))[1]
+    batch = _batch()
+    x0 = m.encode_video(batch["video"])
+    text, mask = m.text_encoder(batch["caption"])
+    g = torch.Generator().manual_seed(0)
+    m.stage_loss(x0, text, mask, 1, g)
+    stage = m.pyramid.stages[1]
+    # Re-draw with the same generator state to recover u: noise first, then u.
+    g2 = torch.Generator().manual_seed(0)
+    torch.randn(m.pyramid.stage_shape(x0, 1), generator=g2)
+    u = torch.rand(4, generator=g2)
+    expected = (stage.t_end + u * (stage.t_start - stage.t_end)) * scale
+    torch.testing.assert_close(told[0], expected)
+
+
+def test_noise_seeds_differ_across_ranks_and_repeat_on_resume():
+    m = _module()
+    assert m.noise_seed(10, 0) != m.noise_seed(10, 1)
+    assert m.noise_seed(10, 0) != m.noise_seed(11, 0)
+    assert m.noise_seed(10, 1) == _module().noise_seed(10, 1)

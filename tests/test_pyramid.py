@@ -234,3 +234,33 @@ def test_stage_sampling_follows_weights():
     assert_close(counts, torch.tensor([0.5, 0.25, 0.25], dtype=F64), atol=0.025, rtol=0)
     p = TemporalPyramid("flow", 16, 3, stage_weights=(0, 0, 1))
     assert {p.sample_stage(g) for _ in range(50)} == {2}
+
+
+def test_anchored_endpoints_follow_eq7_with_explicit_frames():
+    p = TemporalPyramid("flow", 9, 3, anchor_first_frame=True)  # strides 4, 2, 1: 3, 5, 9 frames
+    x0 = _data(F=9)
+    noise = _stage_noise(p, x0, 1)
+    x_start, _ = p.endpoints(x0, noise, 1)
+    gs, ss = p.schedule.scalar(p.stages[1].t_start)
+    content = x0[:, :, [0, 4, 4, 8, 8]]  # Up(Down(x0, 4), 2) with frame 0 kept single
+    assert_close(x_start, gs * content + ss * noise)
+
+
+def test_ddim_partition_beyond_the_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"reduction 4 .*log-SNR"):
+        TemporalPyramid("ddim", 16, 3, reductions=(4, 4), partition=(1000, 1, 1))
+
+
+def test_clip_of_the_wrong_length_is_a_clear_error():
+    p = TemporalPyramid("flow", 16, 3)
+    with pytest.raises(ValueError, match=r"expected \(B, C, 16, H, W\)"):
+        p.endpoints(_data(F=8), torch.zeros(2, 3, 2, 4, 4, dtype=F64), 0)
+
+
+def test_interpolate_keeps_time_in_float32_for_bf16_data():
+    p = TemporalPyramid("flow", 16, 3)
+    x0 = _data().to(torch.bfloat16)
+    noise = torch.randn(p.stage_shape(x0, 1), dtype=torch.bfloat16)
+    x_t, t, target = p.interpolate(x0, noise, 1, torch.ones(2))
+    assert t.dtype == torch.float32 and x_t.dtype == torch.bfloat16
+    assert float(t[0]) == pytest.approx(p.stages[1].t_start, abs=1e-7)

@@ -19,10 +19,12 @@ def alignment_cost(x0: Tensor, noise: Tensor) -> Tensor:
     """
     if x0.shape != noise.shape:
         raise ValueError(f"x0 has shape {tuple(x0.shape)} and noise {tuple(noise.shape)}; expected equal shapes")
-    # float32 at least: half-precision squared norms over ~1e6 elements overflow.
-    a = x0.reshape(x0.shape[0], -1).float()  # (B, D)
-    b = noise.reshape(noise.shape[0], -1).float()  # (B, D)
-    cost = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :] - 2.0 * a @ b.T  # (B, B)
+    # float32 at least: half-precision squared norms over ~1e6 elements overflow. Autocast is switched
+    # off because it would run the matmul in half precision even on float32 inputs.
+    with torch.autocast(x0.device.type, enabled=False):
+        a = x0.reshape(x0.shape[0], -1).float()  # (B, D)
+        b = noise.reshape(noise.shape[0], -1).float()  # (B, D)
+        cost = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :] - 2.0 * a @ b.T  # (B, B)
     return cost.clamp_min(0.0)
 
 

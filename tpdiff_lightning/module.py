@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,17 +113,27 @@ class TPDiffModule(L.LightningModule):
         """Global time in [0, 1] to the timestep the backbone is told (``t*1000`` flow, ``t*999`` ddim)."""
         return t * self.pyramid.schedule.timestep_scale
 
-    def drop_captions(self, captions: Sequence[str]) -> list[str]:
+    def drop_captions(self, captions: Sequence[str], generator: torch.Generator | None = None) -> list[str]:
         """Replace each caption by the empty one with probability ``caption_dropout``."""
         p = self.hparams.caption_dropout
         if p == 0:
             return list(captions)
-        keep = torch.rand(len(captions)) >= p
+        keep = torch.rand(len(captions), generator=generator) >= p
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     def stage_generator(self, step: int) -> torch.Generator:
         """A generator seeded by the step alone, so all ranks (and a resumed run) draw the same stage."""
         return torch.Generator().manual_seed(self.hparams.stage_seed * 1_000_003 + step)
+
+    def noise_seed(self, step: int, rank: int) -> int:
+        """Seed of the noise, positions and caption dropout of one rank's micro-batch: distinct per rank,
+        and the same again when a resumed run reaches the same step."""
+        return int(np.random.SeedSequence([self.hparams.stage_seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+    def micro_step(self, batch_idx: int) -> int:
+        """Counts micro-batches, so each one of a gradient-accumulation window draws its own stage."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.global_step * accumulate + batch_idx % accumulate
 
     def stage_loss(self, x0: Tensor, text: Tensor, text_mask: Tensor, i: int, generator: torch.Generator | None = None,
                    backbone: nn.Module | None = None) -> Tensor:
@@ -145,9 +156,12 @@ class TPDiffModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x0 = self.encode_video(batch["video"])  # (B, C, F, H, W)
-        text, text_mask = self.text_encoder(self.drop_captions(batch["caption"]))  # (B, L, D)
-        i = self.pyramid.sample_stage(self.stage_generator(self.global_step))
-        loss = self.stage_loss(x0, text, text_mask, i)
+        step = self.micro_step(batch_idx)
+        seed = self.noise_seed(step, self.global_rank)
+        captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
+        text, text_mask = self.text_encoder(captions)  # (B, L, D)
+        i = self.pyramid.sample_stage(self.stage_generator(step))
+        loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global_step={self.global_step} in stage {i} "
@@ -202,7 +216,7 @@ class TPDiffModule(L.LightningModule):
                 model = guided(model, self.denoiser(backbone, empty, empty_mask), scale)
             g = torch.Generator().manual_seed(int(seed))
             latents = sample(model, pyramid, 1, (self.codec.latent_channels, H, W), num_steps or hp.sample_steps,
-                             g, renoise, device=self.device, dtype=text.dtype)
+                             g, renoise, device=self.device, dtype=next(backbone.parameters()).dtype)
             clips.append(self.codec.decode(latents))
         return torch.cat(clips).clamp(-1, 1)
 

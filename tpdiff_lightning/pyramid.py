@@ -44,6 +44,11 @@ def randn(shape: Sequence[int], generator: torch.Generator | None = None, device
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+def time_dtype(x: Tensor) -> torch.dtype:
+    """Times stay in at least float32 even for half-precision data, so the backbone is told the exact t."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def frames_at_stride(num_frames: int, stride: int, anchor_first_frame: bool) -> int:
     """``F / S``, or ``(F - 1) / S + 1`` with an anchored first frame; an error if it does not divide."""
     span = num_frames - 1 if anchor_first_frame else num_frames
@@ -117,7 +122,15 @@ class TemporalPyramid:
     def window_end(self, next_start: float, reduction: int) -> float:
         """``e_i`` with ``SNR(e_i) = r_i * SNR(s_{i+1})`` (paper Eq. 15/21): the jump before upsampling."""
         lam_next = self.schedule.log_snr(torch.tensor(next_start, dtype=torch.float64))
-        return float(self.schedule.t_from_log_snr(lam_next + 0.5 * math.log(reduction)))
+        lam_end = lam_next + 0.5 * math.log(reduction)
+        t_end = float(self.schedule.t_from_log_snr(lam_end))
+        reached = float(self.schedule.log_snr(torch.tensor(t_end, dtype=torch.float64)))
+        if not math.isclose(reached, float(lam_end), rel_tol=1e-9, abs_tol=1e-9):
+            raise ValueError(
+                f"a stage starting at t={next_start:.6f} with reduction {reduction} needs the previous stage to end "
+                f"at log-SNR {float(lam_end):.4f}, beyond what the {self.schedule.name} schedule reaches "
+                f"({reached:.4f}); expected a larger share of the partition for the later stages")
+        return t_end
 
     def with_num_frames(self, num_frames: int) -> "TemporalPyramid":
         """The same pyramid for another clip length (zero-shot long video)."""
@@ -162,6 +175,9 @@ class TemporalPyramid:
             ``(x_start, x_end)``, both ``(B, C, F_i, H, W)``.
         """
         self._check_stage(i)
+        if x0.ndim != 5 or x0.shape[2] != self.num_frames:
+            raise ValueError(f"x0 has shape {tuple(x0.shape)}; expected (B, C, {self.num_frames}, H, W), "
+                             f"the pyramid's full-rate num_frames={self.num_frames}")
         expected = self.stage_shape(x0, i)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected stage {i}'s shape {expected}")
@@ -185,8 +201,8 @@ class TemporalPyramid:
         Returns ``(x_t, t, target)`` with ``t`` the global time (B,).
         """
         x_start, x_end = self.endpoints(x0, noise, i)
-        u = u.to(device=x0.device, dtype=x0.dtype)
-        t = self.stage_time(i, u)
+        u = u.to(device=x0.device, dtype=time_dtype(x0))
+        t = self.stage_time(i, u)  # (B,), float32 or wider
         if self.schedule.name == "flow":
             ub = _bcast(u, x0)
             return (1 - ub) * x_end + ub * x_start, t, x_start - x_end

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
+from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn, time_dtype
 
 Denoiser = Callable[[Tensor, Tensor, Stage], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
@@ -52,7 +52,7 @@ def euler_stage(model: Denoiser, pyramid: TemporalPyramid, x: Tensor, stage: Sta
     """Flow matching inside one stage: Euler in ``u`` from 1 to 0 with ``v = model(x, t)``."""
     us = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     for n in range(num_steps):
-        t = pyramid.stage_time(stage.index, us[n]).to(x.device, x.dtype).expand(x.shape[0])  # (B,)
+        t = pyramid.stage_time(stage.index, us[n]).to(x.device, time_dtype(x)).expand(x.shape[0])  # (B,)
         v = model(x, t, stage)
         x = x + float(us[n + 1] - us[n]) * v
         if callback is not None:
@@ -66,7 +66,7 @@ def ddim_stage(model: Denoiser, pyramid: TemporalPyramid, x: Tensor, stage: Stag
     ts = torch.linspace(stage.t_start, stage.t_end, num_steps + 1, dtype=torch.float64)
     gammas, sigmas = pyramid.schedule.gamma_sigma(ts)
     for n in range(num_steps):
-        t = ts[n].to(x.device, x.dtype).expand(x.shape[0])  # (B,)
+        t = ts[n].to(x.device, time_dtype(x)).expand(x.shape[0])  # (B,)
         eps = model(x, t, stage)
         x_bar = (x - float(sigmas[n]) * eps) / float(gammas[n])
         x = float(gammas[n + 1]) * x_bar + float(sigmas[n + 1]) * eps
