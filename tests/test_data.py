@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -18,6 +19,7 @@ from tpdiff_lightning.data import synthetic
 from tpdiff_lightning.data.datamodule import (
     CorruptSampleWarning,
     VideoDataModule,
+    decode_clip,
     eval_pipeline,
     frames_to_tensor,
     train_pipeline,
@@ -351,3 +353,30 @@ def test_predict_batches_cover_prompts_times_seeds():
     assert torch.cat([b["index"] for b in batches]).tolist() == list(range(6))
     assert torch.cat([b["seed"] for b in batches]).tolist() == list(range(10, 16))
     assert batches[0]["seed"].dtype == torch.long
+
+
+def test_remote_shard_patterns_are_passed_to_webdataset_unchecked(tmp_path):
+    dm = VideoDataModule(root=str(tmp_path), train_shards="pipe:cat /data/train-{000000..000002}.tar",
+                         eval_shards="https://example.invalid/eval-{000000..000001}.tar", build_synthetic=False)
+    assert dm.shard_urls("train") == [f"pipe:cat /data/train-00000{i}.tar" for i in range(3)]
+    assert dm.shard_urls("eval") == [f"https://example.invalid/eval-00000{i}.tar" for i in range(2)]
+
+
+def test_pipe_urls_stream_real_shards(tmp_path):
+    root = tmp_path / "synth"
+    write_synthetic_shards(root, num_train=8, num_eval=4, num_frames=8, size=16, clips_per_shard=4, progress=False)
+    dm = VideoDataModule(root=str(tmp_path), eval_shards=f"pipe:cat {root}/eval-000000.tar", num_frames=8,
+                         resolution=16, batch_size=4, num_workers=0, build_synthetic=False)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["video"].shape == (4, 3, 8, 16, 16)
+
+
+def test_target_fps_sets_the_frame_step_from_the_clip_rate(tmp_path):
+    frames = np.repeat(np.arange(24, dtype=np.uint8)[:, None, None, None] * 10, 16, axis=1)
+    frames = np.repeat(np.repeat(frames, 16, axis=2), 3, axis=3)  # (24, 16, 16, 3), frame k has value 10k
+    sample = {"mp4": encode_mp4(frames, fps=24), "txt": b"grey", "json": json.dumps({"fps": 24}).encode()}
+    clip = decode_clip(sample, num_frames=4, frame_stride=1, resolution=16, rng=None, target_fps=8)
+    values = ((clip["video"][0, :, 8, 8] + 1) * 127.5).round()
+    assert values.tolist() == pytest.approx([0, 30, 60, 90], abs=6)  # every third frame: 24 fps -> 8 fps
+    with pytest.raises(ValueError, match="target_fps=0"):
+        VideoDataModule(target_fps=0)

@@ -8,6 +8,7 @@ Every batch of clips is a dict `{"video": (B, 3, F, H, W) float32 in [-1, 1], "c
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import warnings
@@ -29,7 +30,7 @@ from tpdiff_lightning.data.synthetic import (
     synthetic_exists,
     write_synthetic_shards,
 )
-from tpdiff_lightning.data.video_io import decode_mp4
+from tpdiff_lightning.data.video_io import decode_mp4, mp4_fps
 
 DEFAULT_PREDICT_PROMPTS = (
     caption_for("red", "square", "right", "fast"),
@@ -37,6 +38,11 @@ DEFAULT_PREDICT_PROMPTS = (
     caption_for("blue", "square", "up", "fast"),
     caption_for("yellow", "circle", "down", "slow"),
 )
+
+
+def is_remote(url: str) -> bool:
+    """True for shard names that webdataset opens itself: `pipe:` commands and `scheme://` URLs."""
+    return url.startswith("pipe:") or "://" in url
 
 
 class CorruptSampleWarning(UserWarning):
@@ -87,10 +93,23 @@ def frames_to_tensor(frames: np.ndarray, resolution: int) -> torch.Tensor:
     return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, r, r)
 
 
+def stride_for_fps(sample: dict, target_fps: float) -> int:
+    """Frame step that brings a clip's own frame rate (its json `fps`, else the mp4's) nearest to `target_fps`."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    source_fps = float(meta.get("fps") or mp4_fps(sample["mp4"]))
+    return max(1, round(source_fps / target_fps))
+
+
 def decode_clip(
-    sample: dict, num_frames: int, frame_stride: int, resolution: int, rng: random.Random | None
+    sample: dict, num_frames: int, frame_stride: int, resolution: int, rng: random.Random | None,
+    target_fps: float | None = None,
 ) -> dict:
-    """Decode one raw webdataset sample into `{"video": (3, F, r, r), "caption": str}`; start at 0 when rng is None."""
+    """Decode one raw webdataset sample into `{"video": (3, F, r, r), "caption": str}`; start at 0 when rng is None.
+
+    With `target_fps`, the frame step comes from the clip's own frame rate instead of `frame_stride`.
+    """
+    if target_fps is not None:
+        frame_stride = stride_for_fps(sample, target_fps)
     span = (num_frames - 1) * frame_stride + 1
     frames = decode_mp4(sample["mp4"], max_frames=None if rng is not None else span)
     if len(frames) < span:
@@ -113,9 +132,11 @@ class DecodeClips:
         seed: int = 0,
         rank: int = 0,
         resume_step: int = 0,
+        target_fps: float | None = None,
     ) -> None:
         self.counter = counter
         self.clip_args = (num_frames, frame_stride, resolution)
+        self.target_fps = target_fps
         self.random_start = random_start
         self.seed_args = (seed, rank, resume_step)
         self.passes = 0
@@ -125,7 +146,7 @@ class DecodeClips:
         rng = random.Random(worker_seed(*self.seed_args, salt=2 * self.passes)) if self.random_start else None
         for sample in src:
             try:
-                clip = decode_clip(sample, *self.clip_args, rng=rng)
+                clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
             except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised
                 self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
                 continue
@@ -185,6 +206,7 @@ def train_pipeline(
     rank: int = 0,
     resume_step: int = 0,
     shuffle_buffer: int = 256,
+    target_fps: float | None = None,
 ) -> wds.DataPipeline:
     """Infinite stream of full training batches: resampled shards, seeded shuffle, random clip start.
 
@@ -198,7 +220,7 @@ def train_pipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
         wds.tarfile_to_samples(handler=counter.handler),
         BufferShuffle(shuffle_buffer, **seeds),
-        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, **seeds),
+        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, target_fps=target_fps, **seeds),
         wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=False),
     )
 
@@ -211,6 +233,7 @@ def eval_pipeline(
     frame_stride: int = 1,
     rank: int = 0,
     world_size: int = 1,
+    target_fps: float | None = None,
 ) -> wds.DataPipeline:
     """Each clip of `urls` exactly once across ranks and workers, from its first frame, in batches (last one partial).
 
@@ -223,7 +246,7 @@ def eval_pipeline(
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter.handler),
         functools.partial(split_samples_by_rank, rank=rank, world_size=world_size),
-        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False),
+        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False, target_fps=target_fps),
         wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=True),
     )
 
@@ -242,7 +265,8 @@ class VideoDataModule(L.LightningDataModule):
         root: Folder holding the shards. Without explicit patterns, its `manifest.json` lists them
             (`splits.train.shards`, `splits.eval.shards`).
         train_shards: Brace pattern of training shards, e.g. `"train-{000000..000007}.tar"`, relative to
-            `root` unless absolute. None reads the manifest.
+            `root` unless absolute, or any URL webdataset opens (`"https://host/train-{000000..000099}.tar"`,
+            `"pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"`). None reads the manifest in `root`.
         eval_shards: Brace pattern of evaluation shards, like `train_shards`. None reads the manifest.
         num_frames: Frames per clip, F.
         resolution: Side of the square frames, H = W; clips are resized on the short side and centre-cropped.
@@ -252,6 +276,8 @@ class VideoDataModule(L.LightningDataModule):
             multiple of `num_workers`, since webdataset counts the epoch per worker).
         seed: Base seed of shard resampling, shuffling, clip starts and prediction seeds (>= 0).
         frame_stride: Take every `frame_stride`-th decoded frame, so a clip spans (F - 1) * stride + 1 frames.
+        target_fps: Instead of `frame_stride`, step through each clip so its frame rate (the sample json's
+            `fps`, else the mp4's) comes nearest to this; None keeps `frame_stride`.
         shuffle_buffer: Raw samples held by the training shuffle buffer.
         build_synthetic: When no patterns are given and `root` has no manifest (or an outdated synthetic one),
             `prepare_data` writes synthetic moving-shape shards there.
@@ -273,6 +299,7 @@ class VideoDataModule(L.LightningDataModule):
         train_steps_per_epoch: int = 200,
         seed: int = 0,
         frame_stride: int = 1,
+        target_fps: float | None = None,
         shuffle_buffer: int = 256,
         build_synthetic: bool = True,
         synthetic_num_train: int = 2048,
@@ -299,7 +326,10 @@ class VideoDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         self.train_shards, self.eval_shards = train_shards, eval_shards
+        if target_fps is not None and not target_fps > 0:
+            raise ValueError(f"target_fps={target_fps!r} is invalid; expected a positive frame rate or None")
         self.num_frames, self.resolution, self.frame_stride = num_frames, resolution, frame_stride
+        self.target_fps = target_fps
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_steps_per_epoch, self.shuffle_buffer = train_steps_per_epoch, shuffle_buffer
         self.build_synthetic = build_synthetic
@@ -351,6 +381,8 @@ class VideoDataModule(L.LightningDataModule):
             names = manifest["splits"][split]["shards"]
         else:
             names = list(braceexpand.braceexpand(pattern))
+        if all(is_remote(name) for name in names):
+            return names  # webdataset opens URLs and `pipe:` commands itself; they cannot be checked here
         paths = [str(self.root / name) for name in names]
         missing = [path for path in paths if not Path(path).is_file()]
         if missing or not paths:
@@ -386,6 +418,7 @@ class VideoDataModule(L.LightningDataModule):
             rank=rank,
             resume_step=resume_step,
             shuffle_buffer=self.shuffle_buffer,
+            target_fps=self.target_fps,
         )
         batches_per_worker = math.ceil(self.train_steps_per_epoch / max(1, self.num_workers))
         return self._loader(pipeline.with_epoch(batches_per_worker))
@@ -401,6 +434,7 @@ class VideoDataModule(L.LightningDataModule):
             frame_stride=self.frame_stride,
             rank=rank,
             world_size=world_size,
+            target_fps=self.target_fps,
         )
         return self._loader(pipeline)
 

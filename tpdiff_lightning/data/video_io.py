@@ -50,6 +50,15 @@ def decode_mp4(data: bytes, max_frames: int | None = None) -> np.ndarray:
     return np.stack(frames)
 
 
+def mp4_fps(data: bytes) -> float:
+    """Frame rate of the first video stream of mp4 bytes (its average rate), without decoding frames."""
+    with av.open(BytesIO(data), "r") as container:
+        rate = container.streams.video[0].average_rate or container.streams.video[0].base_rate
+    if not rate:
+        raise ValueError(f"mp4 of {len(data)} bytes states no frame rate")
+    return float(rate)
+
+
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
     """Write uint8 RGB frames (F, H, W, 3) to an mp4 file at `path`, creating its folder."""
     path = Path(path)
