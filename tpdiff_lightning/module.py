@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import json
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpdiff_lightning.alignment import align_noise
+from tpdiff_lightning.data.latent_cache import check_codec, pad_text
 from tpdiff_lightning.ema import EMA
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
@@ -154,12 +155,34 @@ class TPDiffModule(L.LightningModule):
         """Pixels ``(B, 3, F, H, W)`` in [-1, 1] to latents ``(B, C, F', H', W')``."""
         return self.codec.encode(video)
 
+    def batch_latents(self, batch: dict[str, Any]) -> Tensor:
+        """The batch's clean latents: pre-encoded ones from latent shards (after a codec check), or encoded now."""
+        if "latent" not in batch:
+            return self.encode_video(batch["video"])
+        check_codec(json.loads(batch["codec"]), self.codec)
+        return batch["latent"].to(self.dtype)
+
+    def batch_text(self, batch: dict[str, Any], captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Caption tokens and mask: cached embeddings when the shards hold them and the encoder is frozen."""
+        frozen = not any(p.requires_grad for p in self.text_encoder.parameters())
+        if "text_emb" in batch and frozen:
+            rows = [{"text_emb": e[m], "text_mask": m[m]} for e, m in zip(batch["text_emb"], batch["text_mask"].bool())]
+            dropped = [c == "" and o != "" for c, o in zip(captions, batch["caption"])]
+            if any(dropped):  # caption dropout still works: the empty caption's embedding replaces those rows
+                empty, empty_mask = self.text_encoder([""])
+                for b in (b for b, d in enumerate(dropped) if d):
+                    rows[b] = {"text_emb": empty[0][empty_mask[0]].to(rows[b]["text_emb"]),
+                               "text_mask": empty_mask[0][empty_mask[0]].to(rows[b]["text_mask"].device)}
+            emb, mask = pad_text(rows)  # (B, L, D), (B, L)
+            return emb.to(self.device, self.dtype), mask.to(self.device)
+        return self.text_encoder(list(captions))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        x0 = self.encode_video(batch["video"])  # (B, C, F, H, W)
+        x0 = self.batch_latents(batch)  # (B, C, F, H, W)
         step = self.micro_step(batch_idx)
         seed = self.noise_seed(step, self.global_rank)
         captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
-        text, text_mask = self.text_encoder(captions)  # (B, L, D)
+        text, text_mask = self.batch_text(batch, captions)  # (B, L, D)
         i = self.pyramid.sample_stage(self.stage_generator(step))
         loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
         if not torch.isfinite(loss):
@@ -183,8 +206,8 @@ class TPDiffModule(L.LightningModule):
             self.ema.update(self.denoiser_modules())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        x0 = self.encode_video(batch["video"])
-        text, text_mask = self.text_encoder(list(batch["caption"]))
+        x0 = self.batch_latents(batch)
+        text, text_mask = self.batch_text(batch, batch["caption"])
         B = x0.shape[0]
         losses = []
         for i in range(self.pyramid.num_stages):

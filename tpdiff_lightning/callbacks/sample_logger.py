@@ -70,6 +70,6 @@ class SampleVideoLogger(L.Callback):
         summary = tensorboard_gif_summary("samples/video", gif_bytes(tiled, self.fps), *tiled.shape[1:3])
         writer = logger.experiment
         writer.file_writer.add_summary(summary, trainer.global_step)
-        sheet = torch.from_numpy(np.asarray(contact_sheet(list(frames), self.prompts)))
+        sheet = torch.from_numpy(np.array(contact_sheet(list(frames), self.prompts)))
         writer.add_image("samples/contact_sheet", sheet, trainer.global_step, dataformats="HWC")
         writer.flush()

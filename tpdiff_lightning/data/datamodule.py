@@ -30,6 +30,7 @@ from tpdiff_lightning.data.synthetic import (
     synthetic_exists,
     write_synthetic_shards,
 )
+from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, decode_latent, pad_text
 from tpdiff_lightning.data.video_io import decode_mp4, mp4_fps
 
 DEFAULT_PREDICT_PROMPTS = (
@@ -38,6 +39,16 @@ DEFAULT_PREDICT_PROMPTS = (
     caption_for("blue", "square", "up", "fast"),
     caption_for("yellow", "circle", "down", "slow"),
 )
+
+
+SAMPLE_FORMATS = ("auto", "video", LATENT_FORMAT)
+
+
+def check_format(sample_format: str) -> str:
+    """Return `sample_format` if known, else raise a ValueError listing the known ones."""
+    if sample_format not in SAMPLE_FORMATS:
+        raise ValueError(f"sample_format={sample_format!r} is unknown; expected one of {list(SAMPLE_FORMATS)}")
+    return sample_format
 
 
 def is_remote(url: str) -> bool:
@@ -133,10 +144,12 @@ class DecodeClips:
         rank: int = 0,
         resume_step: int = 0,
         target_fps: float | None = None,
+        sample_format: str = "video",
     ) -> None:
         self.counter = counter
         self.clip_args = (num_frames, frame_stride, resolution)
         self.target_fps = target_fps
+        self.sample_format = check_format(sample_format)
         self.random_start = random_start
         self.seed_args = (seed, rank, resume_step)
         self.passes = 0
@@ -146,7 +159,10 @@ class DecodeClips:
         rng = random.Random(worker_seed(*self.seed_args, salt=2 * self.passes)) if self.random_start else None
         for sample in src:
             try:
-                clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
+                if self.sample_format == LATENT_FORMAT:
+                    clip = decode_latent(sample, self.clip_args[0], rng=rng)
+                else:
+                    clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
             except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised
                 self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
                 continue
@@ -177,12 +193,25 @@ class BufferShuffle:
 
 
 def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
-    """Stack clips into `{"video": (B, 3, F, H, W), "caption": list[str], "num_skipped": LongTensor ()}`."""
-    return {
-        "video": torch.stack([s["video"] for s in samples]),
+    """Stack clips into `{"video": (B, 3, F, H, W), "caption": list[str], "num_skipped": LongTensor ()}`.
+
+    Latent samples give `"latent": (B, C, F, H', W')` and `"codec"` instead of `"video"`, plus padded
+    `"text_emb": (B, L, D)`, `"text_mask": (B, L)` when the shards hold caption embeddings.
+    """
+    key = "latent" if "latent" in samples[0] else "video"
+    batch = {
+        key: torch.stack([s[key] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "num_skipped": torch.tensor(counter.take(), dtype=torch.long),
     }
+    if key == "latent":
+        codecs = {s["codec"] for s in samples}
+        if len(codecs) != 1:
+            raise ValueError(f"one batch mixes latent shards of {len(codecs)} codecs: {sorted(codecs)}")
+        batch["codec"] = codecs.pop()
+        if all("text_emb" in s for s in samples):
+            batch["text_emb"], batch["text_mask"] = pad_text(samples)
+    return batch
 
 
 def split_samples_by_rank(src: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -207,6 +236,7 @@ def train_pipeline(
     resume_step: int = 0,
     shuffle_buffer: int = 256,
     target_fps: float | None = None,
+    sample_format: str = "video",
 ) -> wds.DataPipeline:
     """Infinite stream of full training batches: resampled shards, seeded shuffle, random clip start.
 
@@ -220,7 +250,8 @@ def train_pipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
         wds.tarfile_to_samples(handler=counter.handler),
         BufferShuffle(shuffle_buffer, **seeds),
-        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, target_fps=target_fps, **seeds),
+        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, target_fps=target_fps,
+                    sample_format=sample_format, **seeds),
         wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=False),
     )
 
@@ -234,6 +265,7 @@ def eval_pipeline(
     rank: int = 0,
     world_size: int = 1,
     target_fps: float | None = None,
+    sample_format: str = "video",
 ) -> wds.DataPipeline:
     """Each clip of `urls` exactly once across ranks and workers, from its first frame, in batches (last one partial).
 
@@ -246,7 +278,8 @@ def eval_pipeline(
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=counter.handler),
         functools.partial(split_samples_by_rank, rank=rank, world_size=world_size),
-        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False, target_fps=target_fps),
+        DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False, target_fps=target_fps,
+                    sample_format=sample_format),
         wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=True),
     )
 
@@ -278,6 +311,8 @@ class VideoDataModule(L.LightningDataModule):
         frame_stride: Take every `frame_stride`-th decoded frame, so a clip spans (F - 1) * stride + 1 frames.
         target_fps: Instead of `frame_stride`, step through each clip so its frame rate (the sample json's
             `fps`, else the mp4's) comes nearest to this; None keeps `frame_stride`.
+        sample_format: "video" (mp4 shards), "latent" (shards from `data/encode_latents.py`; `num_frames` then
+            counts latent frames and the clip is not resized), or "auto": the manifest's `format`, else video.
         shuffle_buffer: Raw samples held by the training shuffle buffer.
         build_synthetic: When no patterns are given and `root` has no manifest (or an outdated synthetic one),
             `prepare_data` writes synthetic moving-shape shards there.
@@ -300,6 +335,7 @@ class VideoDataModule(L.LightningDataModule):
         seed: int = 0,
         frame_stride: int = 1,
         target_fps: float | None = None,
+        sample_format: str = "auto",
         shuffle_buffer: int = 256,
         build_synthetic: bool = True,
         synthetic_num_train: int = 2048,
@@ -330,6 +366,7 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError(f"target_fps={target_fps!r} is invalid; expected a positive frame rate or None")
         self.num_frames, self.resolution, self.frame_stride = num_frames, resolution, frame_stride
         self.target_fps = target_fps
+        self.sample_format = check_format(sample_format)
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_steps_per_epoch, self.shuffle_buffer = train_steps_per_epoch, shuffle_buffer
         self.build_synthetic = build_synthetic
@@ -390,6 +427,13 @@ class VideoDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{len(missing)} of {len(paths)} {split} shards missing (e.g. {shown}); {how}")
         return paths
 
+    def resolved_format(self) -> str:
+        """The shard format in use: `sample_format`, or with "auto" the manifest's `format` (else video)."""
+        if self.sample_format != "auto":
+            return self.sample_format
+        manifest = read_manifest(self.root)
+        return manifest.get("format", "video") if manifest else "video"
+
     def _rank_and_world_size(self) -> tuple[int, int]:
         """Global rank and world size of the attached trainer, or (0, 1) when used on its own."""
         if self.trainer is None:
@@ -419,6 +463,7 @@ class VideoDataModule(L.LightningDataModule):
             resume_step=resume_step,
             shuffle_buffer=self.shuffle_buffer,
             target_fps=self.target_fps,
+            sample_format=self.resolved_format(),
         )
         batches_per_worker = math.ceil(self.train_steps_per_epoch / max(1, self.num_workers))
         return self._loader(pipeline.with_epoch(batches_per_worker))
@@ -435,6 +480,7 @@ class VideoDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             target_fps=self.target_fps,
+            sample_format=self.resolved_format(),
         )
         return self._loader(pipeline)
 

@@ -1,0 +1,138 @@
+"""Latent shards: clips encoded once by the model's codec (and, for a frozen encoder, their caption
+embeddings), so training skips decoding and encoding.
+
+A latent sample is ``{"__key__", "latent.pth": (C, F', H', W'), "txt": caption, "json": metadata,
+["text.pth": {"emb": (L, D), "mask": (L,)}]}``. The metadata and the manifest name the codec and the
+text encoder; a model with another codec refuses the shards with a clear error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import webdataset as wds
+from torch import Tensor, nn
+from tqdm import tqdm
+
+LATENT_FORMAT = "latent"
+
+
+def module_identity(module: nn.Module) -> dict:
+    """What must match between the shards and the model: class, and the codec's declared name and shape factors."""
+    identity = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
+    for attr in ("name", "latent_channels", "temporal_compression", "spatial_compression", "dim", "name_or_path"):
+        value = getattr(module, attr, None)
+        if isinstance(value, (str, int, float)):
+            identity[attr] = value
+    return identity
+
+
+def check_codec(stored: dict, codec: nn.Module) -> None:
+    """Raise ValueError when latent shards were encoded by another codec than the model's."""
+    expected = module_identity(codec)
+    if stored != expected:
+        raise ValueError(f"latent shards were encoded with codec {stored}, but the model's codec is {expected}; "
+                         "re-encode them with `python data/encode_latents.py` for this model")
+
+
+def tensor_bytes(value: Any) -> bytes:
+    """Serialise a tensor or a dict of tensors with ``torch.save``."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def tensor_from_bytes(data: bytes) -> Any:
+    """Inverse of :func:`tensor_bytes` (tensors only, no arbitrary objects)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def latent_sample(key: str, latent: Tensor, caption: str, meta: dict, text: tuple[Tensor, Tensor] | None) -> dict:
+    """One webdataset sample of a latent shard; ``text`` is the caption's ``(emb (L, D), mask (L,))`` or None."""
+    sample = {"__key__": key, "latent.pth": tensor_bytes(latent.contiguous()), "txt": caption,
+              "json": json.dumps(meta)}
+    if text is not None:
+        emb, mask = text
+        sample["text.pth"] = tensor_bytes({"emb": emb.contiguous(), "mask": mask.contiguous()})
+    return sample
+
+
+def decode_latent(sample: dict, num_frames: int, rng: random.Random | None) -> dict:
+    """Read one latent sample into ``{"latent": (C, F, H', W'), "caption", "codec", ["text_emb", "text_mask"]}``.
+
+    ``num_frames`` counts latent frames; with ``rng`` a random window of them is taken, else the first ones.
+    """
+    latent = tensor_from_bytes(sample["latent.pth"]).float()  # (C, F', H', W')
+    if latent.ndim != 4 or latent.shape[1] < num_frames:
+        raise ValueError(f"latent of shape {tuple(latent.shape)} has too few frames; expected (C, >={num_frames}, H, W)")
+    start = 0 if rng is None else rng.randint(0, latent.shape[1] - num_frames)
+    meta = json.loads(sample["json"])
+    out = {"latent": latent[:, start : start + num_frames], "caption": sample["txt"].decode("utf-8"),
+           "codec": json.dumps(meta["codec"], sort_keys=True)}
+    if "text.pth" in sample:
+        text = tensor_from_bytes(sample["text.pth"])
+        out["text_emb"], out["text_mask"] = text["emb"].float(), text["mask"].bool()
+    return out
+
+
+def pad_text(samples: list[dict]) -> tuple[Tensor, Tensor]:
+    """Pad per-sample caption embeddings ``(L_i, D)`` to ``(B, L, D)`` with a mask ``(B, L)``."""
+    length = max(s["text_emb"].shape[0] for s in samples)
+    first = samples[0]["text_emb"]
+    emb = torch.zeros(len(samples), length, first.shape[1], dtype=first.dtype, device=first.device)
+    mask = torch.zeros(len(samples), length, dtype=torch.bool, device=first.device)
+    for b, s in enumerate(samples):
+        n = s["text_emb"].shape[0]
+        emb[b, :n], mask[b, :n] = s["text_emb"], s["text_mask"]
+    return emb, mask
+
+
+@torch.no_grad()
+def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iterable[dict], out_dir: Path,
+                 split: str, clips_per_shard: int = 256, dtype: torch.dtype = torch.float16,
+                 total: int | None = None) -> dict:
+    """Encode every clip of ``batches`` (dicts with "video" and "caption") into ``<split>-%06d.tar`` latent shards.
+
+    Returns the split's manifest entry. ``text_encoder`` None stores no caption embeddings.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    codec_id = module_identity(codec)
+    text_id = module_identity(text_encoder) if text_encoder is not None else None
+    count, skipped = 0, 0
+    pattern = str(out_dir / f"{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=clips_per_shard, verbose=0) as sink, \
+            tqdm(total=total, desc=f"encoding {split}", unit="clip") as bar:
+        for batch in batches:
+            skipped += int(batch.get("num_skipped", 0))
+            device = next(codec.parameters(), torch.zeros(())).device
+            latents = codec.encode(batch["video"].to(device)).to(dtype).cpu()  # (B, C, F', H', W')
+            texts = None
+            if text_encoder is not None:
+                emb, mask = text_encoder(list(batch["caption"]))
+                texts = [(emb[b][mask[b]].to(dtype).cpu(), mask[b][mask[b]].cpu()) for b in range(len(emb))]
+            for b, caption in enumerate(batch["caption"]):
+                meta = {"codec": codec_id, "text_encoder": text_id, "shape": list(latents[b].shape)}
+                sink.write(latent_sample(f"{split}-{count:08d}", latents[b], caption, meta,
+                                         texts[b] if texts else None))
+                count += 1
+                bar.update(1)
+    shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
+    return {"shards": shards, "num_clips": count, "skipped": skipped}
+
+
+def write_latent_manifest(out_dir: Path, splits: dict, codec: nn.Module, text_encoder: nn.Module | None,
+                          source: str) -> dict:
+    """Write ``manifest.json`` marking the folder as latent shards of this codec and text encoder."""
+    manifest = {"generator": __name__, "format": LATENT_FORMAT, "source": source,
+                "codec": module_identity(codec),
+                "text_encoder": module_identity(text_encoder) if text_encoder is not None else None,
+                "splits": splits}
+    tmp = out_dir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out_dir / "manifest.json")
+    return manifest
