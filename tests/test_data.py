@@ -381,3 +381,14 @@ def test_target_fps_sets_the_frame_step_from_the_clip_rate(tmp_path):
     assert values.tolist() == pytest.approx([0, 30, 60, 90], abs=6)  # every third frame: 24 fps -> 8 fps
     with pytest.raises(ValueError, match="target_fps=0"):
         VideoDataModule(target_fps=0)
+
+
+def test_two_workers_never_yield_the_same_training_batch(tiny_root):
+    dm = VideoDataModule(root=str(tiny_root), num_frames=4, resolution=16, batch_size=4, num_workers=2,
+                         train_steps_per_epoch=8, shuffle_buffer=8)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8
+    # DataLoader alternates workers: batches 0, 2, 4, 6 come from worker 0 and 1, 3, 5, 7 from worker 1.
+    for a in range(0, 8, 2):
+        for b in range(1, 8, 2):
+            assert not torch.equal(batches[a]["video"], batches[b]["video"])
