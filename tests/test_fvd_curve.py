@@ -1,0 +1,68 @@
+"""The FVD curve callback end to end, with a small fixed feature network in place of I3D."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import DEFAULT, shrink_args
+from tpdiff_lightning.callbacks.fvd_curve import FVDCurve
+from tpdiff_lightning.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+class ColourFeatures:
+    """400 fixed random projections of per-frame mean colours: cheap, deterministic, sensitive to content."""
+
+    def __init__(self):
+        self.proj = torch.randn(16 * 3, 400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def __call__(self, videos):
+        x = videos.to(torch.float64).mean(dim=(2, 3))  # (B, T, 3)
+        return x.flatten(1)[:, : self.proj.shape[0]] @ self.proj
+
+
+def _fit(tmp_path, data_root, steps, ckpt_path=None, callback=None):
+    cli = main(["--config", str(DEFAULT), *shrink_args(tmp_path / "out", data_root, max_steps=steps,
+                                                       steps_per_epoch=50)], run=False)
+    callback = callback or FVDCurve(eval_root=str(data_root), num_videos=4, every_n_steps=2,
+                                    cache_dir=str(tmp_path / "cache"), feature_extractor=ColourFeatures(),
+                                    extractor_name="colour-test", num_steps=3)
+    cli.trainer.callbacks.append(callback)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+    return cli, callback
+
+
+def _scalars(run_dir, tag):
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)] if tag in ea.Tags()["scalars"] else []
+
+
+def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_data_root):
+    cli, cb = _fit(tmp_path, tiny_data_root, 4)
+    run_dir = tmp_path / "out" / "synthetic" / "tpdiff-flow"
+    by_step = _scalars(run_dir, "fvd/synthetic-4")
+    assert [s for s, _ in by_step] == [2, 4] and all(v >= 0 for _, v in by_step)
+    by_hours = _scalars(run_dir, "fvd/synthetic-4@mGPUh")
+    assert len(by_hours) == 2 and [v for _, v in by_hours] == [v for _, v in by_step]
+    hours = [v for _, v in _scalars(run_dir, "compute/gpu_hours")]
+    assert len(hours) == 2 and 0 < hours[0] < hours[1]
+    assert len(list((tmp_path / "cache").glob("synthetic-*.pt"))) == 1  # real statistics cached once
+    trained = cb.train_seconds
+    assert trained > 0 and cb.eval_seconds > 0
+
+    # Resume: the GPU-hours come back from the checkpoint and keep growing.
+    resumed = FVDCurve(eval_root=str(tiny_data_root), num_videos=4, every_n_steps=2, cache_dir=str(tmp_path / "cache"),
+                       feature_extractor=ColourFeatures(), extractor_name="colour-test", num_steps=3)
+    _fit(tmp_path, tiny_data_root, 6, ckpt_path="last", callback=resumed)
+    assert resumed.train_seconds > trained
+    hours = [v for _, v in _scalars(run_dir, "compute/gpu_hours")]
+    assert hours == sorted(hours) and len(hours) == 3
+
+
+def test_fvd_curve_rejects_too_few_videos():
+    with pytest.raises(ValueError, match="num_videos=1"):
+        FVDCurve(num_videos=1)

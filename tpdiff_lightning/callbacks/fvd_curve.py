@@ -1,0 +1,178 @@
+"""FVD against GPU-hours in TensorBoard: sample fixed prompts every N steps and score them against real clips."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from tpdiff_lightning.callbacks.sample_logger import tensorboard_gif_summary
+from tpdiff_lightning.data.datamodule import eval_pipeline
+from tpdiff_lightning.data.synthetic import read_manifest
+from tpdiff_lightning.metrics.fvd import FVD
+from tpdiff_lightning.module import to_uint8_video
+from tpdiff_lightning.visualize import gif_bytes, side_by_side
+
+
+class FVDCurve(L.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of fit, FVD of ``num_videos`` generated clips.
+
+    Prompts are the captions of the first ``num_videos`` clips of the eval set, each sampled with seed
+    ``seed + k`` (EMA weights when the module has them); generation is split across ranks. Real-clip
+    statistics are computed once per (eval set, clip count, frames, resolution, extractor) and cached.
+
+    Logged to TensorBoard: ``fvd/<name>-<N>`` against the global step, the same value at
+    x = milli-GPU-hours in ``fvd/<name>-<N>@mGPUh``, ``compute/gpu_hours`` (training wall clock × devices,
+    FVD evaluation excluded) and ``compute/fvd_eval_hours``. The GPU-hours live in the callback state, so a
+    resumed run continues the x-axis.
+
+    Args:
+        eval_root: folder of the eval set (a shard folder with ``manifest.json``).
+        eval_split: split of that manifest holding the real clips.
+        name: eval-set name used in the tag.
+        num_videos: N, generated and real clips per evaluation (papers use 2048; small N biases FVD upward).
+        every_n_steps: optimizer steps between evaluations.
+        seed: seed of the first prompt.
+        num_steps: sampling steps (default the module's).
+        cache_dir: where real statistics are cached.
+        num_sample_videos: how many of the generated clips to log as one GIF.
+        feature_extractor: ``videos -> features`` override (default: I3D); ``extractor_name`` keys its cache.
+    """
+
+    def __init__(self, eval_root: str = "data/synthetic", eval_split: str = "eval", name: str = "synthetic",
+                 num_videos: int = 16, every_n_steps: int = 500, seed: int = 0, num_steps: int | None = None,
+                 cache_dir: str = "outputs/fvd_cache", num_sample_videos: int = 4,
+                 feature_extractor: Callable | None = None, extractor_name: str = "i3d-kinetics400"):
+        if num_videos < 2 or every_n_steps < 1:
+            raise ValueError(f"num_videos={num_videos} and every_n_steps={every_n_steps}; expected >= 2 and >= 1")
+        self.eval_root, self.eval_split, self.name = Path(eval_root), eval_split, name
+        self.num_videos, self.every_n_steps, self.seed, self.num_steps = num_videos, every_n_steps, seed, num_steps
+        self.cache_dir, self.num_sample_videos = Path(cache_dir), num_sample_videos
+        self.feature_extractor, self.extractor_name = feature_extractor, extractor_name
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
+        self._clock: float | None = None
+        self._last_eval_step = -1
+        self._real: tuple | None = None
+        self._captions: list[str] | None = None
+
+    @property
+    def tag(self) -> str:
+        return f"fvd/{self.name}-{self.num_videos}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "last_eval_step": self._last_eval_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_seconds = state_dict["train_seconds"]
+        self.eval_seconds = state_dict["eval_seconds"]
+        self._last_eval_step = state_dict.get("last_eval_step", -1)
+
+    def gpu_hours(self, trainer: L.Trainer) -> float:
+        return self.train_seconds * trainer.num_devices * trainer.num_nodes / 3600
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._clock = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self.train_seconds += now - (self._clock or now)
+        self._clock = now
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_eval_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_eval_step:
+            self.evaluate(trainer, pl_module)
+
+    def _metric(self, device) -> FVD:
+        return FVD(self.feature_extractor).to(device)
+
+    def real_clips(self, pl_module) -> tuple[list[str], torch.Tensor]:
+        """Captions and uint8 clips ``(N, T, H, W, 3)`` of the first N eval clips, at the module's shape."""
+        manifest = read_manifest(self.eval_root)
+        if manifest is None or self.eval_split not in manifest.get("splits", {}):
+            raise FileNotFoundError(f"no {self.eval_split!r} split in {self.eval_root / 'manifest.json'}")
+        urls = [str(self.eval_root / s) for s in manifest["splits"][self.eval_split]["shards"]]
+        hp = pl_module.hparams
+        captions, clips = [], []
+        for batch in eval_pipeline(urls, hp.num_frames, hp.resolution, 8):
+            captions += batch["caption"]
+            clips.append(to_uint8_video(batch["video"]))
+            if len(captions) >= self.num_videos:
+                break
+        if len(captions) < self.num_videos:
+            raise ValueError(f"the eval set has {len(captions)} clips; num_videos={self.num_videos} needs as many")
+        return captions[: self.num_videos], torch.cat(clips)[: self.num_videos]
+
+    def cache_key(self, pl_module) -> str:
+        manifest = (self.eval_root / "manifest.json").read_bytes()
+        hp = pl_module.hparams
+        key = json.dumps([hashlib.sha1(manifest).hexdigest(), self.eval_split, self.num_videos, hp.num_frames,
+                          hp.resolution, self.extractor_name])
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def real_statistics(self, trainer, pl_module) -> tuple:
+        """The real clips' feature sums, from the disk cache or computed (on rank 0) and cached."""
+        path = self.cache_dir / f"{self.name}-{self.cache_key(pl_module)}.pt"
+        captions, clips = self.real_clips(pl_module)
+        self._captions = captions
+        if path.is_file():
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+            return stats["sum"], stats["outer"], stats["count"]
+        metric = self._metric(pl_module.device)
+        metric.add_features(metric.features(clips.to(pl_module.device)), real=True)
+        total, outer, count = (x.cpu() if torch.is_tensor(x) else x for x in metric.real_statistics())
+        if trainer.global_rank == 0:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"sum": total, "outer": outer, "count": count}, path)
+        return total, outer, count
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        start = time.perf_counter()
+        self._last_eval_step = trainer.global_step
+        if self._real is None:
+            self._real = self.real_statistics(trainer, pl_module)
+        metric = self._metric(pl_module.device)
+        if trainer.global_rank == 0:  # the sums are added across ranks, so only one rank holds the real ones
+            metric.set_real_statistics(*self._real)
+        rank, world = trainer.global_rank, trainer.world_size
+        indices = list(range(rank, self.num_videos, world))
+        was_training = pl_module.training
+        pl_module.eval()
+        videos = pl_module.generate([self._captions[k] for k in indices], [self.seed + k for k in indices],
+                                    num_steps=self.num_steps)
+        pl_module.train(was_training)
+        frames = to_uint8_video(videos)  # (n, T, H, W, 3)
+        metric.update(frames, real=False)
+        value = float(metric.compute())
+        self.eval_seconds += time.perf_counter() - start
+        self._log(trainer, value, frames)
+        self._clock = time.perf_counter()  # evaluation time is not training time
+        return value
+
+    def _log(self, trainer: L.Trainer, value: float, frames: torch.Tensor) -> None:
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if logger is None or trainer.global_rank != 0:
+            return
+        writer, step = logger.experiment, trainer.global_step
+        hours = self.gpu_hours(trainer)
+        writer.add_scalar(self.tag, value, step)
+        writer.add_scalar(f"{self.tag}@mGPUh", value, int(round(hours * 1000)))
+        writer.add_scalar("compute/gpu_hours", hours, step)
+        writer.add_scalar("compute/fvd_eval_hours", self.eval_seconds / 3600, step)
+        shown = frames[: self.num_sample_videos].numpy()
+        if len(shown):
+            tiled = side_by_side(list(shown))
+            writer.file_writer.add_summary(
+                tensorboard_gif_summary(f"fvd_samples/{self.name}", gif_bytes(tiled), *tiled.shape[1:3]), step)
+        writer.flush()
