@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import DEFAULT, ROOT, shrink_args, write_overlay
+from tests.conftest import DEFAULT, ROOT, shrink_args
 from tpdiff_lightning.cli import main
 from tpdiff_lightning.data.video_io import decode_mp4
 
 pytestmark = pytest.mark.slow
 
-FREQUENT_CHECKPOINTS = {"trainer": {"callbacks": [
+FREQUENT_CHECKPOINTS = [
     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
      "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": -1}},
-]}}
+]
 
 
 def _ckpt_step(path: Path) -> int:
@@ -33,10 +33,9 @@ def _run_dir(out: Path) -> Path:
 
 
 def test_fit_killed_then_resumed_continues_where_it_was(tmp_path, tiny_data_root):
-    overlay = write_overlay(tmp_path / "ckpt.yaml", FREQUENT_CHECKPOINTS)
     out = tmp_path / "out"
-    base = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT), "--config", str(overlay)]
-    args = shrink_args(out, tiny_data_root, max_steps=10_000, steps_per_epoch=50)
+    base = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT)]
+    args = shrink_args(out, tiny_data_root, max_steps=10_000, steps_per_epoch=50, callbacks=FREQUENT_CHECKPOINTS)
     proc = subprocess.Popen(base + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     last = _run_dir(out) / "checkpoints" / "last.ckpt"
@@ -61,8 +60,8 @@ def test_fit_killed_then_resumed_continues_where_it_was(tmp_path, tiny_data_root
     assert killed_at is not None, proc.stderr.read().decode()[-3000:]
     resumed_from = _ckpt_step(last)
     target = resumed_from + 4
-    cli = main(["fit", "--config", str(DEFAULT), "--config", str(overlay),
-                *shrink_args(out, tiny_data_root, max_steps=target, steps_per_epoch=50), "--ckpt_path", "last"])
+    cli = main(["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root, max_steps=target, steps_per_epoch=50,
+                                                             callbacks=FREQUENT_CHECKPOINTS), "--ckpt_path", "last"])
     assert cli.trainer.global_step == target
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == target

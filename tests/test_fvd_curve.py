@@ -66,3 +66,17 @@ def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_d
 def test_fvd_curve_rejects_too_few_videos():
     with pytest.raises(ValueError, match="num_videos=1"):
         FVDCurve(num_videos=1)
+
+
+def test_default_config_fvd_curve_runs_with_the_real_i3d(tmp_path, tiny_data_root):
+    import yaml
+
+    fvd = next(cb for cb in yaml.safe_load(DEFAULT.read_text())["trainer"]["callbacks"]
+               if cb["class_path"].endswith("FVDCurve"))
+    fvd["init_args"].update(eval_root=str(tiny_data_root), num_videos=3, every_n_steps=2,
+                            cache_dir=str(tmp_path / "cache"), num_steps=3)
+    cli = main(["fit", "--config", str(DEFAULT),
+                *shrink_args(tmp_path / "out", tiny_data_root, max_steps=2, callbacks=[fvd])])
+    assert cli.trainer.global_step == 2
+    values = _scalars(tmp_path / "out" / "synthetic" / "tpdiff-flow", "fvd/synthetic-3")
+    assert len(values) == 1 and values[0][1] >= 0 and values[0][1] < 1e7
