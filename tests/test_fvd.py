@@ -67,3 +67,20 @@ def test_fvd_metric_accumulates_float64_sums_and_merges_like_one():
 def test_fvd_rejects_the_wrong_layout():
     with pytest.raises(ValueError, match=r"\(2, 3, 16, 8, 8\).*\(B, T, H, W, 3\)"):
         FVD(lambda v: v, feature_dim=8).update(torch.zeros(2, 3, 16, 8, 8), real=True)
+
+
+def test_fvd_is_invariant_to_batching_and_order():
+    proj = torch.randn(12, 8, dtype=F64, generator=torch.Generator().manual_seed(1))
+    extractor = lambda v: v.to(F64).flatten(1)[:, :12] @ proj
+    g = torch.Generator().manual_seed(2)
+    real = torch.randint(0, 255, (30, 9, 2, 2, 3), generator=g, dtype=torch.uint8)
+    fake = torch.randint(0, 255, (30, 9, 2, 2, 3), generator=g, dtype=torch.uint8)
+    one = FVD(extractor, feature_dim=8)
+    one.update(real, True)
+    one.update(fake, False)
+    perm = torch.randperm(30, generator=g)
+    many = FVD(extractor, feature_dim=8)
+    for chunk in torch.split(perm, 7):
+        many.update(fake[chunk], False)
+        many.update(real[chunk.flip(0)], True)
+    torch.testing.assert_close(many.compute(), one.compute(), rtol=1e-9, atol=1e-9)

