@@ -32,3 +32,10 @@ def test_caption_accuracy_is_perfect_on_real_synthetic_clips(tmp_path):
                           check=True, cwd=ROOT, capture_output=True, text=True)
     summary = json.loads((tmp_path / "caption_accuracy.json").read_text())["summary"]
     assert summary["clips"] == 8 and summary["colour_accuracy"] == 1.0 and summary["direction_accuracy"] == 1.0, proc.stdout
+
+
+def test_fvd_cost_quick_runs(tmp_path):
+    out = tmp_path / "fvd.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "fvd_cost.py"), "--quick", "--size", "32", "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)
+    assert json.loads(out.read_text())["i3d"]["clips_per_s"] > 0
