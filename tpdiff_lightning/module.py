@@ -136,18 +136,18 @@ class TPDiffModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.global_step * accumulate + batch_idx % accumulate
 
-    def stage_loss(self, x0: Tensor, text: Tensor, text_mask: Tensor, i: int, generator: torch.Generator | None = None,
-                   backbone: nn.Module | None = None) -> Tensor:
+    def stage_loss(self, x0: Tensor, text: Tensor, text_mask: Tensor, i: int,
+                   generator: torch.Generator | None = None) -> Tensor:
         """Mean squared error of the backbone against stage i's target (paper Algorithm 2)."""
         stage = self.pyramid.stages[i]
         noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H, W)
         if self.hparams.alignment:
             noise = align_noise(self.pyramid.downsample(x0, stage.stride), noise)
         draw_device = generator.device if generator is not None else x0.device
-        u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0)  # (B,) position in the stage
+        # (B,) position in the stage, kept in float32 so half-precision data does not round the time.
+        u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0.device)
         x_t, t, target = self.pyramid.interpolate(x0, noise, i, u)
-        backbone = backbone if backbone is not None else self.backbone
-        pred = backbone(x_t, self.model_time(t), text, text_mask, stride=stage.stride)  # (B, C, F_i, H, W)
+        pred = self.backbone(x_t, self.model_time(t), text, text_mask, stride=stage.stride)  # (B, C, F_i, H, W)
         return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
