@@ -156,3 +156,11 @@ def test_noise_seeds_differ_across_ranks_and_repeat_on_resume():
     assert m.noise_seed(10, 0) != m.noise_seed(10, 1)
     assert m.noise_seed(10, 0) != m.noise_seed(11, 0)
     assert m.noise_seed(10, 1) == _module().noise_seed(10, 1)
+
+
+def test_text_encoder_learning_rate_scale():
+    m = _module(text_lr_scale=5.0, lr=1e-3)
+    opt = m.configure_optimizers()["optimizer"]
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert all(lrs[id(p)] == pytest.approx(5e-3) for p in m.text_encoder.parameters())
+    assert all(lrs[id(p)] == pytest.approx(1e-3) for p in m.backbone.parameters())

@@ -47,6 +47,7 @@ class TPDiffModule(L.LightningModule):
         alignment: pair data and noise by the Hungarian algorithm per batch (paper Algorithm 1).
         caption_dropout: probability of training on an empty caption, for classifier-free guidance.
         lr: AdamW peak learning rate.
+        text_lr_scale: learning-rate factor for a trainable text encoder (a from-scratch encoder may need more).
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear learning-rate warmup, in optimizer steps.
@@ -74,6 +75,7 @@ class TPDiffModule(L.LightningModule):
         alignment: bool = True,
         caption_dropout: float = 0.1,
         lr: float = 3e-4,
+        text_lr_scale: float = 1.0,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 100,
@@ -258,9 +260,13 @@ class TPDiffModule(L.LightningModule):
                 "seed": seeds, "index": [int(i) for i in batch.get("index", range(len(captions)))]}
 
     def configure_optimizers(self):
-        params = [p for p in self.denoiser_modules().parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        text_ids = {id(p) for p in self.text_encoder.parameters()}
+        params = [p for p in self.denoiser_modules().parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) not in text_ids], "lr": hp.lr},
+                  {"params": [p for p in params if id(p) in text_ids], "lr": hp.lr * hp.text_lr_scale}]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
         warmup = max(1, hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
