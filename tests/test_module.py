@@ -161,6 +161,6 @@ def test_noise_seeds_differ_across_ranks_and_repeat_on_resume():
 def test_text_encoder_learning_rate_scale():
     m = _module(text_lr_scale=5.0, lr=1e-3)
     opt = m.configure_optimizers()["optimizer"]
-    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    lrs = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # peak, before warmup
     assert all(lrs[id(p)] == pytest.approx(5e-3) for p in m.text_encoder.parameters())
     assert all(lrs[id(p)] == pytest.approx(1e-3) for p in m.backbone.parameters())
