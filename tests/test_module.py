@@ -65,17 +65,34 @@ def test_training_step_logs_stage_loss_and_nan_stops_with_step_and_stage():
         m.training_step(_batch(), 0)
 
 
-def test_ema_tracks_the_weights():
+def test_ema_tracks_the_weights_and_swaps_them_in_only_within_the_block():
     m = _module(ema_decay=0.5)
-    before = [p.clone() for p in m.ema.shadow.parameters()]
+    before = [s.clone() for s in m.ema.shadows()]
+    assert len(before) == len([p for p in m.denoiser_modules().parameters() if p.requires_grad])
     with torch.no_grad():
         for p in m.backbone.parameters():
             p.add_(1.0)
     m.ema.update(m.denoiser_modules())
-    moved = [not torch.equal(a, b) for a, b in zip(before, m.ema.shadow.parameters())]
+    moved = [not torch.equal(a, b) for a, b in zip(before, m.ema.shadows())]
     assert all(moved[: len(list(m.backbone.parameters()))])
     assert int(m.ema.num_updates) == 1
-    assert all(not p.requires_grad for p in m.ema.parameters())
+    trained = [p.clone() for p in m.backbone.parameters()]
+    with m.ema_weights():
+        inside = [p.clone() for p in m.backbone.parameters()]
+    after = list(m.backbone.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(trained, after))  # restored
+    n = len(trained)
+    assert all(torch.equal(a, s) for a, s in zip(inside, m.ema.shadows()[:n]))  # averaged weights inside
+    assert not any(torch.equal(a, b) for a, b in zip(inside, trained))
+
+
+def test_ema_shadows_only_trainable_parameters():
+    m = _module(ema_decay=0.5)
+    m.backbone.requires_grad_(False)
+    next(m.backbone.parameters()).requires_grad_(True)
+    m.ema.reset(m.denoiser_modules())
+    trainable = sum(p.requires_grad for p in m.denoiser_modules().parameters())
+    assert len(m.ema.shadows()) == trainable < len(list(m.denoiser_modules().parameters()))
 
 
 def test_optimizer_covers_backbone_and_text_encoder_but_not_ema():
@@ -84,7 +101,7 @@ def test_optimizer_covers_backbone_and_text_encoder_but_not_ema():
     ids = {id(p) for group in opt.param_groups for p in group["params"]}
     assert {id(p) for p in m.backbone.parameters()} <= ids
     assert {id(p) for p in m.text_encoder.parameters()} <= ids
-    assert not ({id(p) for p in m.ema.parameters()} & ids)
+    assert not ({id(s) for s in m.ema.shadows()} & ids)
 
 
 def test_generate_is_seeded_and_works_for_longer_clips():

@@ -1,47 +1,84 @@
-"""An exponential moving average of a network's weights, kept as a frozen copy."""
+"""An exponential moving average of a network's trainable weights.
+
+Only trainable parameters are shadowed, so a LoRA run keeps an EMA of the adapter alone and never
+copies the frozen base. Sampling swaps the averaged weights in for the duration of a ``with`` block.
+"""
 
 from __future__ import annotations
 
-import copy
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def _buffer_name(param_name: str) -> str:
+    return param_name.replace(".", "__")
 
 
 class EMA(nn.Module):
-    """Frozen shadow copy of ``model`` whose weights track ``decay * shadow + (1 - decay) * model``.
+    """Shadow copies of ``model``'s trainable parameters tracking ``decay * shadow + (1 - decay) * weight``.
 
-    The shadow is a submodule, so it is saved in and restored from checkpoints with the rest.
+    The shadows are buffers, so they are saved in and restored from checkpoints and follow ``.to()``.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema decay={decay} is invalid; expected 0 <= decay < 1")
-        self.shadow = copy.deepcopy(model).requires_grad_(False).eval()
         self.decay = decay
         self.warmup = warmup
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.names: list[str] = []
+        self.reset(model)
+
+    def reset(self, model: nn.Module) -> None:
+        """Shadow ``model``'s current trainable parameters (again), e.g. after they were sharded or wrapped."""
+        for name in self.names:
+            delattr(self, _buffer_name(name))
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        for name in self.names:
+            self.register_buffer(_buffer_name(name), params[name].detach().clone().float())
+
+    def shadows(self) -> list[Tensor]:
+        """The averaged tensors, in the order of ``self.names``."""
+        return [getattr(self, _buffer_name(n)) for n in self.names]
 
     def current_decay(self) -> float:
         """The decay, ramped up as ``(1 + n) / (10 + n)`` at first so early weights are forgotten quickly."""
         n = int(self.num_updates)
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
+    def _params(self, model: nn.Module) -> list[nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise KeyError(f"EMA tracks parameters the model does not have: {missing[:5]}")
+        return [params[n] for n in self.names]
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the shadow weights one step towards ``model``'s; buffers are copied as they are."""
+        """Move the shadows one step towards ``model``'s trainable weights."""
         decay = self.current_decay()
-        params = [p for p in model.parameters() if p.requires_grad]
-        shadow = [s for s, p in zip(self.shadow.parameters(), model.parameters()) if p.requires_grad]
-        if params:
-            torch._foreach_lerp_(shadow, [p.detach().to(s.dtype) for s, p in zip(shadow, params)], 1.0 - decay)
-        for s, b in zip(self.shadow.buffers(), model.buffers()):
-            s.copy_(b)
+        shadows = self.shadows()
+        if shadows:
+            params = self._params(model)
+            torch._foreach_lerp_(shadows, [p.detach().to(s.dtype) for s, p in zip(shadows, params)], 1.0 - decay)
         self.num_updates += 1
 
-    def train(self, mode: bool = True) -> "EMA":
-        # The shadow only ever runs in evaluation mode.
-        super().train(mode)
-        self.shadow.eval()
-        return self
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Within the block, ``model``'s trainable weights are the averaged ones; restored afterwards."""
+        params = self._params(model)
+        backup = [p.detach().clone() for p in params]
+        try:
+            with torch.no_grad():
+                for p, s in zip(params, self.shadows()):
+                    p.copy_(s.to(p.dtype))
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -45,6 +46,8 @@ class TPDiffModule(L.LightningModule):
         stage_weights: training probability of each stage (default proportional to ``partition``).
         anchor_first_frame: keep frame 0 outside the stride (causal video VAEs with ``1 + 4k`` frames).
         alignment: pair data and noise by the Hungarian algorithm per batch (paper Algorithm 1).
+        alignment_scope: ``"local"`` aligns each rank's micro-batch; ``"global"`` aligns the whole global batch
+            across data-parallel ranks (one assignment, each rank keeps its own rows).
         caption_dropout: probability of training on an empty caption, for classifier-free guidance.
         lr: AdamW peak learning rate.
         text_lr_scale: learning-rate factor for a trainable text encoder (a from-scratch encoder may need more).
@@ -56,7 +59,9 @@ class TPDiffModule(L.LightningModule):
         guidance_scale: classifier-free guidance weight; 1 means none.
         renoise: add the corrective noise between stages when sampling (False is the paper's ablation).
         sample_num_frames: frames to generate at predict time (default ``num_frames``; more is zero-shot long video).
-        stage_seed: seed of the per-step stage draw; every rank draws the same stage at the same step.
+        stage_seed: seed of the per-step stage draw.
+        stage_sync: every rank draws the same stage at the same step (default), so no rank waits for a longer
+            sequence; ``False`` draws the stage per rank (for comparison).
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class TPDiffModule(L.LightningModule):
         stage_weights: Sequence[float] | None = None,
         anchor_first_frame: bool = False,
         alignment: bool = True,
+        alignment_scope: str = "local",
         caption_dropout: float = 0.1,
         lr: float = 3e-4,
         text_lr_scale: float = 1.0,
@@ -85,11 +91,14 @@ class TPDiffModule(L.LightningModule):
         renoise: bool = True,
         sample_num_frames: int | None = None,
         stage_seed: int = 0,
+        stage_sync: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout={caption_dropout} is invalid; expected 0 <= p < 1")
+        if alignment_scope not in ("local", "global"):
+            raise ValueError(f"alignment_scope={alignment_scope!r} is invalid; expected 'local' or 'global'")
         self.pyramid = TemporalPyramid(schedule, num_frames, num_stages, reductions, partition,
                                        anchor_first_frame, stage_weights)
         self.codec = codec if codec is not None else IdentityCodec()
@@ -98,6 +107,14 @@ class TPDiffModule(L.LightningModule):
         self.backbone = backbone(self.codec.latent_channels, self.text_encoder.dim)
         self.ema = EMA(self.denoiser_modules(), ema_decay) if ema_decay is not None else None
 
+    def configure_model(self) -> None:
+        # Under Lightning's ModelParallelStrategy (FSDP2) the strategy hands us a device mesh to shard over.
+        mesh = self.device_mesh if self._trainer is not None else None
+        if mesh is not None:
+            from tpdiff_lightning.parallel import apply_fsdp2
+
+            apply_fsdp2(self, mesh)
+
     def denoiser_modules(self) -> nn.ModuleList:
         """The trained parts: the backbone and the text encoder (when it is trainable)."""
         parts = [self.backbone]
@@ -105,12 +122,14 @@ class TPDiffModule(L.LightningModule):
             parts.append(self.text_encoder)
         return nn.ModuleList(parts)
 
-    def sampling_modules(self, use_ema: bool = True) -> tuple[nn.Module, nn.Module]:
-        """``(backbone, text_encoder)`` to sample with: the EMA copies when there are any."""
-        if use_ema and self.ema is not None:
-            shadow = self.ema.shadow
-            return shadow[0], shadow[1] if len(shadow) > 1 else self.text_encoder
-        return self.backbone, self.text_encoder
+    @contextmanager
+    def ema_weights(self, use_ema: bool = True) -> Iterator[None]:
+        """Within the block, the trained parts hold the EMA weights (when there is an EMA and ``use_ema``)."""
+        if not (use_ema and self.ema is not None):
+            yield
+            return
+        with self.ema.applied(self.denoiser_modules()):
+            yield
 
     def model_time(self, t: Tensor) -> Tensor:
         """Global time in [0, 1] to the timestep the backbone is told (``t*1000`` flow, ``t*999`` ddim)."""
@@ -125,8 +144,12 @@ class TPDiffModule(L.LightningModule):
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     def stage_generator(self, step: int) -> torch.Generator:
-        """A generator seeded by the step alone, so all ranks (and a resumed run) draw the same stage."""
-        return torch.Generator().manual_seed(self.hparams.stage_seed * 1_000_003 + step)
+        """A generator seeded by the step (and, without ``stage_sync``, the rank), so a resumed run draws the
+        same stages again and synchronised ranks draw the same stage at the same step."""
+        seed = self.hparams.stage_seed * 1_000_003 + step
+        if not self.hparams.stage_sync:
+            seed = self.noise_seed(step, self.global_rank) + 1
+        return torch.Generator().manual_seed(seed)
 
     def noise_seed(self, step: int, rank: int) -> int:
         """Seed of the noise, positions and caption dropout of one rank's micro-batch: distinct per rank,
@@ -144,7 +167,13 @@ class TPDiffModule(L.LightningModule):
         stage = self.pyramid.stages[i]
         noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H, W)
         if self.hparams.alignment:
-            noise = align_noise(self.pyramid.downsample(x0, stage.stride), noise)
+            data = self.pyramid.downsample(x0, stage.stride)
+            if self.hparams.alignment_scope == "global" and self.training:
+                from tpdiff_lightning.distributed_alignment import align_noise_global
+
+                noise = align_noise_global(data, noise)
+            else:
+                noise = align_noise(data, noise)
         draw_device = generator.device if generator is not None else x0.device
         # (B,) position in the stage, kept in float32 so half-precision data does not round the time.
         u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0.device)
@@ -230,19 +259,26 @@ class TPDiffModule(L.LightningModule):
         pyramid = self.pyramid if num_frames == self.pyramid.num_frames else self.pyramid.with_num_frames(num_frames)
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         renoise = hp.renoise if renoise is None else renoise
-        backbone, text_encoder = self.sampling_modules(use_ema)
+        backbone, text_encoder = self.backbone, self.text_encoder
         H = W = hp.resolution // getattr(self.codec, "spatial_compression", 1)
         clips = []
-        for caption, seed in zip(captions, seeds):
-            text, mask = text_encoder([caption])
-            model = self.denoiser(backbone, text, mask)
-            if scale != 1.0:
-                empty, empty_mask = text_encoder([""])
-                model = guided(model, self.denoiser(backbone, empty, empty_mask), scale)
-            g = torch.Generator().manual_seed(int(seed))
-            latents = sample(model, pyramid, 1, (self.codec.latent_channels, H, W), num_steps or hp.sample_steps,
-                             g, renoise, device=self.device, dtype=next(backbone.parameters()).dtype)
-            clips.append(self.codec.decode(latents))
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_weights(use_ema):
+                for caption, seed in zip(captions, seeds):
+                    text, mask = text_encoder([caption])
+                    model = self.denoiser(backbone, text, mask)
+                    if scale != 1.0:
+                        empty, empty_mask = text_encoder([""])
+                        model = guided(model, self.denoiser(backbone, empty, empty_mask), scale)
+                    g = torch.Generator().manual_seed(int(seed))
+                    latents = sample(model, pyramid, 1, (self.codec.latent_channels, H, W),
+                                     num_steps or hp.sample_steps, g, renoise, device=self.device,
+                                     dtype=next(backbone.parameters()).dtype)
+                    clips.append(self.codec.decode(latents))
+        finally:
+            self.train(was_training)
         return torch.cat(clips).clamp(-1, 1)
 
     def denoiser(self, backbone: nn.Module, text: Tensor, text_mask: Tensor) -> Callable[[Tensor, Tensor, Stage], Tensor]:
