@@ -332,6 +332,24 @@ def test_frames_to_tensor_resizes_short_side_and_centre_crops():
     torch.testing.assert_close(video[..., :3], -torch.ones(3, 2, 16, 3))
 
 
+def test_frames_to_tensor_takes_height_and_width_and_keeps_the_aspect_ratio():
+    frames = np.zeros((2, 40, 40, 3), np.uint8)
+    frames[:, 15:25] = 255  # a horizontal band: rows 15..25 of 40
+    video = frames_to_tensor(frames, [16, 32])  # covers 32 wide -> 32x32, crops rows 8..24
+    assert video.shape == (3, 2, 16, 32)
+    torch.testing.assert_close(video[:, :, 6:10], torch.ones(3, 2, 4, 32))  # band rows 12..20 -> 4..12 of crop
+    torch.testing.assert_close(video[:, :, :2], -torch.ones(3, 2, 2, 32))
+    torch.testing.assert_close(frames_to_tensor(frames[:, :, :], [40, 40]), frames_to_tensor(frames, 40))
+
+
+@pytest.mark.parametrize("bad", [0, [16], [16, 0], "16x16", True])
+def test_frame_size_rejects_bad_resolutions(bad):
+    from tpdiff_lightning.frame_size import frame_size
+
+    with pytest.raises(ValueError, match="resolution="):
+        frame_size(bad)
+
+
 @pytest.mark.parametrize(
     "kwargs, expected",
     [

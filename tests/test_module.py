@@ -181,3 +181,19 @@ def test_text_encoder_learning_rate_scale():
     lrs = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}  # peak, before warmup
     assert all(lrs[id(p)] == pytest.approx(5e-3) for p in m.text_encoder.parameters())
     assert all(lrs[id(p)] == pytest.approx(1e-3) for p in m.backbone.parameters())
+
+
+def test_non_square_frames_generate_at_their_size():
+    m = _module(resolution=(8, 16), num_stages=2, sample_steps=2)
+    video = m.generate(["a red square"], [0])
+    assert video.shape == (1, 3, 16, 8, 16)
+    batch = {"video": torch.rand(2, 3, 16, 8, 16) * 2 - 1, "caption": ["a", "b"]}
+    m.log = lambda *a, **k: None
+    assert torch.isfinite(m.training_step(batch, 0))
+
+
+def test_a_batch_with_the_wrong_frame_count_is_a_clear_error():
+    m = _module()
+    m.log = lambda *a, **k: None
+    with pytest.raises(ValueError, match="the batch has 12 latent frames; the pyramid expects 16"):
+        m.training_step(_batch(F=12), 0)

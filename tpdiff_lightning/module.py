@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tpdiff_lightning.alignment import align_noise
 from tpdiff_lightning.data.latent_cache import check_codec, pad_text
 from tpdiff_lightning.ema import EMA
+from tpdiff_lightning.frame_size import frame_size
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
@@ -39,7 +40,7 @@ class TPDiffModule(L.LightningModule):
         codec: video to latent codec with ``encode``/``decode``/``latent_channels``; default identity (pixels).
         schedule: ``"flow"`` (flow matching, velocity target) or ``"ddim"`` (SD1.5 schedule, noise target).
         num_frames: full-rate frames per clip (linked from the data's ``num_frames`` by the CLI).
-        resolution: frame height and width (linked from the data).
+        resolution: frame size, an int (square) or ``[height, width]`` (linked from the data).
         num_stages: number of pyramid stages; 1 is vanilla diffusion.
         reductions: frame-rate factor between consecutive stages, ``num_stages - 1`` values (default all 2).
         partition: relative time span of each stage in denoising order (default uniform).
@@ -71,7 +72,7 @@ class TPDiffModule(L.LightningModule):
         codec: nn.Module | None = None,
         schedule: str = "flow",
         num_frames: int = 16,
-        resolution: int = 32,
+        resolution: int | tuple[int, int] = 32,
         num_stages: int = 3,
         reductions: Sequence[int] | None = None,
         partition: Sequence[float] | None = None,
@@ -99,13 +100,32 @@ class TPDiffModule(L.LightningModule):
             raise ValueError(f"caption_dropout={caption_dropout} is invalid; expected 0 <= p < 1")
         if alignment_scope not in ("local", "global"):
             raise ValueError(f"alignment_scope={alignment_scope!r} is invalid; expected 'local' or 'global'")
-        self.pyramid = TemporalPyramid(schedule, num_frames, num_stages, reductions, partition,
-                                       anchor_first_frame, stage_weights)
         self.codec = codec if codec is not None else IdentityCodec()
+        self.frame_size = frame_size(resolution)
+        self.pyramid = TemporalPyramid(schedule, self.latent_frames(num_frames), num_stages, reductions, partition,
+                                       anchor_first_frame, stage_weights)
         self.text_encoder = text_encoder if text_encoder is not None else T5TextEncoder()
         backbone = backbone if backbone is not None else VideoDiT
         self.backbone = backbone(self.codec.latent_channels, self.text_encoder.dim)
         self.ema = EMA(self.denoiser_modules(), ema_decay) if ema_decay is not None else None
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a ``num_frames``-frame clip under the codec (``(F - 1) / 4 + 1`` for Wan's VAE)."""
+        if hasattr(self.codec, "latent_frames"):
+            return self.codec.latent_frames(num_frames)
+        compression = getattr(self.codec, "temporal_compression", 1)
+        if num_frames % compression:
+            raise ValueError(f"num_frames={num_frames} is not a multiple of the codec's temporal compression "
+                             f"{compression}")
+        return num_frames // compression
+
+    def latent_size(self) -> tuple[int, int]:
+        """Latent height and width: the frame size over the codec's spatial compression."""
+        c = getattr(self.codec, "spatial_compression", 1)
+        H, W = self.frame_size
+        if H % c or W % c:
+            raise ValueError(f"resolution {H}x{W} is not divisible by the codec's spatial compression {c}")
+        return H // c, W // c
 
     def configure_model(self) -> None:
         # Under Lightning's ModelParallelStrategy (FSDP2) the strategy hands us a device mesh to shard over.
@@ -189,9 +209,15 @@ class TPDiffModule(L.LightningModule):
     def batch_latents(self, batch: dict[str, Any]) -> Tensor:
         """The batch's clean latents: pre-encoded ones from latent shards (after a codec check), or encoded now."""
         if "latent" not in batch:
-            return self.encode_video(batch["video"])
-        check_codec(json.loads(batch["codec"]), self.codec)
-        return batch["latent"].to(self.dtype)
+            x0 = self.encode_video(batch["video"])
+        else:
+            check_codec(json.loads(batch["codec"]), self.codec)
+            x0 = batch["latent"].to(self.dtype)
+        if x0.shape[2] != self.pyramid.num_frames:
+            raise ValueError(f"the batch has {x0.shape[2]} latent frames; the pyramid expects "
+                             f"{self.pyramid.num_frames} (num_frames={self.hparams.num_frames} through the codec "
+                             f"{getattr(self.codec, 'name', type(self.codec).__name__)!r})")
+        return x0
 
     def batch_text(self, batch: dict[str, Any], captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Caption tokens and mask: cached embeddings when the shards hold them and the encoder is frozen."""
@@ -230,6 +256,32 @@ class TPDiffModule(L.LightningModule):
             self.log("data/skipped", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
         return loss
 
+    def reloaded_state_keys(self) -> set[str]:
+        """State-dict keys of frozen weights that are loaded again from their local folders whenever the module
+        is built (parts with a ``pretrained_path``): checkpoints leave them out, so a LoRA or motion-module run
+        saves only what it trains."""
+        keys = set()
+        for prefix, part in self.named_modules():
+            if not getattr(part, "pretrained_path", None):
+                continue
+            keys |= {f"{prefix}.{n}" for n, p in part.named_parameters() if not p.requires_grad}
+            keys |= {f"{prefix}.{n}" for n, _ in part.named_buffers()}
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key in self.reloaded_state_keys() & state.keys():
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen weights left out at save time are the ones this module already loaded from their folders.
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            current = self.state_dict()
+            for key in self.reloaded_state_keys() - state.keys():
+                state[key] = current[key]
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The EMA follows each optimizer step here, before any callback (such as ModelCheckpoint) sees the step.
         super().optimizer_step(*args, **kwargs)
@@ -253,14 +305,16 @@ class TPDiffModule(L.LightningModule):
     def generate(self, captions: Sequence[str], seeds: Sequence[int], num_frames: int | None = None,
                  num_steps: int | None = None, guidance_scale: float | None = None, use_ema: bool = True,
                  renoise: bool | None = None) -> Tensor:
-        """Sample one clip per caption with its own seed; returns pixels ``(B, 3, F, H, W)`` in [-1, 1]."""
+        """Sample one clip per caption with its own seed; returns pixels ``(B, 3, F, H, W)`` in [-1, 1].
+
+        ``num_frames`` counts video frames (default ``sample_num_frames``, else ``num_frames``)."""
         hp = self.hparams
-        num_frames = num_frames or hp.sample_num_frames or hp.num_frames
+        num_frames = self.latent_frames(num_frames or hp.sample_num_frames or hp.num_frames)
         pyramid = self.pyramid if num_frames == self.pyramid.num_frames else self.pyramid.with_num_frames(num_frames)
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         renoise = hp.renoise if renoise is None else renoise
         backbone, text_encoder = self.backbone, self.text_encoder
-        H = W = hp.resolution // getattr(self.codec, "spatial_compression", 1)
+        H, W = self.latent_size()
         clips = []
         was_training = self.training
         self.eval()

@@ -13,7 +13,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import braceexpand
 import lightning as L
@@ -32,6 +32,7 @@ from tpdiff_lightning.data.synthetic import (
 )
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, decode_latent, pad_text
 from tpdiff_lightning.data.video_io import decode_mp4, mp4_fps
+from tpdiff_lightning.frame_size import frame_size
 
 DEFAULT_PREDICT_PROMPTS = (
     caption_for("red", "square", "right", "fast"),
@@ -90,18 +91,21 @@ def worker_seed(seed: int, rank: int, resume_step: int, salt: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
-def frames_to_tensor(frames: np.ndarray, resolution: int) -> torch.Tensor:
-    """Map uint8 frames (F, H, W, 3) to float32 (3, F, r, r) in [-1, 1]: short side resized to r, centre crop."""
+def frames_to_tensor(frames: np.ndarray, resolution: int | Sequence[int]) -> torch.Tensor:
+    """Map uint8 frames (F, H, W, 3) to float32 (3, F, h, w) in [-1, 1], where ``(h, w) = frame_size(resolution)``:
+    resized (keeping the aspect ratio) to cover h × w, then centre-cropped."""
+    out_h, out_w = frame_size(resolution)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
     height, width = x.shape[-2:]
-    if min(height, width) != resolution:
-        scale = resolution / min(height, width)
-        size = (max(resolution, round(height * scale)), max(resolution, round(width * scale)))
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)  # (F, 3, H', W')
-    top = (x.shape[-2] - resolution) // 2
-    left = (x.shape[-1] - resolution) // 2
-    x = x[..., top : top + resolution, left : left + resolution]  # (F, 3, r, r)
-    return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, r, r)
+    if (height, width) != (out_h, out_w):
+        scale = max(out_h / height, out_w / width)
+        size = (max(out_h, round(height * scale)), max(out_w, round(width * scale)))
+        if size != (height, width):
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)  # (F, 3, H', W')
+    top = (x.shape[-2] - out_h) // 2
+    left = (x.shape[-1] - out_w) // 2
+    x = x[..., top : top + out_h, left : left + out_w]  # (F, 3, h, w)
+    return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, h, w)
 
 
 def stride_for_fps(sample: dict, target_fps: float) -> int:
@@ -112,7 +116,7 @@ def stride_for_fps(sample: dict, target_fps: float) -> int:
 
 
 def decode_clip(
-    sample: dict, num_frames: int, frame_stride: int, resolution: int, rng: random.Random | None,
+    sample: dict, num_frames: int, frame_stride: int, resolution: int | Sequence[int], rng: random.Random | None,
     target_fps: float | None = None,
 ) -> dict:
     """Decode one raw webdataset sample into `{"video": (3, F, r, r), "caption": str}`; start at 0 when rng is None.
@@ -138,7 +142,7 @@ class DecodeClips:
         counter: SkipCounter,
         num_frames: int,
         frame_stride: int,
-        resolution: int,
+        resolution: int | Sequence[int],
         random_start: bool,
         seed: int = 0,
         rank: int = 0,
@@ -228,7 +232,7 @@ def split_samples_by_rank(src: Iterable[dict], rank: int, world_size: int) -> It
 def train_pipeline(
     urls: list[str],
     num_frames: int,
-    resolution: int,
+    resolution: int | Sequence[int],
     batch_size: int,
     frame_stride: int = 1,
     seed: int = 0,
@@ -259,7 +263,7 @@ def train_pipeline(
 def eval_pipeline(
     urls: list[str],
     num_frames: int,
-    resolution: int,
+    resolution: int | Sequence[int],
     batch_size: int,
     frame_stride: int = 1,
     rank: int = 0,
@@ -302,7 +306,8 @@ class VideoDataModule(L.LightningDataModule):
             `"pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -"`). None reads the manifest in `root`.
         eval_shards: Brace pattern of evaluation shards, like `train_shards`. None reads the manifest.
         num_frames: Frames per clip, F.
-        resolution: Side of the square frames, H = W; clips are resized on the short side and centre-cropped.
+        resolution: Frame size: an int for square frames, or ``[height, width]`` (e.g. ``[480, 832]``); clips are
+            resized to cover it, keeping their aspect ratio, and centre-cropped.
         batch_size: Clips per batch for training, evaluation and prompts per batch for prediction.
         num_workers: DataLoader worker processes (0 decodes in the main process).
         train_steps_per_epoch: Training batches per epoch from the infinite resampled stream (rounded up to a
@@ -328,7 +333,7 @@ class VideoDataModule(L.LightningDataModule):
         train_shards: str | None = None,
         eval_shards: str | None = None,
         num_frames: int = 16,
-        resolution: int = 32,
+        resolution: int | tuple[int, int] = 32,
         batch_size: int = 8,
         num_workers: int = 2,
         train_steps_per_epoch: int = 200,
@@ -346,7 +351,7 @@ class VideoDataModule(L.LightningDataModule):
         super().__init__()
         _check_positive(
             num_frames=num_frames,
-            resolution=resolution,
+            resolution=min(frame_size(resolution)),
             batch_size=batch_size,
             train_steps_per_epoch=train_steps_per_epoch,
             frame_stride=frame_stride,
@@ -391,7 +396,7 @@ class VideoDataModule(L.LightningDataModule):
             num_train=self.synthetic_num_train,
             num_eval=self.synthetic_num_eval,
             num_frames=(self.num_frames - 1) * self.frame_stride + 1,
-            size=self.resolution,
+            size=max(frame_size(self.resolution)),  # square clips, centre-cropped to the frame size
             seed=self.seed,
         )
 
