@@ -197,3 +197,17 @@ def test_a_batch_with_the_wrong_frame_count_is_a_clear_error():
     m.log = lambda *a, **k: None
     with pytest.raises(ValueError, match="the batch has 12 latent frames; the pyramid expects 16"):
         m.training_step(_batch(F=12), 0)
+
+
+def test_checkpoints_from_the_full_copy_ema_still_load():
+    m = _module(ema_decay=0.5)
+    with torch.no_grad():
+        for s in m.ema.shadows():
+            s.add_(1.0)
+    old = {k: v for k, v in m.state_dict().items() if not (k.startswith("ema.") and "__" in k)}
+    old.update({"ema.shadow." + n: s.clone() for n, s in zip(m.ema.names, m.ema.shadows())})
+    fresh = _module(ema_decay=0.5)
+    checkpoint = {"state_dict": old}
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema.shadows(), m.ema.shadows()))

@@ -281,6 +281,11 @@ class TPDiffModule(L.LightningModule):
             current = self.state_dict()
             for key in self.reloaded_state_keys() - state.keys():
                 state[key] = current[key]
+            for key in [k for k in state if k.startswith("ema.shadow.")]:  # checkpoints from the full-copy EMA
+                name = "ema." + key[len("ema.shadow."):].replace(".", "__")
+                value = state.pop(key)
+                if name in current:
+                    state[name] = value
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # The EMA follows each optimizer step here, before any callback (such as ModelCheckpoint) sees the step.
