@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,35 @@ OVERLAYS = sorted(p for p in CONFIGS.rglob("*.yaml") if p != DEFAULT)
 TINY_DATA = dict(num_frames=16, resolution=16, synthetic_num_train=24, synthetic_num_eval=8)
 
 
+def _tiny_shards(tmp_path_factory, num_frames: int) -> Path:
+    from tpdiff_lightning.data.synthetic import write_synthetic_shards
+
+    root = tmp_path_factory.mktemp(f"synthetic{num_frames}")
+    write_synthetic_shards(root, num_train=TINY_DATA["synthetic_num_train"], num_eval=TINY_DATA["synthetic_num_eval"],
+                           num_frames=num_frames, size=TINY_DATA["resolution"], seed=0, progress=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory) -> Path:
     """A synthetic shard folder shared by the end-to-end tests (built by the first run that needs it)."""
-    from tpdiff_lightning.data.synthetic import write_synthetic_shards
+    return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"])
 
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_shards(root, num_train=TINY_DATA["synthetic_num_train"], num_eval=TINY_DATA["synthetic_num_eval"],
-                           num_frames=TINY_DATA["num_frames"], size=TINY_DATA["resolution"], seed=0, progress=False)
-    return root
+
+@pytest.fixture(scope="session")
+def tiny_data_root_17(tmp_path_factory) -> Path:
+    """Synthetic shards of 17-frame clips (1 + 4k frames, as causal video VAEs such as Wan's take)."""
+    return _tiny_shards(tmp_path_factory, 17)
+
+
+def config_chain(path: Path) -> list[Path]:
+    """The ``--config`` files of a config's usage line (its first line naming ``lightning_cli.py``), in order."""
+    for line in path.read_text().splitlines():
+        if "lightning_cli.py" in line:
+            names = re.findall(r"--config\s+(\S+)", line)
+            if names:
+                return [ROOT / name for name in names]
+    raise ValueError(f"{path} has no usage line `python lightning_cli.py ... --config {path.relative_to(ROOT)}`")
 
 
 def callbacks_without_fvd() -> list[dict]:

@@ -256,31 +256,10 @@ class TPDiffModule(L.LightningModule):
             self.log("data/skipped", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
         return loss
 
-    def reloaded_state_keys(self) -> set[str]:
-        """State-dict keys of frozen weights that are loaded again from their local folders whenever the module
-        is built (parts with a ``pretrained_path``): checkpoints leave them out, so a LoRA or motion-module run
-        saves only what it trains."""
-        keys = set()
-        for prefix, part in self.named_modules():
-            if not getattr(part, "pretrained_path", None):
-                continue
-            keys |= {f"{prefix}.{n}" for n, p in part.named_parameters() if not p.requires_grad}
-            keys |= {f"{prefix}.{n}" for n, _ in part.named_buffers()}
-        return keys
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            for key in self.reloaded_state_keys() & state.keys():
-                del state[key]
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The frozen weights left out at save time are the ones this module already loaded from their folders.
         state = checkpoint.get("state_dict")
-        if state is not None:
+        if state is not None and any(k.startswith("ema.shadow.") for k in state):
             current = self.state_dict()
-            for key in self.reloaded_state_keys() - state.keys():
-                state[key] = current[key]
             for key in [k for k in state if k.startswith("ema.shadow.")]:  # checkpoints from the full-copy EMA
                 name = "ema." + key[len("ema.shadow."):].replace(".", "__")
                 value = state.pop(key)
