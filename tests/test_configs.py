@@ -1,4 +1,9 @@
-"""Every YAML in configs/ is parsed against the real CLI, shrunk to CPU size and run once."""
+"""Every YAML in configs/ is parsed against the real CLI, shrunk to CPU size and run once.
+
+A config's usage line (``python lightning_cli.py fit --config A.yaml --config B.yaml``) names the files it is
+used with; the test composes exactly those. Backbone configs get tiny random weight folders in their place.
+Strategy overlays (configs/strategy/) are tested in test_strategies.py.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,30 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import DEFAULT, OVERLAYS, shrink_args
+from tests.conftest import CONFIGS, DEFAULT, OVERLAYS, config_chain, shrink_args
+from tests.tiny_pipelines import config_kind, pipeline_overrides, save_tiny_pipeline
 from tpdiff_lightning.cli import main
 
+RUNNABLE = [DEFAULT, *(p for p in OVERLAYS if "strategy" not in p.relative_to(CONFIGS).parts)]
 
-def _config_args(overlay):
-    return ["--config", str(DEFAULT)] + (["--config", str(overlay)] if overlay is not None else [])
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """One tiny weights folder per backbone kind, built on first use."""
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            built[kind] = save_tiny_pipeline(kind, tmp_path_factory.mktemp(f"weights-{kind}"))
+        return built[kind]
+    return get
+
+
+def _args(path, pipelines) -> list[str]:
+    chain = config_chain(path)
+    args = [a for p in chain for a in ("--config", str(p))]
+    kind = config_kind(chain)
+    return args + (pipeline_overrides(kind, pipelines(kind)) if kind else [])
 
 
 def test_every_config_file_is_valid_yaml_with_a_usage_comment():
@@ -19,15 +42,24 @@ def test_every_config_file_is_valid_yaml_with_a_usage_comment():
         text = path.read_text()
         assert isinstance(yaml.safe_load(text), dict), path
         assert text.startswith("#"), f"{path} should start with a comment saying what it is"
+        assert "lightning_cli.py" in text, f"{path} should show the command that uses it"
 
 
-@pytest.mark.parametrize("overlay", [None, *OVERLAYS], ids=lambda p: "default" if p is None else p.stem)
-def test_config_parses_and_builds(overlay):
-    cli = main(_config_args(overlay), run=False)
+def test_every_runnable_config_names_itself_last_in_its_usage_line():
+    for path in RUNNABLE:
+        chain = config_chain(path)
+        assert chain[-1] == path and all(p.exists() for p in chain), (path, chain)
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
+def test_config_parses_and_builds(path, pipelines):
+    cli = main(_args(path, pipelines), run=False)
     module, data = cli.model, cli.datamodule
-    assert module.pyramid.num_frames == data.num_frames  # linked from the data
-    expected = yaml.safe_load((overlay or DEFAULT).read_text())["model"]["init_args"]
-    for key in ("num_stages", "schedule", "alignment"):
+    assert module.pyramid.num_frames == module.latent_frames(data.num_frames)  # linked from the data
+    expected = {}
+    for p in config_chain(path):
+        expected.update((yaml.safe_load(p.read_text()).get("model") or {}).get("init_args") or {})
+    for key in ("num_stages", "schedule", "alignment", "lr", "anchor_first_frame"):
         if key in expected:
             assert module.hparams[key] == expected[key]
     if "reductions" in expected:
@@ -37,9 +69,13 @@ def test_config_parses_and_builds(overlay):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overlay", [None, *OVERLAYS], ids=lambda p: "default" if p is None else p.stem)
-def test_config_runs_once_at_tiny_size(overlay, tmp_path, tiny_data_root):
-    cli = main(["fit", *_config_args(overlay), *shrink_args(tmp_path, tiny_data_root)])
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
+def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data_root_17, pipelines):
+    kind = config_kind(config_chain(path))
+    root = tiny_data_root_17 if kind == "wan" else tiny_data_root
+    cli = main(["fit", *[a for p in config_chain(path) for a in ("--config", str(p))],
+                *shrink_args(tmp_path, root),
+                *(pipeline_overrides(kind, pipelines(kind)) if kind else [])])
     assert cli.trainer.global_step == 2
     logged = cli.trainer.logged_metrics
     assert torch.isfinite(logged["train/loss"])

@@ -132,22 +132,31 @@ class UMT5TextEncoder(FrozenTextEncoder):
         subfolder_tokenizer: the tokenizer's subfolder in a pipeline folder.
         max_length: tokens per caption (Wan2.1: 512).
         dtype: the model's weight dtype (Wan keeps UMT5-XXL in bfloat16).
+        model_class: ``"UMT5EncoderModel"`` (Wan) or ``"T5EncoderModel"`` (a T5 v1.1 encoder such as Flux's
+            T5-XXL); both take the same tokenizer and padding.
     """
 
-    def __init__(self, pretrained_path: str, subfolder_model: str | None = "text_encoder",
-                 subfolder_tokenizer: str | None = "tokenizer", max_length: int = 512, dtype: str = "float32"):
-        super().__init__()
-        from transformers import AutoTokenizer, UMT5EncoderModel
+    MODEL_CLASSES = ("UMT5EncoderModel", "T5EncoderModel")
 
+    def __init__(self, pretrained_path: str, subfolder_model: str | None = "text_encoder",
+                 subfolder_tokenizer: str | None = "tokenizer", max_length: int = 512, dtype: str = "float32",
+                 model_class: str = "UMT5EncoderModel"):
+        super().__init__()
+        import transformers
+        from transformers import AutoTokenizer
+
+        if model_class not in self.MODEL_CLASSES:
+            raise ValueError(f"model_class={model_class!r} is invalid; expected one of {self.MODEL_CLASSES}")
+        encoder_class = getattr(transformers, model_class)
         if max_length < 1:
             raise ValueError(f"max_length={max_length} is invalid; expected a positive number of tokens")
         folder = tokenizer_folder(pretrained_path, subfolder_tokenizer, "UMT5 tokenizer", T5_TOKENIZER_FILES)
         self.tokenizer = load_tokenizer(AutoTokenizer, folder, "UMT5 tokenizer")
-        self.model, label = load_frozen_model(UMT5EncoderModel, pretrained_path, subfolder_model, None,
-                                              "UMT5 text encoder", dtype)
+        self.model, label = load_frozen_model(encoder_class, pretrained_path, subfolder_model, None,
+                                              f"{model_class} text encoder", dtype)
         self.max_length = max_length
         self.dim = int(self.model.config.d_model)
-        self.name = f"umt5:{label}:{config_digest(self.model.config)}"
+        self.name = f"{'umt5' if model_class.startswith('U') else 't5'}:{label}:{config_digest(self.model.config)}"
         exclude_frozen_from_state_dict(self, "model")
 
     @torch.no_grad()
