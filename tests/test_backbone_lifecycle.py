@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, config_chain, shrink_args
+from tests.conftest import CONFIGS, callbacks_without_fvd, config_chain, shrink_args
 from tests.tiny_pipelines import pipeline_overrides, save_tiny_pipeline
 from tpdiff_lightning.cli import main
 from tpdiff_lightning.data.video_io import decode_mp4
@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 CASES = {"animatediff": "animatediff_ddim.yaml", "wan": "wan_lora_flow.yaml", "flux": "flux_flow.yaml"}
 
 
-def _cli_args(kind, out, data_root, weights, max_steps, extra=()):
+def _cli_args(kind, out, data_root, weights, max_steps, extra=(), callbacks=None):
     path = CONFIGS / CASES[kind]
     configs = [a for p in config_chain(path) for a in ("--config", str(p))]
-    return [*configs, *shrink_args(out, data_root, max_steps=max_steps), *pipeline_overrides(kind, weights),
+    return [*configs, *shrink_args(out, data_root, max_steps=max_steps, callbacks=callbacks),
+            *pipeline_overrides(kind, weights),
             "--model.init_args.sample_steps=3", *extra]
 
 
@@ -78,3 +79,28 @@ def test_fit_resume_predict_export(kind, tmp_path, tiny_data_root, tiny_data_roo
         torch.testing.assert_close(_backbone_output(reloaded, C), expected)
     merged = backbone_cls(C, 32, pretrained_path=written["merged"], **same)
     torch.testing.assert_close(_backbone_output(merged, C), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_wan_trains_from_latent_shards_without_running_the_vae_or_text_encoder(tmp_path, tiny_data_root_17,
+                                                                              monkeypatch):
+    from tpdiff_lightning.data.encode_latents import main as encode_main
+    from tpdiff_lightning.models.pretrained_text import UMT5TextEncoder
+    from tpdiff_lightning.models.vae import WanVAECodec
+
+    weights = save_tiny_pipeline("wan", tmp_path / "weights")
+    no_sampling = [cb for cb in callbacks_without_fvd() if not cb["class_path"].endswith("SampleVideoLogger")]
+    args = _cli_args("wan", tmp_path / "out", tiny_data_root_17, weights, 2, ["--model.init_args.caption_dropout=0"],
+                     callbacks=no_sampling)
+    config = tmp_path / "config.yaml"
+    cli = main(args, run=False)
+    config.write_text(cli.parser.dump(cli.config, skip_none=False))
+    manifest = encode_main(["--config", str(config), "--out", str(tmp_path / "latents"), "--dtype", "float32"])
+    assert manifest["format"] == "latent"
+
+    def never(*a, **k):
+        raise AssertionError("the frozen part ran although its outputs were cached")
+    monkeypatch.setattr(WanVAECodec, "encode", never)
+    monkeypatch.setattr(UMT5TextEncoder, "forward", never)
+    cli = main(["fit", *args, f"--data.init_args.root={tmp_path / 'latents'}", "--model.init_args.sample_steps=2",
+                "--trainer.limit_val_batches=0"])
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.logged_metrics["train/loss"])

@@ -316,8 +316,8 @@ class VideoDataModule(L.LightningDataModule):
         frame_stride: Take every `frame_stride`-th decoded frame, so a clip spans (F - 1) * stride + 1 frames.
         target_fps: Instead of `frame_stride`, step through each clip so its frame rate (the sample json's
             `fps`, else the mp4's) comes nearest to this; None keeps `frame_stride`.
-        sample_format: "video" (mp4 shards), "latent" (shards from `data/encode_latents.py`; `num_frames` then
-            counts latent frames and the clip is not resized), or "auto": the manifest's `format`, else video.
+        sample_format: "video" (mp4 shards), "latent" (shards from `data/encode_latents.py`; `num_frames` still
+            counts video frames, and the clips are not resized), or "auto": the manifest's `format`, else video.
         shuffle_buffer: Raw samples held by the training shuffle buffer.
         build_synthetic: When no patterns are given and `root` has no manifest (or an outdated synthetic one),
             `prepare_data` writes synthetic moving-shape shards there.

@@ -63,15 +63,23 @@ def latent_sample(key: str, latent: Tensor, caption: str, meta: dict, text: tupl
 
 
 def decode_latent(sample: dict, num_frames: int, rng: random.Random | None) -> dict:
-    """Read one latent sample into ``{"latent": (C, F, H', W'), "caption", "codec", ["text_emb", "text_mask"]}``.
+    """Read one latent sample into ``{"latent": (C, F', H', W'), "caption", "codec", ["text_emb", "text_mask"]}``.
 
-    ``num_frames`` counts latent frames; with ``rng`` a random window of them is taken, else the first ones.
+    ``num_frames`` counts video frames, as everywhere. Without temporal compression a window of that many
+    latent frames is taken (random with ``rng``, else the first); a temporally compressing codec's latents are
+    taken whole, and must have been encoded from clips of exactly ``num_frames`` frames.
     """
     latent = tensor_from_bytes(sample["latent.pth"]).float()  # (C, F', H', W')
+    meta = json.loads(sample["json"])
+    if int(meta["codec"].get("temporal_compression", 1)) != 1:
+        encoded = meta.get("num_frames")
+        if encoded != num_frames:
+            raise ValueError(f"latent shard clip was encoded from {encoded} frames; num_frames={num_frames} was "
+                             "asked for. Re-encode with `python data/encode_latents.py` at this clip length")
+        num_frames = latent.shape[1]
     if latent.ndim != 4 or latent.shape[1] < num_frames:
         raise ValueError(f"latent of shape {tuple(latent.shape)} has too few frames; expected (C, >={num_frames}, H, W)")
     start = 0 if rng is None else rng.randint(0, latent.shape[1] - num_frames)
-    meta = json.loads(sample["json"])
     out = {"latent": latent[:, start : start + num_frames], "caption": sample["txt"].decode("utf-8"),
            "codec": json.dumps(meta["codec"], sort_keys=True)}
     if "text.pth" in sample:
@@ -116,7 +124,8 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
                 emb, mask = text_encoder(list(batch["caption"]))
                 texts = [(emb[b][mask[b]].to(dtype).cpu(), mask[b][mask[b]].cpu()) for b in range(len(emb))]
             for b, caption in enumerate(batch["caption"]):
-                meta = {"codec": codec_id, "text_encoder": text_id, "shape": list(latents[b].shape)}
+                meta = {"codec": codec_id, "text_encoder": text_id, "shape": list(latents[b].shape),
+                        "num_frames": int(batch["video"].shape[2])}
                 sink.write(latent_sample(f"{split}-{count:08d}", latents[b], caption, meta,
                                          texts[b] if texts else None))
                 count += 1
