@@ -17,6 +17,17 @@ OVERLAYS = sorted(p for p in CONFIGS.rglob("*.yaml") if p != DEFAULT)
 TINY_DATA = dict(num_frames=16, resolution=16, synthetic_num_train=24, synthetic_num_eval=8)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared CPU two threads can be many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_shards(tmp_path_factory, num_frames: int) -> Path:
     from tpdiff_lightning.data.synthetic import write_synthetic_shards
 

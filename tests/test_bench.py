@@ -15,13 +15,165 @@ from tpdiff_lightning.data.video_io import write_mp4
 pytestmark = pytest.mark.slow
 
 
-def test_pyramid_speed_quick_writes_json(tmp_path):
-    out = tmp_path / "speed.json"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "pyramid_speed.py"), "--quick", "--batch", "1",
-                    "--resolution", "16", "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
-    result = json.loads(out.read_text())
-    assert {"sampling_speedup", "flop_predicted_speedup", "train_speedup_expected"} <= set(result)
-    assert result["flop_predicted_speedup"] > 1.0  # fewer frames early must mean fewer FLOPs
+BENCH = ROOT / "bench"
+if str(BENCH) not in sys.path:  # the bench scripts import their shared helpers as `common`
+    sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The benches set one torch thread (their default); give the rest of the session its own count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_json(path) -> dict:
+    """Parse a bench JSON strictly: NaN or infinity is not well-formed output."""
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_inference_latency_quick_writes_json(tmp_path):
+    import inference_latency
+
+    out = tmp_path / "latency.json"
+    inference_latency.main(["--quick", "--backbones", "dit", "--out", str(out)])
+    result = load_json(out)
+    (row,) = result["results"]
+    assert row["stage_frames"] == [4, 8, 16] and sum(row["steps_per_stage"]) == result["config"]["steps"]
+    assert row["flop_predicted_speedup"] > 1.0  # fewer frames early must mean fewer FLOPs
+    for clock in ("cpu", "wall"):
+        assert len(row["latency_raw_s"][clock]["vanilla"]) == len(row["latency_raw_s"][clock]["tpdiff"]) == 1
+    assert result["machine"]["threads"] >= 1 and "loadavg_start" in result["machine"]
+
+
+def test_inference_latency_skips_a_backbone_that_does_not_import(tmp_path, monkeypatch):
+    import inference_latency
+
+    monkeypatch.setitem(inference_latency.DIFFUSERS, "missing",
+                        ("tpdiff_lightning.models.no_such_backbone", "X", "tests.tiny_wan", "save_tiny_wan"))
+    out = tmp_path / "latency.json"
+    inference_latency.main(["--quick", "--backbones", "missing", "--out", str(out)])
+    result = load_json(out)
+    assert result["results"] == [] and "no_such_backbone" in result["skipped"]["missing"]
+
+
+def test_train_throughput_quick_measures_every_stage(tmp_path):
+    import train_throughput
+
+    out = tmp_path / "train.json"
+    train_throughput.main(["--quick", "--out", str(out)])
+    result = load_json(out)
+    frames = [s["frames"] for s in result["stages"]]
+    saved = [s["saved_activation_bytes"] for s in result["stages"]]
+    flops = [s["train_flops"] for s in result["stages"]]
+    assert frames == [4, 8, 16]
+    assert saved == sorted(saved) and saved[0] < saved[-1]  # a shorter stage really saves fewer activations
+    assert flops[0] < flops[1] < flops[2] and result["flop_predicted_speedup"] > 1.0
+    assert result["vanilla"]["saved_activation_bytes"] == pytest.approx(saved[-1], rel=0.05)
+    assert result["expected_tpdiff_step_s"] > 0 and result["speedup_samples_per_s"] > 0
+
+
+def test_alignment_overhead_quick_splits_the_time(tmp_path):
+    import alignment_overhead
+
+    out = tmp_path / "align.json"
+    alignment_overhead.main(["--quick", "--shapes", "default", "--train-result", str(tmp_path / "none"),
+                             "--out", str(out)])
+    result = load_json(out)
+    assert [c["batch"] for c in result["cases"]] == [4, 16]
+    for case in result["cases"]:
+        assert [s["frames"] for s in case["stages"]] == [4, 8, 16]
+        assert [s["elements_per_sample"] for s in case["stages"]] == [3 * f * 32 * 32 for f in (4, 8, 16)]
+        assert all(s[k] > 0 for s in case["stages"] for k in ("total_ms", "cost_matrix_ms", "hungarian_ms"))
+
+
+def test_alignment_overhead_skips_cases_over_the_memory_cap(tmp_path):
+    import alignment_overhead
+
+    out = tmp_path / "align.json"
+    alignment_overhead.main(["--shapes", "wan", "--batches", "64", "--max-gb", "0.01", "--repeats", "1",
+                             "--threads", "0", "--out", str(out)])
+    result = load_json(out)
+    assert result["cases"] == [] and result["skipped"][0]["batch"] == 64 and "GB" in result["skipped"][0]["why"]
+
+
+def test_ablations_quick_has_every_table2_row(tmp_path):
+    import ablations
+
+    out = tmp_path / "ablations.json"
+    ablations.main(["--quick", "--convergence", str(tmp_path / "none"), "--out", str(out)])
+    rows = {r["name"]: r for r in load_json(out)["rows"]}
+    overlays = {p.stem for p in (ROOT / "configs" / "ablations").glob("*.yaml")}
+    assert set(rows) == overlays | {"default"} and set(rows) <= set(ablations.PAPER)
+    assert rows["stages5"]["stage_frames"] == [1, 2, 4, 8, 16]
+    assert rows["reductions_4-2"]["stage_frames"] == [2, 8, 16] and rows["reductions_2-4"]["stage_frames"] == [2, 4, 16]
+    assert rows["partition_1-1-2"]["steps_per_stage"][-1] > rows["partition_1-1-2"]["steps_per_stage"][0]
+    # More of the time at full rate costs more FLOPs than the uniform default, less at low rate costs fewer.
+    assert rows["partition_1-1-2"]["infer_flop_predicted"] < rows["default"]["infer_flop_predicted"]
+    assert rows["partition_2-1-1"]["infer_flop_predicted"] > rows["default"]["infer_flop_predicted"]
+    assert rows["no_alignment"]["infer_flop_predicted"] == pytest.approx(rows["default"]["infer_flop_predicted"])
+
+
+def test_compare_flags_a_regression_and_passes_an_equal_run(tmp_path):
+    import compare
+
+    old = {"bench": "inference_latency", "results": [{"backbone": "dit", "speedup": 1.8, "flop_predicted_speedup": 1.7}]}
+    slower = {"bench": "inference_latency", "results": [{"backbone": "dit", "speedup": 1.2, "flop_predicted_speedup": 1.7}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(slower))
+    rows = compare.compare(old, slower, 0.15)
+    assert [r["metric"] for r in rows if r["regression"]] == ["speed-up[dit]"]
+    assert rows[0]["ratio"] == pytest.approx(1.2 / 1.8)
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(tmp_path / "old.json"),
+                           str(tmp_path / "new.json")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "REGRESSION" in proc.stdout
+    assert compare.main([str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+    with pytest.raises(ValueError, match="'train_throughput'"):
+        compare.compare(old, {"bench": "train_throughput"}, 0.15)
+
+
+def test_convergence_flops_replay_the_modules_stage_draw():
+    import convergence
+
+    from tpdiff_lightning.module import TPDiffModule
+
+    module = TPDiffModule(stage_seed=3, ema_decay=None)
+    per_stage = [1.0, 10.0, 100.0]
+    draws = [module.pyramid.sample_stage(module.stage_generator(step)) for step in range(40)]
+    expected = [sum(per_stage[i] for i in draws[:n]) for n in (10, 40)]
+    assert convergence.cumulative_flops("tpdiff-flow", 3, [10, 40], per_stage) == expected
+
+
+def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():
+    import convergence
+
+    def run(name, fvds, flops):
+        return {"run": name, "seed": 0, "points": [{"fvd": f, "train_flops": c, "train_seconds": c / 10}
+                                                   for f, c in zip(fvds, flops)]}
+
+    runs = [run("vanilla-flow", [900, 700, 500], [100, 200, 400]), run("tpdiff-flow", [800, 450, 300], [100, 200, 400])]
+    (row,) = convergence.analyse(runs)["flow"]
+    assert row["vanilla_final_fvd"] == 500 and row["tpdiff_final_fvd"] == 300
+    assert row["reach_train_flops_fraction"] == pytest.approx(200 / 400)
+    runs[1] = run("tpdiff-flow", [800, 700, 600], [100, 200, 400])
+    assert convergence.analyse(runs)["flow"][0]["reach_train_flops_fraction"] is None
+
+
+def test_convergence_quick_run_writes_fvd_points(tmp_path, tiny_data_root):
+    out = tmp_path / "convergence.json"
+    subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--quick", "--runs", "vanilla-flow",
+                    "--data-root", str(tiny_data_root), "--out-dir", str(tmp_path / "runs"),
+                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--plot", str(tmp_path / "c.png")],
+                   check=True, cwd=ROOT, capture_output=True)
+    (run,) = load_json(out)["runs"]
+    steps = [p["step"] for p in run["points"]]
+    assert run["run"] == "vanilla-flow" and steps == sorted(steps) and steps[-1] == 4
+    assert all(p["fvd"] >= 0 and p["train_seconds"] > 0 for p in run["points"])
+    assert [p["train_flops"] for p in run["points"]] == sorted(p["train_flops"] for p in run["points"])
+    assert (tmp_path / "c.png").stat().st_size > 0
 
 
 def test_caption_accuracy_is_perfect_on_real_synthetic_clips(tmp_path):

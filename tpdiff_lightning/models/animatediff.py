@@ -39,9 +39,8 @@ from diffusers.models.unets.unet_motion_model import (
 )
 from torch import Tensor, nn
 
-from tpdiff_lightning.models.lora import LoraSettings, add_lora
-from tpdiff_lightning.models.weights_folder import (config_class_name, exclude_frozen_from_state_dict,
-                                                    resolve_part_folder)
+from tpdiff_lightning.models.lora import LoraSettings, prepare_training
+from tpdiff_lightning.models.weights_folder import config_class_name, resolve_part_folder
 
 TRAIN_MODES = ("full", "motion")
 
@@ -200,12 +199,7 @@ class AnimateDiffBackbone(nn.Module):
         install_strided_positions(self.model)
         if train_mode == "motion":
             self.model.freeze_unet2d_params()
-        if lora is not None:
-            add_lora(self.model, lora)
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        if pretrained_path is not None:  # frozen weights come from the folder again; checkpoints skip them
-            exclude_frozen_from_state_dict(self, "model")
+        prepare_training(self, lora, gradient_checkpointing, from_folder=pretrained_path is not None)
 
     def _check_config(self, in_channels: int, text_dim: int) -> None:
         cfg = self.model.config

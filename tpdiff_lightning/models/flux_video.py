@@ -33,9 +33,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import Tensor, nn
 
-from tpdiff_lightning.models.weights_folder import (config_class_name, exclude_frozen_from_state_dict,
-                                                    resolve_part_folder)
-from tpdiff_lightning.models.lora import LoraSettings, add_lora
+from tpdiff_lightning.models.weights_folder import config_class_name, resolve_part_folder
+from tpdiff_lightning.models.lora import LoraSettings, prepare_training
 
 PACK = 2
 """Spatial packing factor of Flux latents (2×2 latent pixels per token)."""
@@ -125,12 +124,7 @@ class FluxVideoBackbone(nn.Module):
         if self.pool_proj is not None:
             nn.init.zeros_(self.pool_proj.weight)
             nn.init.zeros_(self.pool_proj.bias)
-        if lora is not None:
-            add_lora(self.model, lora)
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        if pretrained_path is not None:  # frozen weights come from the folder again; checkpoints skip them
-            exclude_frozen_from_state_dict(self, "model")
+        prepare_training(self, lora, gradient_checkpointing, from_folder=pretrained_path is not None)
 
     def _check_config(self, in_channels: int, text_dim: int) -> None:
         cfg = self.model.config

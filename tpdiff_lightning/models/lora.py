@@ -61,6 +61,21 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return model
 
 
+def prepare_training(owner: nn.Module, lora: LoraSettings | None, gradient_checkpointing: bool,
+                     from_folder: bool) -> None:
+    """The last construction step shared by the diffusers backbones, on ``owner.model``: add LoRA (which freezes
+    the base), turn on gradient checkpointing, and, for weights loaded from a folder, keep the frozen ones out
+    of state dicts (the folder supplies them again)."""
+    from tpdiff_lightning.models.weights_folder import exclude_frozen_from_state_dict
+
+    if lora is not None:
+        add_lora(owner.model, lora)
+    if gradient_checkpointing:
+        owner.model.enable_gradient_checkpointing()
+    if from_folder:
+        exclude_frozen_from_state_dict(owner, "model")
+
+
 def has_lora(model: nn.Module) -> bool:
     """Whether ``model`` carries peft LoRA layers."""
     return any("lora_" in name for name, _ in model.named_parameters())

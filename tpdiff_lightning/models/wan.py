@@ -25,8 +25,8 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import Tensor, nn
 
-from tpdiff_lightning.models.lora import LoraSettings, add_lora, has_lora, lora_state_dict
-from tpdiff_lightning.models.weights_folder import exclude_frozen_from_state_dict, parse_dtype, resolve_part_folder
+from tpdiff_lightning.models.lora import LoraSettings, has_lora, lora_state_dict, prepare_training
+from tpdiff_lightning.models.weights_folder import parse_dtype, resolve_part_folder
 
 WAN_BLOCK_CLASS = "diffusers.models.transformers.transformer_wan.WanTransformerBlock"
 
@@ -151,12 +151,7 @@ class WanBackbone(nn.Module):
         self.text_dim = text_dim
         self.text_length = text_length
         self.patch_size = tuple(self.model.config.patch_size)
-        if lora is not None:
-            add_lora(self.model, lora)
-        if gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        if pretrained_path is not None:  # the frozen base comes from the folder again; checkpoints skip it
-            exclude_frozen_from_state_dict(self, "model")
+        prepare_training(self, lora, gradient_checkpointing, from_folder=pretrained_path is not None)
 
     @property
     def blocks(self) -> nn.ModuleList:
