@@ -79,6 +79,11 @@ def test_training_from_latent_batches_with_cached_text(tmp_path, tiny_data_root)
     torch.testing.assert_close(cached[cached_mask], live[live_mask], atol=0.02, rtol=0.01)
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss)
+    # Embeddings from another text encoder are refused, not silently used.
+    other = TPDiffModule(num_frames=16, resolution=16, ema_decay=None,
+                         text_encoder=T5TextEncoder(d_model=64, num_heads=4, trainable=False))
+    with pytest.raises(ValueError, match="caption embeddings of text encoder"):
+        other.batch_text(batch, batch["caption"])
 
 
 @pytest.mark.slow

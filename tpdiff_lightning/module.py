@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpdiff_lightning.alignment import align_noise
-from tpdiff_lightning.data.latent_cache import check_codec, pad_text
+from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
 from tpdiff_lightning.ema import EMA
 from tpdiff_lightning.frame_size import frame_size
 from tpdiff_lightning.models.codec import IdentityCodec
@@ -223,6 +223,8 @@ class TPDiffModule(L.LightningModule):
         """Caption tokens and mask: cached embeddings when the shards hold them and the encoder is frozen."""
         frozen = not any(p.requires_grad for p in self.text_encoder.parameters())
         if "text_emb" in batch and frozen:
+            if "text_encoder" in batch:
+                check_text_encoder(json.loads(batch["text_encoder"]), self.text_encoder)
             rows = [{"text_emb": e[m], "text_mask": m[m]} for e, m in zip(batch["text_emb"], batch["text_mask"].bool())]
             dropped = [c == "" and o != "" for c, o in zip(captions, batch["caption"])]
             if any(dropped):  # caption dropout still works: the empty caption's embedding replaces those rows

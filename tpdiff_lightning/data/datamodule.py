@@ -215,6 +215,7 @@ def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
         batch["codec"] = codecs.pop()
         if all("text_emb" in s for s in samples):
             batch["text_emb"], batch["text_mask"] = pad_text(samples)
+            batch["text_encoder"] = samples[0]["text_encoder"]
     return batch
 
 

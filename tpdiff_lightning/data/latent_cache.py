@@ -40,6 +40,14 @@ def check_codec(stored: dict, codec: nn.Module) -> None:
                          "re-encode them with `python data/encode_latents.py` for this model")
 
 
+def check_text_encoder(stored: dict | None, text_encoder: nn.Module) -> None:
+    """Raise ValueError when cached caption embeddings came from another text encoder than the model's."""
+    expected = module_identity(text_encoder)
+    if stored != expected:
+        raise ValueError(f"latent shards hold caption embeddings of text encoder {stored}, but the model's is "
+                         f"{expected}; re-encode with `python data/encode_latents.py` for this model")
+
+
 def tensor_bytes(value: Any) -> bytes:
     """Serialise a tensor or a dict of tensors with ``torch.save``."""
     buffer = io.BytesIO()
@@ -85,6 +93,7 @@ def decode_latent(sample: dict, num_frames: int, rng: random.Random | None) -> d
     if "text.pth" in sample:
         text = tensor_from_bytes(sample["text.pth"])
         out["text_emb"], out["text_mask"] = text["emb"].float(), text["mask"].bool()
+        out["text_encoder"] = json.dumps(meta.get("text_encoder"), sort_keys=True)
     return out
 
 
