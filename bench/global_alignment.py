@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tpdiff_lightning.alignment import align_noise
-from tpdiff_lightning.distributed_alignment import align_noise_global, cross_cost, gather, hungarian_permutation
+from tpdiff_lightning.alignment import alignment_cost, hungarian_permutation
+from tpdiff_lightning.distributed_alignment import align_noise_global, gather
 
 
 def timed(fn, repeats: int) -> float:
@@ -53,13 +54,13 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             data = torch.randn(B, *args.shape, generator=g)
             noise = torch.randn(B, *args.shape, generator=g)
             noise_g = gather(noise, None)
-            cost = gather(cross_cost(data, noise_g), None).double().numpy()  # (B_g, B_g)
+            cost = gather(alignment_cost(data, noise_g), None).double().numpy()  # (B_g, B_g)
             align_noise_global(data, noise)  # warm-up
             results.append({
                 "global_batch": global_batch, "local_batch": B,
                 "total_s": timed(lambda: align_noise_global(data, noise), args.repeats),
                 "gather_noise_s": timed(lambda: gather(noise, None), args.repeats),
-                "cost_and_gather_s": timed(lambda: gather(cross_cost(data, noise_g), None), args.repeats),
+                "cost_and_gather_s": timed(lambda: gather(alignment_cost(data, noise_g), None), args.repeats),
                 "hungarian_s": timed(lambda: hungarian_permutation(cost), args.repeats),
                 "local_alignment_s": timed(lambda: align_noise(data, noise), args.repeats),
                 "gathered_noise_mib": noise_g.numel() * noise_g.element_size() / 2**20,

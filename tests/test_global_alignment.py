@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tpdiff_lightning.alignment import align_noise
-from tpdiff_lightning.distributed_alignment import align_noise_global, cross_cost
+from tpdiff_lightning.alignment import alignment_cost
+from tpdiff_lightning.distributed_alignment import align_noise_global
 
 WORLD = 2
 SHAPE = (3, 3, 4, 8, 8)  # local batch 3, so the 6-clip global batch is not a multiple of anything special
@@ -131,7 +132,7 @@ def test_cross_cost_block_matches_brute_force():
     g = torch.Generator().manual_seed(5)
     x0, noise = torch.randn(2, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
     brute = ((x0[:, None] - noise[None]) ** 2).flatten(2).sum(-1)  # (2, 5)
-    torch.testing.assert_close(cross_cost(x0, noise), brute, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(alignment_cost(x0, noise), brute, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow

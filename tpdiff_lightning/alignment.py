@@ -13,30 +13,39 @@ def alignment_cost(x0: Tensor, noise: Tensor) -> Tensor:
 
     Args:
         x0: data at the stage's rate, ``(B, ...)``.
-        noise: noise of the same shape.
+        noise: noise draws of the same sample shape, ``(N, ...)`` (N = B for one batch; more when a rank
+            scores its clips against the noise of the whole global batch).
     Returns:
-        ``(B, B)`` float32 cost matrix.
+        ``(B, N)`` float32 cost matrix.
     """
-    if x0.shape != noise.shape:
-        raise ValueError(f"x0 has shape {tuple(x0.shape)} and noise {tuple(noise.shape)}; expected equal shapes")
+    if x0.shape[1:] != noise.shape[1:]:
+        raise ValueError(f"x0 has shape {tuple(x0.shape)} and noise {tuple(noise.shape)}; "
+                         "expected equal shapes after the batch dimension")
     # float32 at least: half-precision squared norms over ~1e6 elements overflow. Autocast is switched
     # off because it would run the matmul in half precision even on float32 inputs.
     with torch.autocast(x0.device.type, enabled=False):
         a = x0.reshape(x0.shape[0], -1).float()  # (B, D)
-        b = noise.reshape(noise.shape[0], -1).float()  # (B, D)
-        cost = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :] - 2.0 * a @ b.T  # (B, B)
+        b = noise.reshape(noise.shape[0], -1).float()  # (N, D)
+        cost = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :] - 2.0 * a @ b.T  # (B, N)
     return cost.clamp_min(0.0)
 
 
-def alignment_permutation(x0: Tensor, noise: Tensor) -> Tensor:
-    """The permutation ``perm`` minimising ``sum_j C[j, perm[j]]`` (Hungarian algorithm, scipy)."""
-    cost = alignment_cost(x0, noise).detach().cpu().numpy().astype(np.float64)
+def hungarian_permutation(cost: np.ndarray) -> np.ndarray:
+    """The permutation ``perm`` minimising ``sum_j cost[j, perm[j]]`` of a square cost matrix (scipy)."""
     if not np.isfinite(cost).all():
         raise ValueError("alignment cost has non-finite entries; expected finite data and noise (NaN or inf in the batch?)")
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty_like(cols)
     perm[rows] = cols
-    return torch.from_numpy(perm).to(noise.device)
+    return perm
+
+
+def alignment_permutation(x0: Tensor, noise: Tensor) -> Tensor:
+    """The permutation ``perm`` minimising ``sum_j C[j, perm[j]]`` (Hungarian algorithm, scipy)."""
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 has shape {tuple(x0.shape)} and noise {tuple(noise.shape)}; expected equal shapes")
+    cost = alignment_cost(x0, noise).detach().cpu().numpy().astype(np.float64)
+    return torch.from_numpy(hungarian_permutation(cost)).to(noise.device)
 
 
 def align_noise(x0: Tensor, noise: Tensor, enabled: bool = True) -> Tensor:

@@ -21,38 +21,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from tpdiff_lightning.alignment import align_noise
+from tpdiff_lightning.alignment import align_noise, alignment_cost, hungarian_permutation
 
 MAX_NDIM = 8
-
-
-def cross_cost(x0: Tensor, noise: Tensor) -> Tensor:
-    """Squared distances ``C[j, k] = ||x0_j - noise_k||^2`` between ``x0 (B, ...)`` and ``noise (N, ...)``, float32.
-
-    The same formula as ``alignment.alignment_cost``, for a block of rows against every noise draw.
-    Returns ``(B, N)``.
-    """
-    if x0.shape[1:] != noise.shape[1:]:
-        raise ValueError(f"x0 has shape {tuple(x0.shape)} and noise {tuple(noise.shape)}; "
-                         "expected equal shapes after the batch dimension")
-    with torch.autocast(x0.device.type, enabled=False):
-        a = x0.reshape(x0.shape[0], -1).float()  # (B, D)
-        b = noise.reshape(noise.shape[0], -1).float()  # (N, D)
-        cost = a.square().sum(1, keepdim=True) + b.square().sum(1)[None, :] - 2.0 * a @ b.T  # (B, N)
-    return cost.clamp_min(0.0)
-
-
-def hungarian_permutation(cost: np.ndarray) -> np.ndarray:
-    """The permutation ``perm`` minimising ``sum_j cost[j, perm[j]]`` of a square float64 cost matrix."""
-    if not np.isfinite(cost).all():
-        raise ValueError("alignment cost has non-finite entries; expected finite data and noise (NaN or inf in the batch?)")
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty_like(cols)
-    perm[rows] = cols
-    return perm
 
 
 def gather(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -96,7 +69,7 @@ def align_noise_global(data: Tensor, noise: Tensor, group: dist.ProcessGroup | N
     check_equal_shapes(noise, group)
     B, r = noise.shape[0], dist.get_rank(group)
     noise_g = gather(noise, group)  # (B_g, ...)
-    cost_rows = cross_cost(data, noise_g)  # (B, B_g)
+    cost_rows = alignment_cost(data, noise_g)  # (B, B_g)
     cost = gather(cost_rows, group).cpu().numpy().astype(np.float64)  # (B_g, B_g), the same bytes on every rank
     perm = hungarian_permutation(cost)  # (B_g,)
     mine = torch.from_numpy(perm[r * B:(r + 1) * B]).to(noise.device)  # (B,)
