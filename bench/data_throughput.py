@@ -140,7 +140,7 @@ def main() -> None:
                         help="clips/s the default CPU training step consumes (about 4 steps/s at batch 16)")
     parser.add_argument("--quick", action="store_true",
                         help="24 clips, 3 batches per 256x256 case, 10 at 32x32, 1 repeat")
-    parser.add_argument("--out", default="bench/data_throughput.json")
+    parser.add_argument("--out", default="bench/results/data_throughput.json")
     args = parser.parse_args()
     if args.quick:
         args.clips, args.batches, args.default_batches, args.repeats = 24, 3, 10, 1

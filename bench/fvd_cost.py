@@ -19,7 +19,6 @@ overhead is likely higher than projected.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import platform
@@ -224,7 +223,6 @@ def build_meta_parts(settings: dict) -> dict:
     backbone_name, codec_name = _class_name(settings["backbone"]), _class_name(settings["codec"])
     text_name = _class_name(settings["text_encoder"])
     b_args = dict(settings["backbone"].get("init_args", {}) or {})
-    c_args = dict((settings["codec"] or {}).get("init_args", {}) or {})
     t_args = dict((settings["text_encoder"] or {}).get("init_args", {}) or {})
     arch: dict[str, str] = {}
     with torch.device("meta"):
@@ -444,7 +442,7 @@ def main() -> None:
     parser.add_argument("--backward-factor", type=float, default=3.0,
                         help="training FLOPs per forward FLOP in the projection (3: forward + backward)")
     parser.add_argument("--no-speed", action="store_true", help="skip the I3D clips/s measurement")
-    parser.add_argument("--out", default="bench/fvd_cost.json")
+    parser.add_argument("--out", default="bench/results/fvd_cost.json")
     args = parser.parse_args()
     if args.quick:
         args.batch, args.repeats = 2, 1

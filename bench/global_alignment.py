@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs="+", default=[3, 16, 32, 32], help="(C, F, H, W) of one clip")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="global batch 8 and 32, a (3, 4, 16, 16) clip, 1 repeat")
-    parser.add_argument("--out", default="bench/global_alignment.json")
+    parser.add_argument("--out", default="bench/results/global_alignment.json")
     args = parser.parse_args()
     if args.quick:
         args.global_batches, args.shape, args.repeats = [8, 32], [3, 4, 16, 16], 1

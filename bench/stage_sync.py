@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-dim", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="1 repeat, batch 2, 16 px, 8 frames, 1000 steps")
-    parser.add_argument("--out", default="bench/stage_sync.json")
+    parser.add_argument("--out", default="bench/results/stage_sync.json")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.batch, args.resolution, args.frames, args.steps = 1, 2, 16, 8, 1000

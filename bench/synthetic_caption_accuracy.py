@@ -43,7 +43,7 @@ def main() -> None:
     rows = []
     for path in sorted(args.folder.glob("*.mp4")):
         words = path.stem.split("_")  # <index>_a_<colour>_<shape>_moving_<direction>_<speed>_seed<s>_rank<r>
-        colour, shape, direction = words[2], words[3], words[5]
+        colour, direction = words[2], words[5]
         report = clip_report(decode_mp4(path.read_bytes()), colour, direction)
         rows.append({"file": path.name, "caption_colour": colour, "caption_direction": direction, **report})
         print(f"{path.name[:60]:60s} colour {'ok' if report['colour_ok'] else 'NO'}  "

@@ -90,6 +90,7 @@ def test_alignment_overhead_quick_splits_the_time(tmp_path):
         assert all(s[k] > 0 for s in case["stages"] for k in ("total_ms", "cost_matrix_ms", "hungarian_ms"))
 
 
+
 def test_alignment_overhead_skips_cases_over_the_memory_cap(tmp_path):
     import alignment_overhead
 
@@ -104,7 +105,9 @@ def test_ablations_quick_has_every_table2_row(tmp_path):
     import ablations
 
     out = tmp_path / "ablations.json"
-    ablations.main(["--quick", "--convergence", str(tmp_path / "none"), "--out", str(out)])
+    ablations.main(["--quick", "--convergence", str(tmp_path / "none"), "--out", str(out),
+                   "--plot", str(tmp_path / "bars.png")])
+    assert (tmp_path / "bars.png").stat().st_size > 0
     rows = {r["name"]: r for r in load_json(out)["rows"]}
     overlays = {p.stem for p in (ROOT / "configs" / "ablations").glob("*.yaml")}
     assert set(rows) == overlays | {"default"} and set(rows) <= set(ablations.PAPER)
@@ -160,6 +163,14 @@ def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():
     assert row["reach_train_flops_fraction"] == pytest.approx(200 / 400)
     runs[1] = run("tpdiff-flow", [800, 700, 600], [100, 200, 400])
     assert convergence.analyse(runs)["flow"][0]["reach_train_flops_fraction"] is None
+
+
+def test_training_budget_needs_exactly_one_positive_budget():
+    import convergence
+
+    for kwargs in ({}, {"minutes": 1.0, "tflops": 1.0}, {"minutes": 0.0}, {"tflops": -1.0}):
+        with pytest.raises(ValueError, match="expected exactly one positive budget"):
+            convergence.TrainingBudget(**kwargs)
 
 
 def test_convergence_quick_run_writes_fvd_points(tmp_path, tiny_data_root):

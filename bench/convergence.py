@@ -1,0 +1,316 @@
+"""Convergence at equal compute (paper Fig. 4 at CPU scale): FVD against training compute, vanilla vs TPDiff.
+
+    python bench/convergence.py --runs tpdiff-flow,vanilla-flow --budget-minutes 6
+    python bench/convergence.py --runs tpdiff-ddim,vanilla-ddim,tpdiff-flow-noalign --seeds 0,1
+    python bench/convergence.py --report          # only analyse and plot what the JSON holds
+    python bench/convergence.py --quick --data-root <tiny synthetic shards>   # smoke run
+
+Each run is ``python lightning_cli.py fit --config configs/default.yaml [--config <overlay>]`` in a
+subprocess, with the FVD curve (real I3D, ``FVDCurve``) every ``--fvd-every`` steps and a stop once
+``--budget-minutes`` of training time (evaluation excluded, as FVDCurve counts it) are spent. FVD points
+are read back from the TensorBoard event files. A finished run is appended to the JSON, so the study
+runs in pieces and resumes; a run stopped half-way resumes from its ``last.ckpt``.
+
+Compute has two axes: training seconds (wall clock, noisy on a shared machine) and backbone training
+FLOPs, counted per stage with torch's counter and summed over the stages the run actually drew (the
+module's stage draw is a pure function of the step and ``stage_seed``), which no other process can disturb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when imported as bench.convergence
+
+import lightning as L  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS: dict[str, list[str]] = {
+    "tpdiff-flow": [],
+    "vanilla-flow": ["configs/vanilla.yaml"],
+    "tpdiff-ddim": ["configs/ddim.yaml"],
+    "vanilla-ddim": ["configs/ddim_vanilla.yaml"],
+    "tpdiff-flow-noalign": ["configs/ablations/no_alignment.yaml"],
+}
+RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
+             for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
+PAIRS = {"flow": ("tpdiff-flow", "vanilla-flow"), "ddim": ("tpdiff-ddim", "vanilla-ddim"),
+         "flow-noalign": ("tpdiff-flow-noalign", "vanilla-flow")}
+
+
+class TrainingBudget(L.Callback):
+    """Stop training once the FVD curve's training clock (evaluation excluded) reaches ``minutes``, or once
+    the backbone's training FLOPs reach ``tflops`` (counted per stage on the first batch, summed over the
+    stages drawn): a budget that other processes on the machine cannot shift."""
+
+    def __init__(self, minutes: float | None = None, tflops: float | None = None):
+        budget = minutes if tflops is None else tflops
+        if (minutes is None) == (tflops is None) or not budget > 0:
+            raise ValueError(f"minutes={minutes}, tflops={tflops}; expected exactly one positive budget")
+        self.minutes, self.tflops = minutes, tflops
+        self.flops = 0.0
+        self._per_stage: list[float] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops": self.flops}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.flops = state_dict["flops"]
+
+    def stage_flops(self, pl_module, batch) -> list[float]:
+        import torch
+
+        from common import count_flops
+
+        x0 = pl_module.batch_latents(batch)  # (B, C, F, H, W)
+        text, mask = pl_module.text_encoder(list(batch["caption"]))
+        out = []
+        for s in pl_module.pyramid.stages:
+            x = torch.zeros(pl_module.pyramid.stage_shape(x0, s.index), device=x0.device)
+            t = torch.full((x.shape[0],), 500.0, device=x0.device)
+            out.append(count_flops(lambda: pl_module.backbone(x, t, text.detach(), mask, stride=s.stride)
+                                   .square().mean().backward()))
+        pl_module.backbone.zero_grad(set_to_none=True)
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.tflops is not None:
+            if self._per_stage is None:
+                self._per_stage = self.stage_flops(pl_module, batch)
+            step = trainer.global_step - 1  # the micro-step this batch trained (no accumulation here)
+            self.flops += self._per_stage[pl_module.pyramid.sample_stage(pl_module.stage_generator(step))]
+            if self.flops >= 1e12 * self.tflops:
+                trainer.should_stop = True
+            return
+        from tpdiff_lightning.callbacks.fvd_curve import FVDCurve
+
+        curve = next((cb for cb in trainer.callbacks if isinstance(cb, FVDCurve)), None)
+        if curve is None:
+            raise ValueError("TrainingBudget needs an FVDCurve callback listed before it; found none")
+        if curve.train_seconds >= 60 * self.minutes:
+            trainer.should_stop = True
+
+
+def callbacks(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run's callbacks: checkpoints for resume, the FVD curve, then the budget (it reads the curve)."""
+    return [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": args.fvd_every}},
+        {"class_path": "tpdiff_lightning.callbacks.fvd_curve.FVDCurve",
+         "init_args": {"eval_root": args.data_root, "name": "synthetic", "num_videos": args.fvd_videos,
+                       "every_n_steps": args.fvd_every, "num_steps": args.fvd_steps, "cache_dir": args.cache_dir}},
+        {"class_path": "bench.convergence.TrainingBudget",
+         "init_args": {"tflops": args.budget_tflops} if args.budget_tflops else {"minutes": args.budget_minutes}},
+    ]
+
+
+def run_dir(args: argparse.Namespace, run: str, seed: int) -> Path:
+    return Path(args.out_dir) / "convergence" / f"{run}-s{seed}"
+
+
+def command(args: argparse.Namespace, run: str, seed: int) -> list[str]:
+    """The ``lightning_cli.py fit`` command line of one run."""
+    cmd = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(ROOT / "configs" / "default.yaml")]
+    for overlay in RUNS[run]:
+        cmd += ["--config", str(ROOT / overlay)]
+    cmd += [
+        f"--seed_everything={seed}", f"--model.init_args.stage_seed={seed}",
+        f"--trainer.callbacks={json.dumps(callbacks(args))}",
+        f"--trainer.max_steps={args.max_steps}", "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={args.out_dir}", "--trainer.logger.init_args.name=convergence",
+        f"--trainer.logger.init_args.version={run}-s{seed}", f"--data.init_args.root={args.data_root}",
+        f"--data.init_args.batch_size={args.batch}", f"--data.init_args.num_workers={args.workers}",
+    ]
+    if args.resolution:
+        cmd += [f"--data.init_args.resolution={args.resolution}"]
+    cmd += args.extra
+    if (run_dir(args, run, seed) / "checkpoints" / "last.ckpt").is_file():
+        cmd += ["--ckpt_path", "last"]
+    return cmd
+
+
+def read_points(folder: Path, num_videos: int) -> list[dict[str, float]]:
+    """FVD points of a finished run: step, training seconds and FVD, from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    ea.Reload()
+    tag = f"fvd/synthetic-{num_videos}"
+    if tag not in ea.Tags()["scalars"]:
+        raise FileNotFoundError(f"no {tag!r} scalars in {folder}; expected a finished FVDCurve run")
+    hours = {e.step: e.value for e in ea.Scalars("compute/gpu_hours")}
+    return [{"step": e.step, "train_seconds": 3600 * hours[e.step], "fvd": e.value} for e in ea.Scalars(tag)]
+
+
+def stage_flops(run: str, resolution: int, batch: int) -> list[float]:
+    """Backbone forward+backward FLOPs of one training step in each stage of the run's pyramid."""
+    import torch
+
+    from common import build_dit, count_flops, pyramid_from_config, random_text
+
+    pyramid = pyramid_from_config([ROOT / o for o in RUNS[run]])
+    net = build_dit().train()
+    text, mask = random_text(batch, 128)
+    out = []
+    for s in pyramid.stages:
+        x = torch.randn(batch, 3, s.num_frames, resolution, resolution)
+        out.append(count_flops(lambda: net(x, torch.full((batch,), 500.0), text, mask, stride=s.stride)
+                               .square().mean().backward()))
+    return out
+
+
+def cumulative_flops(run: str, seed: int, steps: list[int], per_stage: list[float]) -> list[float]:
+    """Training FLOPs spent before each of ``steps``, replaying the module's stage draw."""
+    import torch
+
+    from common import pyramid_from_config
+
+    pyramid = pyramid_from_config([ROOT / o for o in RUNS[run]])
+    total, out, done = 0.0, [], 0
+    for target in steps:
+        while done < target:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + done)  # TPDiffModule.stage_generator
+            total += per_stage[pyramid.sample_stage(g)]
+            done += 1
+        out.append(total)
+    return out
+
+
+def first_reach(points: list[dict[str, float]], level: float, axis: str) -> float | None:
+    """Compute (``axis``) of the first point whose FVD is at or below ``level``; None if never."""
+    return next((p[axis] for p in points if p["fvd"] <= level), None)
+
+
+def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per pair (TPDiff, vanilla) and seed: both final FVDs, and the compute at which TPDiff first reaches
+    vanilla's final FVD as a fraction of vanilla's total compute (the paper claims about 0.5)."""
+    by_key = {(r["run"], r["seed"]): r for r in runs}
+    out: dict[str, Any] = {}
+    for pair, (tp, va) in PAIRS.items():
+        rows = []
+        for (name, seed), tp_run in sorted(by_key.items()):
+            if name != tp or (va, seed) not in by_key:
+                continue
+            va_run = by_key[(va, seed)]
+            level = va_run["points"][-1]["fvd"]
+            row = {"seed": seed, "tpdiff_final_fvd": tp_run["points"][-1]["fvd"], "vanilla_final_fvd": level}
+            for axis in ("train_flops", "train_seconds"):
+                reach = first_reach(tp_run["points"], level, axis)
+                row[f"reach_{axis}_fraction"] = None if reach is None else reach / va_run["points"][-1][axis]
+            rows.append(row)
+        if rows:
+            out[pair] = rows
+    return out
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"bench": "convergence", "runs": []}
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """FVD against training FLOPs, one panel per schedule, vanilla and TPDiff overlaid."""
+    from common import line_plot
+
+    panels = {}
+    for schedule in ("flow", "ddim"):
+        series = {}
+        for r in result["runs"]:
+            if r["run"].endswith(schedule) or (schedule == "flow" and r["run"] == "tpdiff-flow-noalign"):
+                series[f"{r['run']} s{r['seed']}"] = ([p["train_flops"] / 1e12 for p in r["points"]],
+                                                      [p["fvd"] for p in r["points"]])
+        if series:
+            panels[schedule] = series
+    if panels:
+        line_plot(path, panels, "backbone training TFLOPs", f"FVD (N={result['runs'][0]['fvd_videos']})")
+        print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="tpdiff-flow,vanilla-flow,tpdiff-ddim,vanilla-ddim,tpdiff-flow-noalign",
+                        help=f"comma list of {sorted(RUNS)}")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--budget-minutes", type=float, default=6.0, help="training time per run, evaluation excluded")
+    parser.add_argument("--budget-tflops", type=float, default=None,
+                        help="budget in backbone training TFLOPs instead of minutes (immune to machine load)")
+    parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--fvd-every", type=int, default=150)
+    parser.add_argument("--fvd-videos", type=int, default=12)
+    parser.add_argument("--fvd-steps", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--resolution", type=int, default=None, help="override the data resolution")
+    parser.add_argument("--data-root", default="data/synthetic")
+    parser.add_argument("--cache-dir", default="outputs/fvd_cache")
+    parser.add_argument("--out-dir", default="outputs")
+    parser.add_argument("--out", default="bench/results/convergence.json")
+    parser.add_argument("--plot", default="docs/convergence.png")
+    parser.add_argument("--force", action="store_true", help="rerun runs the JSON already holds")
+    parser.add_argument("--report", action="store_true", help="no training: analyse and plot the JSON")
+    parser.add_argument("--quick", action="store_true", help="4 steps, one FVD on 2 clips at 3 steps (smoke test)")
+    parser.add_argument("extra", nargs="*", help="more LightningCLI overrides, after --")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_steps, args.fvd_every, args.fvd_videos, args.fvd_steps = 4, 4, 2, 3
+        args.batch, args.workers, args.resolution = 2, 0, args.resolution or 16
+        args.extra += ["--model.init_args.warmup_steps=1", "--trainer.log_every_n_steps=1"]
+    unknown = [r for r in args.runs.split(",") if r not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown runs {unknown}; expected names from {sorted(RUNS)}")
+    out = Path(args.out)
+    result = load(out)
+    for run in ([] if args.report else args.runs.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if any(r["run"] == run and r["seed"] == seed for r in result["runs"]) and not args.force:
+                print(f"{run} seed {seed}: already in {out}, skipped (--force reruns it)")
+                continue
+            if args.force:
+                shutil.rmtree(run_dir(args, run, seed), ignore_errors=True)  # no resume from the old run
+            start = time.time()
+            budget = f"{args.budget_tflops} TFLOPs" if args.budget_tflops else f"{args.budget_minutes} min"
+            print(f"{run} seed {seed}: training for {budget} ...", flush=True)
+            proc = subprocess.run(command(args, run, seed), cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"run {run} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+            points = read_points(run_dir(args, run, seed), args.fvd_videos)
+            resolution = args.resolution or 32
+            flops = cumulative_flops(run, seed, [p["step"] for p in points], stage_flops(run, resolution, args.batch))
+            for p, f in zip(points, flops):
+                p["train_flops"] = f
+            from common import finish_machine_info, machine_info
+
+            result = load(out)  # again: another process of the study may have added runs meanwhile
+            result["runs"] = [r for r in result["runs"] if not (r["run"] == run and r["seed"] == seed)]
+            result["runs"].append({"run": run, "seed": seed, "budget_minutes": args.budget_minutes,
+                                   "budget_tflops": args.budget_tflops,
+                                   "fvd_videos": args.fvd_videos, "fvd_steps": args.fvd_steps, "batch": args.batch,
+                                   "resolution": resolution, "wall_seconds": time.time() - start,
+                                   "machine": finish_machine_info(machine_info()), "points": points})
+            result["analysis"] = analyse(result["runs"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")  # after every run, so the study resumes
+            print(f"  {len(points)} FVD points, final {points[-1]['fvd']:.1f} at step {points[-1]['step']}", flush=True)
+    result = load(out)
+    result["analysis"] = analyse(result["runs"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for pair, rows in result["analysis"].items():
+        for row in rows:
+            print(f"{pair} seed {row['seed']}: final FVD tpdiff {row['tpdiff_final_fvd']:.1f} vanilla "
+                  f"{row['vanilla_final_fvd']:.1f}; tpdiff reaches vanilla's final FVD at "
+                  f"{row['reach_train_flops_fraction']} of vanilla's FLOPs")
+    if args.plot and result["runs"]:
+        plot(result, Path(args.plot))
+    return result
+
+
+if __name__ == "__main__":
+    main()
