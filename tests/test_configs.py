@@ -82,3 +82,13 @@ def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data
     assert any(k.startswith("val/loss_stage") for k in logged)
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert len(ckpts) == 1
+
+
+@pytest.mark.parametrize("name, folder", [("animatediff_ddim.yaml", "weights/animatediff-sd15"),
+                                          ("wan_lora_flow.yaml", "weights/Wan2.1-T2V-1.3B-Diffusers"),
+                                          ("flux_flow.yaml", "weights/miniflux")])
+def test_backbone_configs_name_their_weights_folder_when_it_is_missing(name, folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no weights/ here
+    # jsonargparse reports the class's FileNotFoundError inside its own ValueError; the message is the point.
+    with pytest.raises((FileNotFoundError, ValueError), match=f"weights folder '{folder}' does not exist"):
+        main(["--config", str(CONFIGS / name)], run=False)

@@ -30,9 +30,10 @@ def check_weights_folder(path: str | Path, what: str, required: Sequence[str] = 
     if subfolder:
         folder = folder / subfolder
     if not folder.is_dir():
+        holding = f"{', '.join(required)} and the weights" if required else "the model files"
         raise FileNotFoundError(
             f"{what}: weights folder {str(folder)!r} does not exist; expected a local folder holding "
-            f"{', '.join(required)} and the weights (models are never downloaded at run time)")
+            f"{holding} (models are never downloaded at run time)")
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
         present = sorted(p.name for p in folder.iterdir())[:20]
