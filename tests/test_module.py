@@ -211,3 +211,18 @@ def test_checkpoints_from_the_full_copy_ema_still_load():
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)
     assert all(torch.equal(a, b) for a, b in zip(fresh.ema.shadows(), m.ema.shadows()))
+
+
+def test_global_alignment_without_stage_sync_is_refused():
+    with pytest.raises(ValueError, match="alignment_scope='global' needs stage_sync=True"):
+        _module(alignment_scope="global", stage_sync=False)
+
+
+def test_a_causal_codec_without_the_anchor_names_video_and_latent_frames():
+    from tests.tiny_vae import TINY_WAN_VAE
+    from tpdiff_lightning.models.vae import WanVAECodec
+
+    codec = WanVAECodec(config=TINY_WAN_VAE)
+    with pytest.raises(ValueError, match="num_frames=17 video frames are 5 latent frames.*anchor_first_frame"):
+        _module(num_frames=17, codec=codec, anchor_first_frame=False)
+    assert _module(num_frames=17, codec=codec, anchor_first_frame=True).pyramid.num_frames == 5

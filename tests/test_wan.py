@@ -154,6 +154,18 @@ def test_torch_dtype(saved):
         WanBackbone(C, D, pretrained_path=str(saved), torch_dtype="int8")
 
 
+def test_lora_on_a_bf16_base_trains_float32_adapters(saved):
+    from tpdiff_lightning.models.lora import LoraSettings
+
+    backbone = WanBackbone(C, D, pretrained_path=str(saved), torch_dtype="bfloat16", lora=LoraSettings(rank=4))
+    trainable = [p for p in backbone.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    assert backbone.model.proj_out.weight.dtype == torch.bfloat16  # the frozen base stays bf16
+    x, t, text, mask = inputs(F=3)
+    backbone(x, t, text, mask).float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
 # Forward
 
 

@@ -13,14 +13,16 @@ import torch
 from torch import Tensor, nn
 
 
-def _buffer_name(param_name: str) -> str:
+def _shadow_name(param_name: str) -> str:
     return param_name.replace(".", "__")
 
 
 class EMA(nn.Module):
     """Shadow copies of ``model``'s trainable parameters tracking ``decay * shadow + (1 - decay) * weight``.
 
-    The shadows are buffers, so they are saved in and restored from checkpoints and follow ``.to()``.
+    The shadows are frozen parameters (``requires_grad=False``): they are saved in and restored from
+    checkpoints and follow ``.to()``, no optimizer sees them, and, unlike buffers, DDP does not broadcast
+    them from rank 0 before every forward (they are identical on every rank anyway).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
@@ -36,15 +38,16 @@ class EMA(nn.Module):
     def reset(self, model: nn.Module) -> None:
         """Shadow ``model``'s current trainable parameters (again), e.g. after they were sharded or wrapped."""
         for name in self.names:
-            delattr(self, _buffer_name(name))
+            delattr(self, _shadow_name(name))
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         for name in self.names:
-            self.register_buffer(_buffer_name(name), params[name].detach().clone().float())
+            shadow = nn.Parameter(params[name].detach().clone().float(), requires_grad=False)
+            self.register_parameter(_shadow_name(name), shadow)
 
     def shadows(self) -> list[Tensor]:
         """The averaged tensors, in the order of ``self.names``."""
-        return [getattr(self, _buffer_name(n)) for n in self.names]
+        return [getattr(self, _shadow_name(n)) for n in self.names]
 
     def current_decay(self) -> float:
         """The decay, ramped up as ``(1 + n) / (10 + n)`` at first so early weights are forgotten quickly."""

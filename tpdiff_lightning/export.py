@@ -26,6 +26,9 @@ def export_backbone(ckpt_path: str | Path, out_dir: str | Path, merged: bool = F
     from tpdiff_lightning.module import TPDiffModule
 
     ckpt_path = Path(ckpt_path)
+    if ckpt_path.is_dir():
+        raise ValueError(f"checkpoint {str(ckpt_path)!r} is a sharded (FSDP/DeepSpeed) checkpoint folder; consolidate "
+                         "it into one file first: python -m lightning.pytorch.utilities.consolidate_checkpoint <folder>")
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} does not exist; expected a .ckpt file of a fit run")
     module = TPDiffModule.load_from_checkpoint(str(ckpt_path), map_location="cpu")
@@ -36,9 +39,16 @@ def export_backbone(ckpt_path: str | Path, out_dir: str | Path, merged: bool = F
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict = {"checkpoint": str(ckpt_path), "ema": bool(use_ema and module.ema is not None),
-                     "global_step": int(torch.load(ckpt_path, map_location="cpu", weights_only=False)
-                                        .get("global_step", -1))}
+                     "global_step": getattr(module, "global_step_at_load", -1)}
     with module.ema_weights(use_ema):
+        # Trained weights outside the diffusers model (e.g. the Flux-style pooled-text projection) travel beside it.
+        extra = {n: p.detach().contiguous().cpu() for n, p in module.backbone.named_parameters()
+                 if p.requires_grad and not n.startswith("model.")}
+        if extra:
+            from safetensors.torch import save_file
+
+            save_file(extra, str(out / "backbone_extra.safetensors"))
+            written["backbone_extra"] = str(out / "backbone_extra.safetensors")
         if has_lora(model):
             written["adapter"] = str(save_adapter(model, out / "adapter"))
         if merged or not has_lora(model):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
@@ -102,8 +102,19 @@ class TPDiffModule(L.LightningModule):
             raise ValueError(f"alignment_scope={alignment_scope!r} is invalid; expected 'local' or 'global'")
         self.codec = codec if codec is not None else IdentityCodec()
         self.frame_size = frame_size(resolution)
-        self.pyramid = TemporalPyramid(schedule, self.latent_frames(num_frames), num_stages, reductions, partition,
-                                       anchor_first_frame, stage_weights)
+        if alignment_scope == "global" and not stage_sync:
+            raise ValueError("alignment_scope='global' needs stage_sync=True: ranks on different stages hold "
+                             "latents of different frame counts, which one global assignment cannot pair")
+        latent_frames = self.latent_frames(num_frames)
+        try:
+            self.pyramid = TemporalPyramid(schedule, latent_frames, num_stages, reductions, partition,
+                                           anchor_first_frame, stage_weights)
+        except ValueError as error:
+            if latent_frames == num_frames:
+                raise
+            raise ValueError(f"num_frames={num_frames} video frames are {latent_frames} latent frames under the "
+                             f"codec, which the pyramid cannot take: {error}. Causal video VAEs (1 + 4k frames) "
+                             "need anchor_first_frame: true") from error
         self.text_encoder = text_encoder if text_encoder is not None else T5TextEncoder()
         backbone = backbone if backbone is not None else VideoDiT
         self.backbone = backbone(self.codec.latent_channels, self.text_encoder.dim)
@@ -213,6 +224,9 @@ class TPDiffModule(L.LightningModule):
         else:
             check_codec(json.loads(batch["codec"]), self.codec)
             x0 = batch["latent"].to(self.dtype)
+        if tuple(x0.shape[3:]) != self.latent_size():
+            raise ValueError(f"the batch has latents of size {tuple(x0.shape[3:])}; the model expects "
+                             f"{self.latent_size()} (resolution {self.frame_size} through the codec)")
         if x0.shape[2] != self.pyramid.num_frames:
             raise ValueError(f"the batch has {x0.shape[2]} latent frames; the pyramid expects "
                              f"{self.pyramid.num_frames} (num_frames={self.hparams.num_frames} through the codec "
@@ -259,6 +273,7 @@ class TPDiffModule(L.LightningModule):
         return loss
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.global_step_at_load = int(checkpoint.get("global_step", -1))
         state = checkpoint.get("state_dict")
         if state is not None and any(k.startswith("ema.shadow.") for k in state):
             current = self.state_dict()
@@ -305,7 +320,9 @@ class TPDiffModule(L.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            with self.ema_weights(use_ema):
+            # Sampling from a callback runs outside Lightning's autocast; enter the run's precision context here.
+            precision = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+            with self.ema_weights(use_ema), precision:
                 for caption, seed in zip(captions, seeds):
                     text, mask = text_encoder([caption])
                     model = self.denoiser(backbone, text, mask)
@@ -315,7 +332,7 @@ class TPDiffModule(L.LightningModule):
                     g = torch.Generator().manual_seed(int(seed))
                     latents = sample(model, pyramid, 1, (self.codec.latent_channels, H, W),
                                      num_steps or hp.sample_steps, g, renoise, device=self.device,
-                                     dtype=next(backbone.parameters()).dtype)
+                                     dtype=torch.float32)  # the sampler's state; the backbone casts
                     clips.append(self.codec.decode(latents))
         finally:
             self.train(was_training)

@@ -146,14 +146,15 @@ class FVDCurve(L.Callback):
         if trainer.global_rank == 0:  # the sums are added across ranks, so only one rank holds the real ones
             metric.set_real_statistics(*self._real)
         rank, world = trainer.global_rank, trainer.world_size
-        indices = list(range(rank, self.num_videos, world))
-        was_training = pl_module.training
-        pl_module.eval()
+        # Every rank samples the same number of clips (sharded strategies need every rank in every forward);
+        # the slots past num_videos on the last round repeat a clip and are not counted.
+        slots = [rank + world * j for j in range(-(-self.num_videos // world))]
+        indices = [min(k, self.num_videos - 1) for k in slots]
         videos = pl_module.generate([self._captions[k] for k in indices], [self.seed + k for k in indices],
                                     num_steps=self.num_steps)
-        pl_module.train(was_training)
-        frames = to_uint8_video(videos)  # (n, T, H, W, 3)
-        metric.update(frames, real=False)
+        frames = to_uint8_video(videos)[torch.tensor([k < self.num_videos for k in slots])]  # (n, T, H, W, 3)
+        if len(frames):
+            metric.update(frames, real=False)
         value = float(metric.compute())
         self.eval_seconds += time.perf_counter() - start
         self._log(trainer, value, frames)

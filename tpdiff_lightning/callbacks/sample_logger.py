@@ -57,14 +57,14 @@ class SampleVideoLogger(L.Callback):
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if logger is None or trainer.global_rank != 0:
+        if logger is None:
             return
-        was_training = pl_module.training
-        pl_module.eval()
+        # Every rank samples: under sharded strategies (FSDP, ZeRO-3) each forward gathers weights from all
+        # ranks, so a rank-0-only forward would hang. Only rank 0 writes.
         seeds = [self.seed + k for k in range(len(self.prompts))]
         video = pl_module.generate(self.prompts, seeds, num_steps=self.num_steps)
-        if was_training:
-            pl_module.train()
+        if trainer.global_rank != 0:
+            return
         frames = ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
         tiled = side_by_side(list(frames))  # (F, H, N*W, 3)
         summary = tensorboard_gif_summary("samples/video", gif_bytes(tiled, self.fps), *tiled.shape[1:3])

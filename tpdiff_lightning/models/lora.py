@@ -64,12 +64,16 @@ def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 def prepare_training(owner: nn.Module, lora: LoraSettings | None, gradient_checkpointing: bool,
                      from_folder: bool) -> None:
     """The last construction step shared by the diffusers backbones, on ``owner.model``: add LoRA (which freezes
-    the base), turn on gradient checkpointing, and, for weights loaded from a folder, keep the frozen ones out
+    the base; the adapter is kept in float32 whatever the base's dtype), turn on gradient checkpointing, and, for weights loaded from a folder, keep the frozen ones out
     of state dicts (the folder supplies them again)."""
     from tpdiff_lightning.models.weights_folder import exclude_frozen_from_state_dict
 
     if lora is not None:
         add_lora(owner.model, lora)
+        # peft creates the adapter in the base's dtype; bf16 adapter weights would lose most AdamW updates.
+        for p in owner.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     if gradient_checkpointing:
         owner.model.enable_gradient_checkpointing()
     if from_folder:
