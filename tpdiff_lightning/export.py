@@ -16,7 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 from tpdiff_lightning.models.lora import has_lora, merge_lora, save_adapter
 
 
