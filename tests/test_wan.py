@@ -308,11 +308,13 @@ def test_gradient_checkpointing_same_output_and_grads(lora):
     assert any(g.abs().sum() > 0 for g in grads[1].values())
 
 
-def test_blocks_are_wan_blocks():
+def test_fsdp_finds_the_wan_blocks():
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    backbone = tiny_backbone()
-    assert len(backbone.blocks) == 2 and all(isinstance(b, WanTransformerBlock) for b in backbone.blocks)
+    from tpdiff_lightning.parallel import DEFAULT_BLOCK_CLASSES, find_blocks
+
+    blocks = find_blocks(tiny_backbone(), DEFAULT_BLOCK_CLASSES)
+    assert len(blocks) == 2 and all(isinstance(b, WanTransformerBlock) for b in blocks)
 
 
 def test_tiny_wan_saves_diffusers_layout(tmp_path):

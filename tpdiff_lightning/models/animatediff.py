@@ -19,9 +19,9 @@ safetensors). Users with a separate SD1.5 UNet folder and a ``MotionAdapter`` fo
     adapter = MotionAdapter.from_pretrained("animatediff-motion-adapter")
     UNetMotionModel.from_unet2d(unet, adapter).save_pretrained("animatediff/unet")
 
-FSDP: wrap the UNet's stages, ``AnimateDiffBackbone.fsdp_block_classes`` (``CrossAttnDownBlockMotion``,
-``DownBlockMotion``, ``UNetMidBlockCrossAttnMotion``, ``CrossAttnUpBlockMotion``, ``UpBlockMotion`` from
-``diffusers.models.unets.unet_motion_model``).
+FSDP: wrap the UNet's stages (``CrossAttnDownBlockMotion``, ``DownBlockMotion``, ``UNetMidBlockCrossAttnMotion``,
+``CrossAttnUpBlockMotion``, ``UpBlockMotion`` from ``diffusers.models.unets.unet_motion_model``; all in
+``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``).
 """
 
 from __future__ import annotations
@@ -30,13 +30,6 @@ from pathlib import Path
 
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.models.embeddings import SinusoidalPositionalEmbedding
-from diffusers.models.unets.unet_motion_model import (
-    CrossAttnDownBlockMotion,
-    CrossAttnUpBlockMotion,
-    DownBlockMotion,
-    UNetMidBlockCrossAttnMotion,
-    UpBlockMotion,
-)
 from torch import Tensor, nn
 
 from tpdiff_lightning.models.lora import LoraSettings, prepare_training
@@ -162,9 +155,6 @@ class AnimateDiffBackbone(nn.Module):
     spatial blocks' self-attention path), and SD1.5 attends to all 77 CLIP tokens, padding included, so the
     embeddings are passed as they are and ``text_mask`` is accepted but not used.
     """
-
-    fsdp_block_classes = (CrossAttnDownBlockMotion, DownBlockMotion, UNetMidBlockCrossAttnMotion,
-                          CrossAttnUpBlockMotion, UpBlockMotion)
 
     def __init__(
         self,

@@ -22,15 +22,14 @@ Conventions checked against this project:
 - Text mask: padded text tokens are masked out as attention keys (in the joint attention of every block);
   without padding no mask is passed, so the attention kernel is the unmasked one.
 
-FSDP: wrap ``FluxVideoBackbone.fsdp_block_classes`` (``FluxTransformerBlock`` and
-``FluxSingleTransformerBlock`` from ``diffusers.models.transformers.transformer_flux``).
+FSDP: wrap ``FluxTransformerBlock`` and ``FluxSingleTransformerBlock`` from
+``diffusers.models.transformers.transformer_flux`` (both in ``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``).
 """
 
 from __future__ import annotations
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import Tensor, nn
 
 from tpdiff_lightning.models.weights_folder import config_class_name, resolve_part_folder
@@ -99,8 +98,6 @@ class FluxVideoBackbone(nn.Module):
             any) train.
         gradient_checkpointing: recompute each transformer block in the backward pass to save memory.
     """
-
-    fsdp_block_classes = (FluxTransformerBlock, FluxSingleTransformerBlock)
 
     def __init__(
         self,

@@ -12,8 +12,8 @@ output unchanged (pinned by a test against diffusers' scheduler). Inside a stage
 is the velocity in the stage's own time u, i.e. ``(s_i − e_i)`` times the velocity in global time, so a
 pretrained Wan starts off by that factor on the shorter stages; the LoRA fine-tuning learns it.
 
-FSDP: the repeated block class is ``diffusers.models.transformers.transformer_wan.WanTransformerBlock``
-(``WanBackbone.blocks`` lists them); name it in ``auto_wrap_policy`` / ``activation_checkpointing_policy``.
+FSDP: the repeated block class is ``diffusers.models.transformers.transformer_wan.WanTransformerBlock``, one of
+``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``; name it in ``auto_wrap_policy`` / ``activation_checkpointing_policy``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from tpdiff_lightning.models.lora import LoraSettings, has_lora, lora_state_dict, prepare_training
 from tpdiff_lightning.models.weights_folder import parse_dtype, resolve_part_folder
 
-WAN_BLOCK_CLASS = "diffusers.models.transformers.transformer_wan.WanTransformerBlock"
 
 
 class StridedWanRotaryPosEmbed(WanRotaryPosEmbed):
@@ -153,10 +152,6 @@ class WanBackbone(nn.Module):
         self.patch_size = tuple(self.model.config.patch_size)
         prepare_training(self, lora, gradient_checkpointing, from_folder=pretrained_path is not None)
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The transformer blocks (``WanTransformerBlock``), the unit for FSDP wrapping and checkpointing."""
-        return self.model.blocks
 
     @property
     def has_lora(self) -> bool:
