@@ -311,9 +311,10 @@ def test_gradient_checkpointing_same_output_and_grads(lora):
 def test_fsdp_finds_the_wan_blocks():
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    from tpdiff_lightning.parallel import DEFAULT_BLOCK_CLASSES, find_blocks
+    from tpdiff_lightning.parallel import DEFAULT_BLOCK_CLASSES, find_blocks, import_class
 
-    blocks = find_blocks(tiny_backbone(), DEFAULT_BLOCK_CLASSES)
+    classes = [c for c in map(import_class, DEFAULT_BLOCK_CLASSES) if c is not None]
+    blocks = find_blocks(tiny_backbone(), classes)
     assert len(blocks) == 2 and all(isinstance(b, WanTransformerBlock) for b in blocks)
 
 
