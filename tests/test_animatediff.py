@@ -253,7 +253,9 @@ def test_set_temporal_stride_rejects_bad_values():
 def test_fsdp_block_classes_cover_the_unet_stages():
     model = make_backbone()
     stages = [*model.model.down_blocks, model.model.mid_block, *model.model.up_blocks]
-    assert all(isinstance(block, model.fsdp_block_classes) for block in stages)
+    from tpdiff_lightning.parallel import block_classes
+
+    assert all(isinstance(block, block_classes()) for block in stages)
 
 
 def test_a_copy_keeps_its_own_strided_positions():

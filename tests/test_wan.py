@@ -311,10 +311,9 @@ def test_gradient_checkpointing_same_output_and_grads(lora):
 def test_fsdp_finds_the_wan_blocks():
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    from tpdiff_lightning.parallel import DEFAULT_BLOCK_CLASSES, find_blocks, import_class
+    from tpdiff_lightning.parallel import block_classes, find_blocks
 
-    classes = [c for c in map(import_class, DEFAULT_BLOCK_CLASSES) if c is not None]
-    blocks = find_blocks(tiny_backbone(), classes)
+    blocks = find_blocks(tiny_backbone(), block_classes())
     assert len(blocks) == 2 and all(isinstance(b, WanTransformerBlock) for b in blocks)
 
 

@@ -75,6 +75,11 @@ def import_class(path: str) -> type | None:
         return None
 
 
+def block_classes(paths: Sequence[str] = DEFAULT_BLOCK_CLASSES) -> tuple[type, ...]:
+    """The classes named by ``paths`` that import here (a backbone's library may be absent)."""
+    return tuple(c for c in map(import_class, paths) if c is not None)
+
+
 def find_blocks(part: nn.Module, block_classes: Sequence[type]) -> list[nn.Module]:
     """The outermost submodules of ``part`` that are instances of ``block_classes`` (else its ModuleLists' items)."""
     blocks: list[nn.Module] = []
@@ -143,7 +148,7 @@ def apply_fsdp2(module: nn.Module, mesh: DeviceMesh, settings: FSDP2Settings | N
     settings = settings or settings_of(module)
     if mesh.ndim not in (1, 2):
         raise ValueError(f"mesh has {mesh.ndim} dims {mesh.mesh_dim_names}; expected a 1-D (FSDP) or 2-D (HSDP) mesh")
-    classes = [c for c in map(import_class, (*settings.block_classes, *settings.extra_block_classes)) if c is not None]
+    classes = block_classes((*settings.block_classes, *settings.extra_block_classes))
     kwargs = dict(mesh=mesh, reshard_after_forward=settings.reshard_after_forward, mp_policy=mixed_precision(settings))
     parts = trainable_parts(module)
     if all(any(isinstance(p, DTensor) for p in part.parameters()) for part in parts):
