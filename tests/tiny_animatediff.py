@@ -38,11 +38,9 @@ def save_tiny_animatediff(folder: str | Path, seed: int = 0, **config_kw: Any) -
     return ``folder``, so a config can name ``folder`` as the pretrained path."""
     from diffusers import UNetMotionModel
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    model = UNetMotionModel(**tiny_animatediff_config(**config_kw))
-    model.save_pretrained(folder / "unet")
-    return folder
+    from tests.tiny_save import save_random_part
+
+    return save_random_part(UNetMotionModel, tiny_animatediff_config(**config_kw), folder, "unet", seed)
 
 
 def save_tiny_sd_unet_and_adapter(folder: str | Path, seed: int = 0, in_channels: int = 4,

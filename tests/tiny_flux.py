@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 
 def tiny_flux_config(in_channels: int = 4, text_dim: int = 32, **overrides: Any) -> dict[str, Any]:
@@ -36,8 +35,6 @@ def save_tiny_flux(folder: str | Path, seed: int = 0, **config_kw: Any) -> Path:
     and return ``folder``, so a config can name ``folder`` as the pretrained path."""
     from diffusers import FluxTransformer2DModel
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**tiny_flux_config(**config_kw))
-    model.save_pretrained(folder / "transformer")
-    return folder
+    from tests.tiny_save import save_random_part
+
+    return save_random_part(FluxTransformer2DModel, tiny_flux_config(**config_kw), folder, "transformer", seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 
 
 def tiny_wan_config(in_channels: int = 4, text_dim: int = 32, **overrides: Any) -> dict[str, Any]:
@@ -37,8 +36,6 @@ def save_tiny_wan(folder: str | Path, seed: int = 0, **config_kw: Any) -> Path:
     and return ``folder``, so a config can name ``folder`` as the pretrained path."""
     from diffusers import WanTransformer3DModel
 
-    folder = Path(folder)
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**tiny_wan_config(**config_kw))
-    model.save_pretrained(folder / "transformer")
-    return folder
+    from tests.tiny_save import save_random_part
+
+    return save_random_part(WanTransformer3DModel, tiny_wan_config(**config_kw), folder, "transformer", seed)
