@@ -19,6 +19,7 @@ from tpdiff_lightning.frame_size import frame_size
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
+from tpdiff_lightning.optimizer import make_adamw
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
 from tpdiff_lightning.sampling import guided, sample
 
@@ -55,6 +56,8 @@ class TPDiffModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
         warmup_steps: linear learning-rate warmup, in optimizer steps.
+        fused_optimizer: use torch's fused AdamW kernel; ``None`` (default) uses it wherever it is safe (not under
+            fp16 mixed precision, DeepSpeed or sharded DTensor parameters), see ``tpdiff_lightning.optimizer``.
         ema_decay: decay of the weight EMA used for sampling; ``None`` disables it.
         sample_steps: total sampling steps, split over stages by ``partition``.
         guidance_scale: classifier-free guidance weight; 1 means none.
@@ -86,6 +89,7 @@ class TPDiffModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 100,
+        fused_optimizer: bool | None = None,
         ema_decay: float | None = 0.999,
         sample_steps: int = 30,
         guidance_scale: float = 1.0,
@@ -359,7 +363,10 @@ class TPDiffModule(L.LightningModule):
         groups = [{"params": [p for p in params if id(p) not in text_ids], "lr": hp.lr},
                   {"params": [p for p in params if id(p) in text_ids], "lr": hp.lr * hp.text_lr_scale}]
         groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        trainer = self._trainer
+        optimizer = make_adamw(groups, hp.lr, hp.weight_decay, hp.betas, hp.get("fused_optimizer"),
+                               precision=str(trainer.precision) if trainer is not None else "32-true",
+                               strategy=type(trainer.strategy).__name__ if trainer is not None else "")
         warmup = max(1, hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
