@@ -374,6 +374,16 @@ def test_predict_batches_cover_prompts_times_seeds():
     assert batches[0]["seed"].dtype == torch.long
 
 
+def test_predict_items_are_padded_to_the_world_size_with_placeholders():
+    dm = VideoDataModule(predict_prompts=["a", "b", "c"], predict_seeds_per_prompt=2, batch_size=4, seed=10)
+    dm.trainer = SimpleNamespace(world_size=4)
+    batches = list(dm.predict_dataloader())
+    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3, 4, 5, -1, -1]
+    assert "".join(_captions(batches)) == "aabbcccc"  # placeholders repeat the last prompt
+    dm.trainer = SimpleNamespace(world_size=3)  # 6 items split evenly already: no placeholder
+    assert torch.cat([b["index"] for b in dm.predict_dataloader()]).tolist() == list(range(6))
+
+
 def test_remote_shard_patterns_are_passed_to_webdataset_unchecked(tmp_path):
     dm = VideoDataModule(root=str(tmp_path), train_shards="pipe:cat /data/train-{000000..000002}.tar",
                          eval_shards="https://example.invalid/eval-{000000..000001}.tar", build_synthetic=False)

@@ -119,6 +119,19 @@ def test_generate_is_seeded_and_works_for_longer_clips():
     assert video.dtype == torch.uint8 and video.shape == (1, 32, 16, 16, 3)
 
 
+def test_predict_step_samples_placeholders_but_returns_only_real_items():
+    m = _module()
+    with torch.no_grad():
+        for p in m.backbone.final_layer.parameters():
+            p.normal_(0, 0.02)
+    batch = {"caption": ["a blue circle moving up slow", "a red square moving right fast"],
+             "seed": torch.tensor([3, 4]), "index": torch.tensor([7, -1])}
+    out = m.predict_step(batch, 0)
+    assert out["index"] == [7] and out["seed"] == [3] and out["caption"] == ["a blue circle moving up slow"]
+    alone = to_uint8_video(m.generate(["a blue circle moving up slow"], [3]))
+    assert out["video"].shape == (1, 16, 16, 16, 3) and torch.equal(out["video"], alone)
+
+
 def test_caption_dropout_rate():
     m = _module(caption_dropout=0.3)
     torch.manual_seed(0)

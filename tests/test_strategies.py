@@ -134,17 +134,22 @@ def test_fsdp2_strategy_rejects_an_unknown_dtype():
         FSDP2Strategy(param_dtype="bf16")
 
 
-def _fit(out: Path, data_root: Path, overlay: str, max_steps: int, extra: list[str], timeout: int = 150) -> None:
-    """Run ``lightning_cli.py fit`` with 2 CPU processes and the strategy overlay; raise with stderr on failure."""
+def _fit(out: Path, data_root: Path, overlay: str, max_steps: int, extra: list[str]) -> None:
+    """Run ``lightning_cli.py fit`` with 2 CPU processes and the strategy overlay, checkpointing every 2 steps."""
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": -1}},
         {"class_path": "tests.test_strategies.StageRecorder", "init_args": {"path": str(out / "stages")}},
     ]
-    cmd = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT),
-           "--config", str(CONFIGS / "strategy" / f"{overlay}.yaml"),
-           *shrink_args(out, data_root, max_steps=max_steps, steps_per_epoch=4, callbacks=callbacks),
-           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.limit_val_batches=0", *extra]
+    _cli("fit", out, data_root, overlay, [*shrink_args(out, data_root, max_steps=max_steps, steps_per_epoch=4,
+                                                       callbacks=callbacks), *extra])
+
+
+def _cli(command: str, out: Path, data_root: Path, overlay: str, args: list[str], timeout: int = 150) -> None:
+    """Run ``lightning_cli.py <command>`` with 2 CPU processes and the strategy overlay; raise with stderr on failure."""
+    cmd = [sys.executable, str(ROOT / "lightning_cli.py"), command, "--config", str(DEFAULT),
+           "--config", str(CONFIGS / "strategy" / f"{overlay}.yaml"), *args,
+           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.limit_val_batches=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -188,7 +193,7 @@ def test_ddp_with_global_alignment_fits(tmp_path, tiny_data_root):
 
 
 @pytest.mark.slow
-def test_fsdp2_two_cpu_processes_fit_and_resume_from_a_sharded_checkpoint(tmp_path, tiny_data_root):
+def test_fsdp2_two_cpu_processes_fit_resume_from_a_sharded_checkpoint_and_predict(tmp_path, tiny_data_root):
     out = tmp_path / "out"
     out.mkdir()
     _fit(out, tiny_data_root, "fsdp2", 2, [])
@@ -200,6 +205,16 @@ def test_fsdp2_two_cpu_processes_fit_and_resume_from_a_sharded_checkpoint(tmp_pa
     stages, starts = read_records(out / "stages")
     assert sorted(starts) == [(0, 0, 0), (0, 2, 2), (1, 0, 0), (1, 2, 2)]  # the sharded EMA came back too
     assert stages[0] == stages[1] and sorted(stages[0]) == [1, 2, 3, 4]
+    # Three prompts over two sharded ranks: one rank gets a placeholder, so both run the same forward passes
+    # (otherwise one rank would wait forever in an all-gather) and only the three real clips are written.
+    prompts = "[a red square moving right fast, a blue circle moving up slow, a green square moving left fast]"
+    _cli("predict", out, tiny_data_root, "fsdp2",
+         [*shrink_args(out, tiny_data_root), f"--data.init_args.predict_prompts={prompts}",
+          "--data.init_args.batch_size=1", "--model.init_args.sample_steps=3", "--return_predictions=false",
+          "--ckpt_path", str(last)])
+    mp4s = sorted(p.name for p in out.rglob("predictions/*.mp4"))
+    assert [name[:4] for name in mp4s] == ["0000", "0001", "0002"], mp4s
+    assert {name.rsplit("_", 1)[1] for name in mp4s} == {"rank0.mp4", "rank1.mp4"}
 
 
 def _free_port() -> int:

@@ -352,9 +352,11 @@ class TPDiffModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         captions = list(batch["caption"])
         seeds = [int(s) for s in batch["seed"]]
-        video = self.generate(captions, seeds)
-        return {"video": to_uint8_video(video).cpu(), "caption": captions,
-                "seed": seeds, "index": [int(i) for i in batch.get("index", range(len(captions)))]}
+        indices = [int(i) for i in batch.get("index", range(len(captions)))]
+        video = self.generate(captions, seeds)  # placeholders too: every rank runs the same forward passes
+        keep = [i for i, index in enumerate(indices) if index >= 0]  # index -1: padding to the world size
+        return {"video": to_uint8_video(video[keep]).cpu(), "caption": [captions[i] for i in keep],
+                "seed": [seeds[i] for i in keep], "index": [indices[i] for i in keep]}
 
     def configure_optimizers(self):
         hp = self.hparams

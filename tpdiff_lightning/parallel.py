@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -201,3 +201,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.fsdp2 = FSDP2Settings(tuple(block_classes), activation_checkpointing, reshard_after_forward,
                                    param_dtype, reduce_dtype, tuple(extra_block_classes))
         mixed_precision(self.fsdp2)  # check the dtype names now, not after the processes started
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Every rank is a data-parallel replica (both mesh dims shard or replicate weights, none splits a
+        sample), so map-style loaders such as predict's split their items over all ranks. Lightning's
+        ModelParallelStrategy assumes tensor parallelism on dim 1 and would hand every rank the same items."""
+        return {"num_replicas": self.world_size, "rank": self.global_rank}

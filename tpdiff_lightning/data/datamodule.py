@@ -500,5 +500,14 @@ class VideoDataModule(L.LightningDataModule):
         return items
 
     def predict_dataloader(self) -> DataLoader:
-        """Batches of `{"caption": list[str], "seed": LongTensor (B,), "index": LongTensor (B,)}` over prompts x seeds."""
-        return DataLoader(self.predict_items(), batch_size=self.batch_size, shuffle=False)
+        """Batches of `{"caption": list[str], "seed": LongTensor (B,), "index": LongTensor (B,)}` over prompts x seeds.
+
+        With several ranks the items are padded to a multiple of the world size with placeholders
+        (``index = -1``, dropped by ``predict_step``): Lightning splits predict items across ranks without
+        repeating any, so otherwise one rank would run a batch more than another, and under a sharded
+        strategy (FSDP, ZeRO-3) the ranks' forward passes would stop matching and hang.
+        """
+        items = self.predict_items()
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        items += [dict(items[-1], index=-1) for _ in range((-len(items)) % world_size)]
+        return DataLoader(items, batch_size=self.batch_size, shuffle=False)
