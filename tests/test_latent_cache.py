@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import DEFAULT, TINY_DATA, shrink_args, write_overlay
 from tpdiff_lightning.cli import main as cli_main
-from tpdiff_lightning.data.datamodule import VideoDataModule, eval_pipeline
+from tpdiff_lightning.data.datamodule import SkipCounter, VideoDataModule, collate_clips, eval_pipeline
 from tpdiff_lightning.data.encode_latents import main as encode_main
 from tpdiff_lightning.data.latent_cache import check_codec, module_identity
 from tpdiff_lightning.models.codec import IdentityCodec
@@ -59,6 +59,17 @@ def test_another_codec_is_refused_clearly():
 
     with pytest.raises(ValueError, match=r"encoded with codec .*'identity'.*model's codec is .*'other'"):
         check_codec(module_identity(IdentityCodec()), OtherCodec())
+
+
+def test_a_batch_mixing_text_encoders_is_refused_naming_both():
+    def sample(encoder: str) -> dict:
+        return {"latent": torch.zeros(3, 4, 2, 2), "caption": "c", "codec": '{"name": "identity"}',
+                "text_emb": torch.zeros(3, 8), "text_mask": torch.ones(3, dtype=torch.bool), "text_encoder": encoder}
+
+    batch = collate_clips([sample('{"name": "t5"}'), sample('{"name": "t5"}')], SkipCounter())
+    assert batch["text_encoder"] == '{"name": "t5"}' and batch["text_emb"].shape == (2, 3, 8)
+    with pytest.raises(ValueError, match=r"2 text encoders.*clip.*t5"):
+        collate_clips([sample('{"name": "t5"}'), sample('{"name": "clip"}')], SkipCounter())
 
 
 def test_training_from_latent_batches_with_cached_text(tmp_path, tiny_data_root):

@@ -214,8 +214,12 @@ def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
             raise ValueError(f"one batch mixes latent shards of {len(codecs)} codecs: {sorted(codecs)}")
         batch["codec"] = codecs.pop()
         if all("text_emb" in s for s in samples):
+            encoders = {s["text_encoder"] for s in samples}
+            if len(encoders) != 1:
+                raise ValueError(f"one batch mixes caption embeddings of {len(encoders)} text encoders: "
+                                 f"{sorted(encoders)}; re-encode the shards with one text encoder")
             batch["text_emb"], batch["text_mask"] = pad_text(samples)
-            batch["text_encoder"] = samples[0]["text_encoder"]
+            batch["text_encoder"] = encoders.pop()
     return batch
 
 
