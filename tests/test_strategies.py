@@ -328,3 +328,53 @@ def test_stage_sync_bench_quick_writes_json(tmp_path):
     assert len(result["stages"]) == 3 and all(s["step_s"] > 0 for s in result["stages"])
     # The slowest of 4 independent draws is never faster than one shared draw.
     assert result["expected_step_s"]["independent"] >= result["expected_step_s"]["sync"]
+
+
+def _fsdp1_frozen_filter_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+
+    from tpdiff_lightning.models.weights_folder import exclude_frozen_from_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        part = nn.Module()
+        part.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]).requires_grad_(False)  # the frozen base
+        part.register_buffer("table", torch.ones(3))
+        part.adapter = nn.Linear(4, 4)  # trained
+        owner = nn.Module()
+        owner.backbone, owner.head = part, nn.Linear(4, 2)
+        exclude_frozen_from_state_dict(owner, "backbone")
+        plain = sorted(owner.state_dict())
+        cpu = torch.device("cpu")
+        part.blocks[0] = FSDP(checkpoint_wrapper(part.blocks[0]), device_id=cpu, use_orig_params=True)
+        part.blocks[1] = FSDP(part.blocks[1], device_id=cpu, use_orig_params=True)
+        root = FSDP(owner, device_id=cpu, use_orig_params=True)
+        result = {"plain": plain, "wrapped_names": sorted(n for n, _ in owner.named_parameters())}
+        for kind in (StateDictType.FULL_STATE_DICT, StateDictType.SHARDED_STATE_DICT):
+            with FSDP.state_dict_type(root, kind):
+                result[kind.name] = sorted(root.state_dict())
+        with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT):
+            root.load_state_dict(root.state_dict(), strict=True)  # the frozen keys' absence is accepted
+        torch.save(result, Path(out_dir) / f"fsdp1_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_frozen_weights_stay_out_of_fsdp1_state_dicts(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_fsdp1_frozen_filter_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    expected = ["backbone.adapter.bias", "backbone.adapter.weight", "head.bias", "head.weight"]
+    for rank in range(2):
+        r = torch.load(tmp_path / f"fsdp1_rank{rank}.pt")
+        assert r["plain"] == expected
+        assert any("_fsdp_wrapped_module." in n for n in r["wrapped_names"]), r["wrapped_names"]  # really wrapped
+        assert r["FULL_STATE_DICT"] == expected, r
+        assert r["SHARDED_STATE_DICT"] == expected, r

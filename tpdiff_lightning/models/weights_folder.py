@@ -70,6 +70,18 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return dtype
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+"""Attribute names that FSDP(1) and activation checkpointing insert between a module and its parameters;
+``named_parameters()`` shows them, but both wrappers take them out of ``state_dict()`` keys."""
+
+
+def state_dict_name(name: str) -> str:
+    """A parameter name as ``state_dict()`` spells it, without the wrappers' inserted attribute names."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def exclude_frozen_from_state_dict(owner: nn.Module, child: str) -> None:
     """Leave the frozen parameters and the buffers of ``owner.<child>`` out of ``owner.state_dict()``, and let
     ``load_state_dict(strict=True)`` accept their absence.
@@ -82,7 +94,7 @@ def exclude_frozen_from_state_dict(owner: nn.Module, child: str) -> None:
     def frozen_names() -> set[str]:
         part = getattr(owner, child)
         names = {n for n, p in part.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        return names | {n for n, _ in part.named_buffers(remove_duplicate=False)}
+        return {state_dict_name(n) for n in names | {n for n, _ in part.named_buffers(remove_duplicate=False)}}
 
     prefixes: list[str] = []
 
@@ -95,8 +107,8 @@ def exclude_frozen_from_state_dict(owner: nn.Module, child: str) -> None:
 
     def forgive_missing(module: nn.Module, incompatible: Any) -> None:
         head = prefixes.pop() if prefixes else f"{child}."
-        skip = {head + name for name in frozen_names()}
-        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in skip]
+        skip = {state_dict_name(head + name) for name in frozen_names()}
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if state_dict_name(k) not in skip]
 
     owner.register_state_dict_post_hook(drop)
     owner.register_load_state_dict_pre_hook(remember_prefix)
