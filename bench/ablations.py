@@ -2,6 +2,7 @@
 
     python bench/ablations.py            # dit-tiny, batch 4, 16 frames of 32x32, 30 steps
     python bench/ablations.py --quick
+    python bench/ablations.py --quality-only   # refill the FVD columns after more convergence runs
 
 For each row (the default config and each overlay) the pyramid is built from the merged YAML and:
 - inference speed-up: 30-step sampling with the same network, timed interleaved with vanilla (medians);
@@ -9,7 +10,8 @@ For each row (the default config and each overlay) the pyramid is built from the
 - training compute per sample against vanilla: forward+backward FLOPs per stage, weighted by the stage
   probabilities. The paper's "train speed-up" is GPU-hours to equal quality, which also contains the
   convergence effect; only ``bench/convergence.py`` measures that.
-- quality at equal compute: the final FVD of the row's convergence runs, when
+- quality at equal compute: the final FVD of the row's convergence runs (``tpdiff-flow-<row>`` in
+  ``bench/convergence.py``, equal training FLOPs) beside vanilla's of the same seed, when
   ``bench/results/convergence.json`` has them.
 Writes ``bench/results/ablations.json``.
 """
@@ -67,15 +69,57 @@ def train_flops_per_sample(net: torch.nn.Module, pyramid: TemporalPyramid, frame
     return flops
 
 
-def final_fvds(path: Path) -> dict[str, list[float]]:
-    """Run name -> final FVDs (one per seed) from the convergence results, if any."""
+def final_fvds(path: Path) -> dict[str, dict[int, float]]:
+    """Run name -> {seed: final FVD} from the convergence results, if any."""
     if not path.is_file():
         return {}
-    out: dict[str, list[float]] = {}
+    out: dict[str, dict[int, float]] = {}
     for run in json.loads(path.read_text()).get("runs", []):
         if run.get("points"):
-            out.setdefault(run["run"], []).append(run["points"][-1]["fvd"])
+            out.setdefault(run["run"], {})[int(run["seed"])] = run["points"][-1]["fvd"]
     return out
+
+
+def quality(row_fvds: dict[int, float] | None, vanilla_fvds: dict[int, float] | None) -> dict[str, Any]:
+    """A row's final FVDs beside vanilla's of the same seeds (JSON keys are strings)."""
+    row_fvds, vanilla_fvds = row_fvds or {}, vanilla_fvds or {}
+    seeds = sorted(int(s) for s in row_fvds)
+    return {"final_fvd": {str(s): row_fvds[s] for s in seeds},
+            "vanilla_final_fvd": {str(s): vanilla_fvds[s] for s in seeds if s in vanilla_fvds}}
+
+
+def fvd_cell(row: dict[str, Any]) -> str:
+    """``"987 vs 882 (s0)"`` per seed, or ``"-"`` when the row has no convergence run yet."""
+    if not row.get("final_fvd"):
+        return "-"
+    vanilla = row.get("vanilla_final_fvd") or {}
+    return ", ".join(f"{fvd:.0f} vs {vanilla[s]:.0f} (s{s})" if s in vanilla else f"{fvd:.0f} (s{s})"
+                     for s, fvd in row["final_fvd"].items())
+
+
+def print_rows(result: dict[str, Any]) -> None:
+    config = result["config"]
+    table = []
+    for row in result["rows"]:
+        paper = row.get("paper") or {}
+        table.append([row["name"], "-".join(map(str, row["stage_frames"])), f"{row['infer_speedup']:.2f}x",
+                      f"{row['infer_flop_predicted']:.2f}x", f"{paper.get('infer', '-')}x",
+                      f"{row['train_compute_ratio']:.2f}x", f"{paper.get('train', '-')}x", fvd_cell(row),
+                      paper.get("ts", "-")])
+    print(f"Table 2 rows against vanilla (dit-tiny, batch {config['batch']}, {config['steps']} steps, "
+          f"{result['clock']} seconds); final FVD at equal training FLOPs against vanilla's, per seed")
+    print_table(["row", "frames", "infer", "FLOP-pred.", "paper infer", "train FLOP", "paper train",
+                 "final FVD vs vanilla", "paper TS"], table)
+
+
+def refresh_quality(result: dict[str, Any], convergence: Path) -> dict[str, Any]:
+    """Fill every row's quality columns from the convergence results (the timings stay as measured)."""
+    fvds = final_fvds(convergence)
+    for row in result["rows"]:
+        run = row.get("convergence_run") or CONVERGENCE_RUN.get(row["name"], f"tpdiff-flow-{row['name']}")
+        row.update(quality(fvds.get(run), fvds.get("vanilla-flow")), convergence_run=run)
+    result["vanilla"]["final_fvd"] = {str(s): v for s, v in sorted(fvds.get("vanilla-flow", {}).items())}
+    return result
 
 
 def plot_rows(result: dict[str, Any], path: Path) -> None:
@@ -104,11 +148,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="bench/results/ablations.json")
     parser.add_argument("--plot", default="docs/ablations_speedup.png", help="bar chart PNG ('' for none)")
     parser.add_argument("--replot", action="store_true", help="only redraw the chart from --out")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="no timing: refill the final-FVD columns of --out from --convergence")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.replot:
+    if args.replot or args.quality_only:
         result = json.loads(Path(args.out).read_text())
-        plot_rows(result, Path(args.plot))
+        if args.quality_only:
+            result = refresh_quality(result, Path(args.convergence))
+            print_rows(result)
+            write_json(args.out, result)
+        if args.plot:
+            plot_rows(result, Path(args.plot))
         return result
     if args.quick:
         args.repeats, args.steps, args.batch, args.resolution = 1, 5, 1, 16
@@ -139,34 +190,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for k, p in pyramids.items()}
     net.train()
     train = {k: train_flops_per_sample(net, p, shape, text, mask) for k, p in pyramids.items()}
-    fvds = final_fvds(Path(args.convergence))
-    vanilla_fvd = fvds.get("vanilla-flow")
-    rows, table = [], []
+    rows = []
     for name in (k for k in pyramids if k != "vanilla"):
         p = pyramids[name]
-        run = CONVERGENCE_RUN.get(name, f"tpdiff-flow-{name}")
-        row = {
+        rows.append({
             "name": name, "stage_frames": [s.num_frames for s in p.stages], "partition": list(p.partition),
             "reductions": list(p.reductions), "steps_per_stage": split_steps(args.steps, p.partition),
             "infer_speedup": med["vanilla"] / med[name],
             "infer_speedup_wall": summary(times["wall"]["vanilla"])["median_s"] / summary(times["wall"][name])["median_s"],
             "infer_flop_predicted": flops["vanilla"] / flops[name],
             "train_compute_ratio": train["vanilla"] / train[name],
-            "final_fvd": fvds.get(run), "vanilla_final_fvd": vanilla_fvd, "convergence_run": run,
+            "convergence_run": CONVERGENCE_RUN.get(name, f"tpdiff-flow-{name}"),
             "paper": PAPER.get(name),
-        }
-        rows.append(row)
-        paper = PAPER.get(name, {})
-        fvd = "-" if not row["final_fvd"] else "/".join(f"{v:.0f}" for v in row["final_fvd"])
-        table.append([name, "-".join(map(str, row["stage_frames"])), f"{row['infer_speedup']:.2f}x",
-                      f"{row['infer_flop_predicted']:.2f}x", f"{paper.get('infer', '-')}x",
-                      f"{row['train_compute_ratio']:.2f}x", f"{paper.get('train', '-')}x", fvd, paper.get("ts", "-")])
-    print(f"Table 2 rows against vanilla (dit-tiny, batch {args.batch}, {args.steps} steps, {clock} seconds)")
-    print_table(["row", "frames", "infer", "FLOP-pred.", "paper infer", "train FLOP", "paper train", "final FVD",
-                 "paper TS"], table)
+        })
     result = {"bench": "ablations", "config": vars(args), "clock": clock, "rows": rows,
-              "vanilla": {"latency": summary(times[clock]["vanilla"]), "final_fvd": vanilla_fvd},
+              "vanilla": {"latency": summary(times[clock]["vanilla"])},
               "raw_s": times, "machine": finish_machine_info(info)}
+    refresh_quality(result, Path(args.convergence))
+    print_rows(result)
     write_json(args.out, result)
     if args.plot:
         plot_rows(result, Path(args.plot))

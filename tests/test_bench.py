@@ -118,6 +118,25 @@ def test_ablations_quick_has_every_table2_row(tmp_path):
     assert rows["partition_1-1-2"]["infer_flop_predicted"] < rows["default"]["infer_flop_predicted"]
     assert rows["partition_2-1-1"]["infer_flop_predicted"] > rows["default"]["infer_flop_predicted"]
     assert rows["no_alignment"]["infer_flop_predicted"] == pytest.approx(rows["default"]["infer_flop_predicted"])
+    assert rows["default"]["final_fvd"] == {}  # no convergence runs yet
+
+    # Later convergence runs fill the quality columns without re-timing: each row beside vanilla's same seed.
+    def run(name, seed, fvd):
+        return {"run": name, "seed": seed, "points": [{"step": 1, "fvd": fvd + 100}, {"step": 2, "fvd": fvd}]}
+
+    convergence = tmp_path / "convergence.json"
+    convergence.write_text(json.dumps({"runs": [run("tpdiff-flow", 0, 900.0), run("vanilla-flow", 0, 950.0),
+                                                run("tpdiff-flow", 1, 800.0), run("tpdiff-flow-stages4", 1, 700.0),
+                                                run("vanilla-flow", 1, 850.0)]}))
+    timings = {r["name"]: r["infer_speedup"] for r in load_json(out)["rows"]}
+    ablations.main(["--quality-only", "--convergence", str(convergence), "--out", str(out), "--plot", ""])
+    refreshed = {r["name"]: r for r in load_json(out)["rows"]}
+    assert {k: r["infer_speedup"] for k, r in refreshed.items()} == timings
+    assert refreshed["default"]["final_fvd"] == {"0": 900.0, "1": 800.0}
+    assert refreshed["default"]["vanilla_final_fvd"] == {"0": 950.0, "1": 850.0}
+    assert refreshed["stages4"]["final_fvd"] == {"1": 700.0} and refreshed["stages4"]["vanilla_final_fvd"] == {"1": 850.0}
+    assert refreshed["stages5"]["final_fvd"] == {}
+    assert ablations.fvd_cell(refreshed["stages4"]) == "700 vs 850 (s1)"
 
 
 def test_compare_flags_a_regression_and_passes_an_equal_run(tmp_path):
