@@ -20,8 +20,8 @@ def _shadow_name(param_name: str) -> str:
 class EMA(nn.Module):
     """Shadow copies of ``model``'s trainable parameters tracking ``decay * shadow + (1 - decay) * weight``.
 
-    The shadows are frozen parameters (``requires_grad=False``): they are saved in and restored from
-    checkpoints and follow ``.to()``, no optimizer sees them, and, unlike buffers, DDP does not broadcast
+    The shadows are float32 frozen parameters (``requires_grad=False``): they are saved in and restored
+    from checkpoints and follow ``.to(device)`` but not casts to another dtype, no optimizer sees them, and, unlike buffers, DDP does not broadcast
     them from rank 0 before every forward (they are identical on every rank anyway).
     """
 
@@ -44,6 +44,17 @@ class EMA(nn.Module):
         for name in self.names:
             shadow = nn.Parameter(params[name].detach().clone().float(), requires_grad=False)
             self.register_parameter(_shadow_name(name), shadow)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Follow device moves, but keep the shadows in float32 whatever dtype the model is cast to
+        (Lightning's ``bf16-true`` casts the whole module): a 0.999 decay moves a weight by 0.1% of the
+        gap per step, less than bf16 can represent, so a bf16 average would stop moving."""
+        super()._apply(fn, recurse)
+        for name in self.names:
+            shadow = getattr(self, _shadow_name(name))
+            if shadow.is_floating_point() and shadow.dtype != torch.float32:
+                shadow.data = shadow.data.float()
+        return self
 
     def shadows(self) -> list[Tensor]:
         """The averaged tensors, in the order of ``self.names``."""
