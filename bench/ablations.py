@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from common import (ROOT, add_common_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
-                    machine_info, print_table, pyramid_from_config, random_text, sampling_flops, set_threads,
-                    summary, write_json)
+                    machine_info, parse_bench_args, print_table, pyramid_from_config, random_text, sampling_flops,
+                    set_threads, summary, write_json)
 from inference_latency import denoiser
 from tpdiff_lightning.pyramid import TemporalPyramid
 from tpdiff_lightning.sampling import sample, split_steps
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quality-only", action="store_true",
                         help="no timing: refill the final-FVD columns of --out from --convergence")
     add_common_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.replot or args.quality_only:
         result = json.loads(Path(args.out).read_text())
         if args.quality_only:

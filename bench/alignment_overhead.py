@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from common import add_common_args, finish_machine_info, machine_info, print_table, set_threads, write_json
+from common import (add_common_args, finish_machine_info, machine_info, parse_bench_args, print_table, set_threads,
+                    write_json)
 from tpdiff_lightning.alignment import align_noise, alignment_cost
 from tpdiff_lightning.pyramid import TemporalPyramid
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train-result", default="bench/results/train_throughput.json")
     parser.add_argument("--out", default="bench/results/alignment_overhead.json")
     add_common_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.quick:
         args.batches, args.repeats = "4,16", 1
     set_threads(args.threads)

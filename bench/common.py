@@ -197,6 +197,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def parse_bench_args(parser, argv: list[str] | None = None):
+    """Parse a benchmark's arguments. A ``--quick`` run writes its JSON (and plot) to ``bench/results/quick/``
+    unless ``--out``/``--plot`` are given, so a smoke run never replaces a measured result."""
+    args = parser.parse_args(argv)
+    if getattr(args, "quick", False):
+        for dest in ("out", "plot"):
+            value = getattr(args, dest, None)
+            if value and value == parser.get_default(dest):
+                setattr(args, dest, str(ROOT / "bench" / "results" / "quick" / Path(value).name))
+    return args
+
+
 def write_json(path: str | Path, result: dict[str, Any]) -> Path:
     """Write ``result`` (finite floats only, keys sorted as given) and say where."""
     path = Path(path)

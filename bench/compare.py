@@ -75,6 +75,13 @@ def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float) -> list[
     return rows
 
 
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Settings two benchmark results were run with that differ (``out`` and ``plot`` paths aside)."""
+    old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
+    return {k: (old_cfg.get(k), new_cfg.get(k)) for k in sorted(set(old_cfg) | set(new_cfg))
+            if k not in ("out", "plot") and old_cfg.get(k) != new_cfg.get(k)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("old")
@@ -84,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.tolerance < 1:
         raise ValueError(f"--tolerance={args.tolerance} is invalid; expected 0 <= tolerance < 1")
-    rows = compare(json.loads(Path(args.old).read_text()), json.loads(Path(args.new).read_text()), args.tolerance)
+    old, new = json.loads(Path(args.old).read_text()), json.loads(Path(args.new).read_text())
+    differences = config_differences(old, new)
+    if differences:
+        print("warning: the two runs used different settings, so their numbers may not be comparable: "
+              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items()))
+    rows = compare(old, new, args.tolerance)
     width = max([len(r["metric"]) for r in rows] + [6])
     print(f"{'metric'.ljust(width)} {'old':>10} {'new':>10} {'new/old':>8}")
     for r in rows:
@@ -93,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     regressions = sum(r["regression"] for r in rows)
     print(f"{len(rows)} numbers compared, {regressions} regression(s) beyond {args.tolerance:.0%}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "regressions": regressions}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"rows": rows, "regressions": regressions,
+                                               "config_differences": differences}, indent=2) + "\n")
     return 1 if regressions else 0
 
 

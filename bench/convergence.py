@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common` when import
 
 import lightning as L  # noqa: E402
 
+from common import parse_bench_args  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNS: dict[str, list[str]] = {
     "tpdiff-flow": [],
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--report", action="store_true", help="no training: analyse and plot the JSON")
     parser.add_argument("--quick", action="store_true", help="4 steps, one FVD on 2 clips at 3 steps (smoke test)")
     parser.add_argument("extra", nargs="*", help="more LightningCLI overrides, after --")
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.quick:
         args.max_steps, args.fvd_every, args.fvd_videos, args.fvd_steps = 4, 4, 2, 3
         args.batch, args.workers, args.resolution = 2, 0, args.resolution or 16

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from common import parse_bench_args
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.data.latent_cache import latent_sample
 from tpdiff_lightning.data.synthetic import write_synthetic_shards
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="24 clips, 3 batches per 256x256 case, 10 at 32x32, 1 repeat")
     parser.add_argument("--out", default="bench/results/data_throughput.json")
-    args = parser.parse_args()
+    args = parse_bench_args(parser)
     if args.quick:
         args.clips, args.batches, args.default_batches, args.repeats = 24, 3, 10, 1
     for name in ("clips", "clip_frames", "batches", "default_batches", "repeats"):

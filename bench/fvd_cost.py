@@ -33,6 +33,7 @@ import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import parse_bench_args
 from tpdiff_lightning.metrics.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, i3d_features, load_i3d
 from tpdiff_lightning.pyramid import TemporalPyramid
 from tpdiff_lightning.sampling import split_steps
@@ -443,7 +444,7 @@ def main() -> None:
                         help="training FLOPs per forward FLOP in the projection (3: forward + backward)")
     parser.add_argument("--no-speed", action="store_true", help="skip the I3D clips/s measurement")
     parser.add_argument("--out", default="bench/results/fvd_cost.json")
-    args = parser.parse_args()
+    args = parse_bench_args(parser)
     if args.quick:
         args.batch, args.repeats = 2, 1
     result: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "device": args.device,

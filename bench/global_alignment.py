@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from common import parse_bench_args
 from tpdiff_lightning.alignment import align_noise
 from tpdiff_lightning.alignment import alignment_cost, hungarian_permutation
 from tpdiff_lightning.distributed_alignment import align_noise_global, gather
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="global batch 8 and 32, a (3, 4, 16, 16) clip, 1 repeat")
     parser.add_argument("--out", default="bench/results/global_alignment.json")
-    args = parser.parse_args()
+    args = parse_bench_args(parser)
     if args.quick:
         args.global_batches, args.shape, args.repeats = [8, 32], [3, 4, 16, 16], 1
     for gb in args.global_batches:

@@ -21,8 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from common import (add_common_args, build_dit, finish_machine_info, interleaved, machine_info, print_table,
-                    headline_clock, random_text, ratio_stats, sampling_flops, set_threads, summary, write_json)
+from common import (add_common_args, build_dit, finish_machine_info, headline_clock, interleaved, machine_info,
+                    parse_bench_args, print_table, random_text, ratio_stats, sampling_flops, set_threads, summary,
+                    write_json)
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid
 from tpdiff_lightning.sampling import sample, split_steps
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text-dim", type=int, default=128)
     parser.add_argument("--out", default="bench/results/inference_latency.json")
     add_common_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.quick:
         args.repeats, args.steps, args.batch, args.resolution = 1, 6, 1, 16
     set_threads(args.threads)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from common import parse_bench_args
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.pyramid import TemporalPyramid
 
@@ -80,7 +81,7 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=128)
     parser.add_argument("--quick", action="store_true", help="1 repeat, batch 2, 16 px, 8 frames, 1000 steps")
     parser.add_argument("--out", default="bench/results/stage_sync.json")
-    args = parser.parse_args()
+    args = parse_bench_args(parser)
     if args.quick:
         args.repeats, args.batch, args.resolution, args.frames, args.steps = 1, 2, 16, 8, 1000
 

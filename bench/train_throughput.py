@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common import (add_common_args, finish_machine_info, headline_clock, interleaved, machine_info, parameter_storages,
-                    print_table, ratio_stats, set_threads, summary, write_json, count_flops)
+from common import (add_common_args, count_flops, finish_machine_info, headline_clock, interleaved, machine_info,
+                    parameter_storages, parse_bench_args, print_table, ratio_stats, set_threads, summary, write_json)
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-alignment", action="store_true")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     add_common_args(parser)
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv)
     if args.quick:
         args.repeats, args.batch, args.resolution = 1, 2, 16
     set_threads(args.threads)

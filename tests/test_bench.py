@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -155,6 +156,29 @@ def test_compare_flags_a_regression_and_passes_an_equal_run(tmp_path):
     assert compare.main([str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
     with pytest.raises(ValueError, match="'train_throughput'"):
         compare.compare(old, {"bench": "train_throughput"}, 0.15)
+    # Runs with other settings are compared, but with a warning naming what differs.
+    quick = dict(slower, config={"batch": 1, "quick": True, "out": "x.json"})
+    (tmp_path / "old.json").write_text(json.dumps(dict(old, config={"batch": 4, "quick": False, "out": "y.json"})))
+    (tmp_path / "quick.json").write_text(json.dumps(quick))
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(tmp_path / "old.json"),
+                           str(tmp_path / "quick.json")], cwd=ROOT, capture_output=True, text=True)
+    assert "different settings" in proc.stdout and "batch: 4 -> 1" in proc.stdout and "out:" not in proc.stdout
+
+
+def test_a_quick_run_never_writes_over_the_measured_results():
+    import argparse
+
+    from common import parse_bench_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/x.json")
+    parser.add_argument("--plot", default="docs/x.png")
+    parser.add_argument("--quick", action="store_true")
+    quick = parse_bench_args(parser, ["--quick"])
+    assert Path(quick.out) == ROOT / "bench" / "results" / "quick" / "x.json"
+    assert Path(quick.plot) == ROOT / "bench" / "results" / "quick" / "x.png"
+    assert parse_bench_args(parser, ["--quick", "--out", "mine.json"]).out == "mine.json"  # asked for: kept
+    assert parse_bench_args(parser, []).out == "bench/results/x.json"  # a full run writes the results
 
 
 def test_convergence_flops_replay_the_modules_stage_draw():
