@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -129,3 +131,36 @@ def test_tensorboard_serves_both_fvd_axes_over_http(tmp_path, tiny_data_root):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_missing_eval_set_fails_at_setup_naming_what_there_is(tmp_path, tiny_data_root):
+    with pytest.raises(FileNotFoundError, match=r"eval_split='test' is not in .*splits \['eval', 'train'\]"):
+        FVDCurve(eval_root=str(tiny_data_root), eval_split="test").setup(None, None, "fit")
+    with pytest.raises(FileNotFoundError, match=r"eval_root=.*has no manifest.json"):
+        FVDCurve(eval_root=str(tmp_path)).setup(None, None, "fit")
+    FVDCurve(eval_root=str(tmp_path)).setup(None, None, "predict")  # only fit evaluates
+
+
+def test_backbone_configs_name_the_split_build_msrvtt_writes():
+    import yaml
+
+    from tpdiff_lightning.data.msrvtt import SPLIT_ROLES
+
+    for name in ("animatediff_ddim", "wan_lora_flow", "flux_flow"):
+        callbacks = yaml.safe_load((DEFAULT.parent / f"{name}.yaml").read_text())["trainer"]["callbacks"]
+        fvd = [c["init_args"] for c in callbacks if c["class_path"].endswith("FVDCurve")]
+        assert fvd and fvd[0]["eval_split"] in SPLIT_ROLES.values(), (name, fvd)
+
+
+def test_real_clips_follow_the_training_data_frame_step(tiny_data_root):
+    def context(num_frames, frame_stride):
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(frame_stride=frame_stride, target_fps=None))
+        module = SimpleNamespace(hparams=SimpleNamespace(num_frames=num_frames, resolution=16))
+        return trainer, module
+
+    callback = FVDCurve(eval_root=str(tiny_data_root), num_videos=2)
+    _, every_frame = callback.real_clips(*context(16, 1))
+    _, every_other = callback.real_clips(*context(8, 2))
+    assert every_other.shape == (2, 8, 16, 16, 3)
+    assert torch.equal(every_other, every_frame[:, ::2])
+    assert callback.cache_key(*context(8, 1)) != callback.cache_key(*context(8, 2))

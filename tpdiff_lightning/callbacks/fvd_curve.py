@@ -25,7 +25,9 @@ class FVDCurve(L.Callback):
 
     Prompts are the captions of the first ``num_videos`` clips of the eval set, each sampled with seed
     ``seed + k`` (EMA weights when the module has them); generation is split across ranks. Real-clip
-    statistics are computed once per (eval set, clip count, frames, resolution, extractor) and cached.
+    statistics are computed once per (eval set, clip count, frames, resolution, frame step, extractor) and
+    cached. Real clips are read at the training data's frame step (``frame_stride`` or ``target_fps`` of the
+    datamodule), the frame rate the model generates at.
 
     Logged to TensorBoard: ``fvd/<name>-<N>`` against the global step, the same value at
     x = milli-GPU-hours in ``fvd/<name>-<N>@mGPUh``, ``compute/gpu_hours`` (training wall clock × devices,
@@ -78,6 +80,30 @@ class FVDCurve(L.Callback):
     def gpu_hours(self, trainer: L.Trainer) -> float:
         return self.train_seconds * trainer.num_devices * trainer.num_nodes / 3600
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Check the eval set before training starts, not at the first evaluation thousands of steps in."""
+        if stage == "fit":
+            self.eval_urls()
+
+    def eval_urls(self) -> list[str]:
+        """The shards of ``eval_split`` listed by ``eval_root``'s manifest; a clear error if there are none."""
+        manifest = read_manifest(self.eval_root)
+        if manifest is None:
+            raise FileNotFoundError(f"FVDCurve: eval_root={str(self.eval_root)!r} has no manifest.json; build the eval "
+                                    "shards there first (data/build_msrvtt.py for MSR-VTT, data/make_synthetic.py)")
+        splits = manifest.get("splits", {})
+        if self.eval_split not in splits:
+            raise FileNotFoundError(f"FVDCurve: eval_split={self.eval_split!r} is not in "
+                                    f"{self.eval_root / 'manifest.json'}, which has the splits {sorted(splits)}")
+        return [str(self.eval_root / s) for s in splits[self.eval_split]["shards"]]
+
+    def frame_step(self, trainer) -> dict[str, Any]:
+        """The training data's frame step (``frame_stride`` / ``target_fps``), so real clips have the frame
+        rate the model learned to generate."""
+        datamodule = getattr(trainer, "datamodule", None)
+        return {"frame_stride": getattr(datamodule, "frame_stride", 1),
+                "target_fps": getattr(datamodule, "target_fps", None)}
+
     def on_train_start(self, trainer, pl_module) -> None:
         self._clock = time.perf_counter()
 
@@ -96,15 +122,12 @@ class FVDCurve(L.Callback):
     def _metric(self, device) -> FVD:
         return FVD(self.feature_extractor).to(device)
 
-    def real_clips(self, pl_module) -> tuple[list[str], torch.Tensor]:
-        """Captions and uint8 clips ``(N, T, H, W, 3)`` of the first N eval clips, at the module's shape."""
-        manifest = read_manifest(self.eval_root)
-        if manifest is None or self.eval_split not in manifest.get("splits", {}):
-            raise FileNotFoundError(f"no {self.eval_split!r} split in {self.eval_root / 'manifest.json'}")
-        urls = [str(self.eval_root / s) for s in manifest["splits"][self.eval_split]["shards"]]
+    def real_clips(self, trainer, pl_module) -> tuple[list[str], torch.Tensor]:
+        """Captions and uint8 clips ``(N, T, H, W, 3)`` of the first N eval clips, at the module's shape and the
+        training data's frame step."""
         hp = pl_module.hparams
         captions, clips = [], []
-        for batch in eval_pipeline(urls, hp.num_frames, hp.resolution, 8):
+        for batch in eval_pipeline(self.eval_urls(), hp.num_frames, hp.resolution, 8, **self.frame_step(trainer)):
             captions += batch["caption"]
             clips.append(to_uint8_video(batch["video"]))
             if len(captions) >= self.num_videos:
@@ -113,17 +136,21 @@ class FVDCurve(L.Callback):
             raise ValueError(f"the eval set has {len(captions)} clips; num_videos={self.num_videos} needs as many")
         return captions[: self.num_videos], torch.cat(clips)[: self.num_videos]
 
-    def cache_key(self, pl_module) -> str:
+    def cache_key(self, trainer, pl_module) -> str:
         manifest = (self.eval_root / "manifest.json").read_bytes()
         hp = pl_module.hparams
-        key = json.dumps([hashlib.sha1(manifest).hexdigest(), self.eval_split, self.num_videos, hp.num_frames,
-                          hp.resolution, self.extractor_name])
+        step = self.frame_step(trainer)
+        key = [hashlib.sha1(manifest).hexdigest(), self.eval_split, self.num_videos, hp.num_frames, hp.resolution,
+               self.extractor_name]
+        if step != {"frame_stride": 1, "target_fps": None}:  # keys of runs at the native rate stay as they were
+            key.append(step)
+        key = json.dumps(key)
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
     def real_statistics(self, trainer, pl_module) -> tuple:
         """The real clips' feature sums, from the disk cache or computed (on rank 0) and cached."""
-        path = self.cache_dir / f"{self.name}-{self.cache_key(pl_module)}.pt"
-        captions, clips = self.real_clips(pl_module)
+        path = self.cache_dir / f"{self.name}-{self.cache_key(trainer, pl_module)}.pt"
+        captions, clips = self.real_clips(trainer, pl_module)
         self._captions = captions
         if path.is_file():
             stats = torch.load(path, map_location="cpu", weights_only=True)
