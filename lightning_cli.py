@@ -1,4 +1,4 @@
-"""Command line: ``python lightning_cli.py fit|validate|test|predict --config configs/default.yaml``."""
+"""Command line: ``python lightning_cli.py fit|validate|predict --config configs/default.yaml``."""
 
 from tpdiff_lightning.cli import main
 

@@ -1,6 +1,6 @@
 """Export a trained backbone from a checkpoint: the LoRA adapter in peft/diffusers format, and/or a merged model.
 
-    python -m tpdiff_lightning.export --ckpt_path outputs/wan/tpdiff-lora/checkpoints/last.ckpt \\
+    python -m tpdiff_lightning.export --ckpt_path outputs/wan/tpdiff-lora-flow/checkpoints/last.ckpt \\
         --out exports/wan-tpdiff [--merged] [--no-ema]
 
 Writes ``<out>/adapter`` (``adapter_config.json``, ``adapter_model.safetensors`` and diffusers'
