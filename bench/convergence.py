@@ -191,6 +191,40 @@ def first_reach(points: list[dict[str, float]], level: float, axis: str) -> floa
     return next((p[axis] for p in points if p["fvd"] <= level), None)
 
 
+def interpolate(points: list[dict[str, float]], grid: list[float]) -> list[float]:
+    """A run's FVD at each training-FLOP value of ``grid``, piecewise linear between its evaluations."""
+    import numpy as np
+
+    return np.interp(grid, [p["train_flops"] for p in points], [p["fvd"] for p in points]).tolist()
+
+
+def seed_mean_curves(runs: list[dict[str, Any]], names: tuple[str, str], num: int = 40) -> dict[str, Any] | None:
+    """Mean FVD over the seeds both runs of a pair have, on one FLOP grid (the span every curve covers).
+
+    One N = 12 FVD point is noisy (±60 between neighbours), so the first point under a level is partly luck;
+    averaging the seeds' curves first gives a steadier reach and the final gap with its seed-to-seed spread.
+    """
+    import numpy as np
+
+    by_key = {(r["run"], r["seed"]): r for r in runs}
+    seeds = sorted(s for (name, s) in by_key if name == names[0] and (names[1], s) in by_key)
+    if len(seeds) < 2:
+        return None
+    curves = {name: [by_key[(name, s)]["points"] for s in seeds] for name in names}
+    lo = max(c[0]["train_flops"] for cs in curves.values() for c in cs)
+    hi = min(c[-1]["train_flops"] for cs in curves.values() for c in cs)
+    grid = np.linspace(lo, hi, num).tolist()
+    mean = {name: np.mean([interpolate(c, grid) for c in cs], axis=0).tolist() for name, cs in curves.items()}
+    finals = {name: [c[-1]["fvd"] for c in cs] for name, cs in curves.items()}
+    gaps = np.subtract(finals[names[0]], finals[names[1]])
+    level = mean[names[1]][-1]
+    reach = next((x for x, v in zip(grid, mean[names[0]]) if v <= level), None)
+    return {"seeds": seeds, "flops_grid": grid, "mean_fvd": mean,
+            "mean_final_fvd": {name: float(np.mean(v)) for name, v in finals.items()},
+            "final_gap_mean": float(gaps.mean()), "final_gap_sem": float(gaps.std(ddof=1) / np.sqrt(len(gaps))),
+            "reach_train_flops_fraction": None if reach is None else reach / grid[-1]}
+
+
 def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per pair (TPDiff, vanilla) and seed: both final FVDs, and the compute at which TPDiff first reaches
     vanilla's final FVD as a fraction of vanilla's total compute (the paper claims about 0.5)."""
@@ -210,6 +244,9 @@ def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
             rows.append(row)
         if rows:
             out[pair] = rows
+        mean = seed_mean_curves(runs, (tp, va))
+        if mean is not None:
+            out[f"{pair}-seed-mean"] = mean
     return out
 
 
@@ -230,6 +267,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                                                       [p["fvd"] for p in r["points"]])
         if series:
             panels[schedule] = series
+        mean = result.get("analysis", {}).get(f"{schedule}-seed-mean")
+        if mean:  # a panel of its own: the seed means are the curves to read
+            panels[f"{schedule}, mean of seeds {', '.join(map(str, mean['seeds']))}"] = {
+                name: ([x / 1e12 for x in mean["flops_grid"]], values) for name, values in mean["mean_fvd"].items()}
     if panels:
         line_plot(path, panels, "backbone training TFLOPs", f"FVD (N={result['runs'][0]['fvd_videos']})")
         print(f"wrote {path}")
@@ -305,6 +346,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for pair, rows in result["analysis"].items():
+        if pair.endswith("-seed-mean"):
+            finals = " vs ".join(f"{name} {v:.1f}" for name, v in rows["mean_final_fvd"].items())
+            print(f"{pair} over seeds {rows['seeds']}: final FVD {finals} (gap {rows['final_gap_mean']:+.1f} "
+                  f"± {rows['final_gap_sem']:.1f} s.e.); the mean TPDiff curve reaches vanilla's mean final FVD "
+                  f"at {rows['reach_train_flops_fraction']} of the FLOPs")
+            continue
         for row in rows:
             print(f"{pair} seed {row['seed']}: final FVD tpdiff {row['tpdiff_final_fvd']:.1f} vanilla "
                   f"{row['vanilla_final_fvd']:.1f}; tpdiff reaches vanilla's final FVD at "

@@ -206,6 +206,30 @@ def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():
     assert row["reach_train_flops_fraction"] == pytest.approx(200 / 400)
     runs[1] = run("tpdiff-flow", [800, 700, 600], [100, 200, 400])
     assert convergence.analyse(runs)["flow"][0]["reach_train_flops_fraction"] is None
+    assert "flow-seed-mean" not in convergence.analyse(runs)  # one seed: nothing to average
+
+
+def test_convergence_seed_means_average_the_curves_on_one_flop_grid():
+    import convergence
+
+    def run(name, seed, fvds, flops):
+        return {"run": name, "seed": seed, "points": [{"fvd": f, "train_flops": c, "train_seconds": c}
+                                                      for f, c in zip(fvds, flops)]}
+
+    runs = [run("vanilla-flow", 0, [900, 500], [0, 400]), run("vanilla-flow", 1, [1100, 700], [0, 400]),
+            run("tpdiff-flow", 0, [700, 300], [0, 400]), run("tpdiff-flow", 1, [900, 300, 100], [0, 200, 400]),
+            run("tpdiff-flow", 2, [1, 1], [0, 400])]  # seed 2 has no vanilla run: left out
+    mean = convergence.analyse(runs)["flow-seed-mean"]
+    assert mean["seeds"] == [0, 1] and mean["flops_grid"][0] == 0 and mean["flops_grid"][-1] == 400
+    assert mean["mean_final_fvd"] == {"tpdiff-flow": 200, "vanilla-flow": 600}
+    assert mean["final_gap_mean"] == pytest.approx(-400)  # gaps -200 and -600
+    assert mean["final_gap_sem"] == pytest.approx(200)  # their standard deviation 283 over sqrt(2)
+    # TPDiff's seed mean is ((700 - x) + (900 - 3x)) / 2 = 800 - 2x up to x = 200: it reaches vanilla's final
+    # mean of 600 at x = 100, a quarter of the 400 FLOPs; the grid resolves it to one step (400 / 39).
+    for x, v in zip(mean["flops_grid"], mean["mean_fvd"]["tpdiff-flow"]):
+        if x <= 200:
+            assert v == pytest.approx(800 - 2 * x)
+    assert mean["reach_train_flops_fraction"] == pytest.approx(0.25, abs=1 / 39)
 
 
 def test_training_budget_needs_exactly_one_positive_budget():
