@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import warnings
@@ -15,9 +16,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from tpdiff_lightning.data import synthetic
+from tpdiff_lightning.data import datamodule, synthetic
 from tpdiff_lightning.data.datamodule import (
     CorruptSampleWarning,
+    NoUsableClipsError,
     VideoDataModule,
     decode_clip,
     eval_pipeline,
@@ -420,3 +422,116 @@ def test_two_workers_never_yield_the_same_training_batch(tiny_root):
     for a in range(0, 8, 2):
         for b in range(1, 8, 2):
             assert not torch.equal(batches[a]["video"], batches[b]["video"])
+
+
+def _write_frames_shard(path: Path, lengths: list[int], corrupt: int = 0) -> None:
+    """One shard of 16x16 clips with the given frame counts (captions "len {n} #{i}"), plus `corrupt` broken mp4s."""
+    with wds.TarWriter(str(path)) as sink:
+        for i, length in enumerate(lengths):
+            frames = render_clip("red", "square", "right", "slow", (8.0, 8.0), length, 16)
+            sink.write({"__key__": f"c{i:04d}", "mp4": encode_mp4(frames), "txt": f"len {length} #{i}"})
+        for i in range(corrupt):
+            sink.write({"__key__": f"x{i:04d}", "mp4": b"not an mp4" * 8, "txt": "corrupt"})
+
+
+def test_train_stream_without_a_long_enough_clip_raises_naming_the_span(tmp_path, monkeypatch):
+    monkeypatch.setattr(datamodule, "MAX_SHORT_BEFORE_FIRST_CLIP", 12)
+    _write_frames_shard(tmp_path / "train-000000.tar", [6] * 5 + [7] * 3, corrupt=2)
+    dm = VideoDataModule(root=str(tmp_path), train_shards="train-000000.tar", num_frames=4, frame_stride=3,
+                         resolution=16, batch_size=2, num_workers=1, build_synthetic=False, shuffle_buffer=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        with pytest.raises(NoUsableClipsError) as info:
+            next(iter(dm.train_dataloader()))  # through a worker process: the error reaches the trainer
+    message = str(info.value)
+    assert "first 12 samples" in message and "a span of 10 frames (num_frames=4 x frame step 3)" in message
+    assert "6 frames (" in message and "7 frames (" in message  # the clip lengths seen
+
+
+def test_train_stream_error_names_the_target_fps_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(datamodule, "MAX_SHORT_BEFORE_FIRST_CLIP", 6)
+    _write_frames_shard(tmp_path / "t.tar", [8] * 4)  # stored at 8 fps: target_fps=4 steps by 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        with pytest.raises(NoUsableClipsError, match=r"span of 15 frames \(num_frames=8 x frame step 2\).*8 frames"):
+            next(iter(train_pipeline([str(tmp_path / "t.tar")], 8, 16, 2, shuffle_buffer=2, target_fps=4)))
+
+
+def test_short_clips_among_usable_ones_and_corrupt_samples_never_stop_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(datamodule, "MAX_SHORT_BEFORE_FIRST_CLIP", 8)
+    _write_frames_shard(tmp_path / "short.tar", [3] * 12)  # a whole shard of short clips
+    _write_frames_shard(tmp_path / "mixed.tar", [8] * 4 + [3] * 4, corrupt=2)
+    urls = [str(tmp_path / "short.tar"), str(tmp_path / "mixed.tar")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        batches = list(train_pipeline(urls, 8, 16, 2, shuffle_buffer=4).with_epoch(12))
+    assert len(batches) == 12 and {c.split(" #")[0] for c in _captions(batches)} == {"len 8"}
+    skipped = sum(int(b["num_skipped"]) for b in batches)
+    assert skipped > 8, f"only {skipped} samples were skipped; the test needs more than the limit"
+
+
+@pytest.mark.parametrize("target_fps, step", [(None, 2), (4, 2), (3, 3), (8, 1), (30, 1)])
+def test_synthetic_build_is_long_enough_for_the_frame_step(target_fps, step):
+    dm = VideoDataModule(num_frames=5, frame_stride=2, target_fps=target_fps)
+    assert dm._synthetic_args()["num_frames"] == 4 * step + 1  # target_fps replaces frame_stride, as in decoding
+
+
+def test_target_fps_trains_on_the_synthetic_build_it_makes(tmp_path, monkeypatch):
+    monkeypatch.setattr(datamodule, "MAX_SHORT_BEFORE_FIRST_CLIP", 4)
+    dm = VideoDataModule(root=str(tmp_path / "s"), num_frames=4, target_fps=4, resolution=16, batch_size=2,
+                         num_workers=0, synthetic_num_train=4, synthetic_num_eval=2, train_steps_per_epoch=1)
+    dm.prepare_data()
+    assert synthetic.read_manifest(tmp_path / "s")["args"]["num_frames"] == 7  # 8 fps clips, step 2
+    assert next(iter(dm.train_dataloader()))["video"].shape == (2, 3, 4, 16, 16)
+
+
+def test_rebuilding_outdated_synthetic_data_logs_which_arguments_differ(tmp_path, caplog):
+    kwargs = dict(root=str(tmp_path), num_frames=2, resolution=16, synthetic_num_train=2, synthetic_num_eval=2)
+    with caplog.at_level(logging.WARNING, logger=datamodule.__name__):
+        VideoDataModule(**kwargs).prepare_data()  # a first build has nothing to explain
+        VideoDataModule(**kwargs).prepare_data()  # a matching build is kept
+        assert not caplog.records
+        VideoDataModule(**{**kwargs, "synthetic_num_eval": 1}).prepare_data()
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "rebuilding" in message and str(tmp_path) in message and "\n" not in message
+    assert "built with num_eval=2, but this build asks for num_eval=1" in message and "num_train" not in message
+    assert synthetic.read_manifest(tmp_path)["splits"]["eval"]["num_clips"] == 1
+
+
+def test_make_synthetic_says_why_it_rebuilds_and_refuses_a_real_dataset(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "s"), "--num-train", "1", "--num-eval", "1", "--num-frames", "2", "--size", "16",
+            "--no-progress"]  # fmt: skip
+    synthetic.main(args)
+    synthetic.main([*args, "--num-eval", "2"])
+    printed = capsys.readouterr().out
+    assert "rebuilding synthetic data" in printed and "num_eval=1, but this build asks for num_eval=2" in printed
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "manifest.json").write_text('{"generator": "tpdiff_lightning.data.openvid", "splits": {}}')
+    with pytest.raises(SystemExit, match="tpdiff_lightning.data.openvid"):
+        synthetic.main(["--out", str(tmp_path / "real"), "--no-progress"])
+    assert not list((tmp_path / "real").glob("*.tar"))
+
+
+def test_odd_resolution_for_synthetic_data_names_resolution(tmp_path):
+    with pytest.raises(ValueError, match=r"resolution=31 .*expected an even frame side >= 4.*got 31"):
+        VideoDataModule(root=str(tmp_path), resolution=31).prepare_data()
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_missing_split_of_a_real_dataset_names_the_real_options(tmp_path):
+    manifest = {"generator": "tpdiff_lightning.data.openvid", "splits": {"train": {"shards": [], "num_clips": 0}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError) as info:
+        VideoDataModule(root=str(tmp_path)).val_dataloader()
+    message = str(info.value)
+    assert "'eval'" in message and str(tmp_path) in message and "['train']" in message
+    assert "--data.init_args.eval_shards" in message and "--trainer.limit_val_batches=0" in message
+    assert "make_synthetic" not in message and "build_synthetic" not in message
+
+
+def test_missing_split_of_a_synthetic_root_keeps_the_synthetic_hint(tmp_path):
+    manifest = {"generator": synthetic.GENERATOR_NAME, "splits": {"train": {"shards": [], "num_clips": 0}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match=r"no 'eval' split.*make_synthetic\.py"):
+        VideoDataModule(root=str(tmp_path), build_synthetic=False).val_dataloader()

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
+import webdataset as wds
 
 from tests.conftest import DEFAULT, TINY_DATA, shrink_args, write_overlay
 from tpdiff_lightning.cli import main as cli_main
-from tpdiff_lightning.data.datamodule import SkipCounter, VideoDataModule, collate_clips, eval_pipeline
+from tpdiff_lightning.data import datamodule
+from tpdiff_lightning.data.datamodule import (
+    CorruptSampleWarning,
+    NoUsableClipsError,
+    SkipCounter,
+    VideoDataModule,
+    collate_clips,
+    eval_pipeline,
+    train_pipeline,
+)
 from tpdiff_lightning.data.encode_latents import main as encode_main
-from tpdiff_lightning.data.latent_cache import check_codec, module_identity
+from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity
+from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
 from tpdiff_lightning.module import TPDiffModule
@@ -102,3 +114,43 @@ def test_fit_from_latent_shards_through_the_cli(latent_root, tmp_path, tiny_data
     cli = cli_main(["fit", "--config", str(DEFAULT), *shrink_args(tmp_path / "out", latent_root)])
     assert cli.trainer.global_step == 2
     assert cli.datamodule.resolved_format() == "latent"
+
+
+def _video_batches(num_batches: int, batch_size: int = 2, num_frames: int = 4) -> list[dict]:
+    """Batches of distinct tiny clips (B, 3, F, 4, 4) as `eval_pipeline` yields them."""
+    return [{"video": torch.full((batch_size, 3, num_frames, 4, 4), 0.1 * i), "num_skipped": torch.tensor(0),
+             "caption": [f"clip {i}.{b}" for b in range(batch_size)]} for i in range(num_batches)]
+
+
+def test_reencoding_a_split_lists_and_keeps_only_this_runs_shards(tmp_path):
+    out = tmp_path / "latents"
+    first = encode_split(IdentityCodec(), None, _video_batches(3), out, "train", clips_per_shard=2)
+    assert first["shards"] == [f"train-{i:06d}.tar" for i in range(3)]
+    (out / "eval-000000.tar").write_bytes(b"another split's shard")
+    second = encode_split(IdentityCodec(), None, _video_batches(3), out, "train", clips_per_shard=256)
+    assert second == {"shards": ["train-000000.tar"], "num_clips": 6, "skipped": 0}
+    assert sorted(p.name for p in out.glob("*.tar")) == ["eval-000000.tar", "train-000000.tar"]
+    samples = list(wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False, empty_check=False))
+    assert len(samples) == 6
+
+
+def test_latent_stream_without_enough_latent_frames_raises_naming_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(datamodule, "MAX_SHORT_BEFORE_FIRST_CLIP", 6)
+    encode_split(IdentityCodec(), None, _video_batches(2, num_frames=4), tmp_path, "train", clips_per_shard=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        with pytest.raises(NoUsableClipsError, match=r"span of 8 latent frames .*num_frames=8.*4 latent frames"):
+            next(iter(train_pipeline([str(tmp_path / "train-000000.tar")], 8, 4, 2, shuffle_buffer=2,
+                                     sample_format="latent")))
+
+
+def test_encoding_checks_every_split_before_encoding_any(tmp_path, tiny_data_root):
+    real = tmp_path / "real"  # a dataset with a train split only, as data/build_openvid.py writes one
+    real.mkdir()
+    shards = [str(tiny_data_root / name) for name in read_manifest(tiny_data_root)["splits"]["train"]["shards"]]
+    (real / "manifest.json").write_text(json.dumps(
+        {"generator": "tpdiff_lightning.data.openvid", "splits": {"train": {"shards": shards, "num_clips": 24}}}))
+    out = tmp_path / "latents"
+    with pytest.raises(SystemExit, match=rf"split 'eval': {real}.*it has \['train'\].*nothing was encoded"):
+        encode_main(["--config", str(DEFAULT), "--config", str(_overlay(tmp_path, real)), "--out", str(out)])
+    assert not out.exists() or not any(out.iterdir())

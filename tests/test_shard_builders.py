@@ -14,7 +14,7 @@ import webdataset as wds
 
 from tpdiff_lightning.data import msrvtt, openvid
 from tpdiff_lightning.data.datamodule import VideoDataModule, stride_for_fps
-from tpdiff_lightning.data.shard_writing import DONE_SUFFIX, Reencode, output_size, reencode_mp4
+from tpdiff_lightning.data.shard_writing import Reencode, output_size, reencode_mp4
 from tpdiff_lightning.data.synthetic import render_clip
 from tpdiff_lightning.data.video_io import decode_mp4, encode_mp4, write_mp4
 
@@ -197,6 +197,20 @@ def test_openvid_build_writes_selected_clips_and_a_full_manifest(fake_openvid, t
     }
     assert manifest["filter_stats"]["after_min_frames"] == 10
     assert json.loads((tmp_path / "manifest.json").read_text()) == {k: v for k, v in manifest.items() if k != "build"}
+
+
+def test_openvid_root_without_eval_split_names_the_real_options(fake_openvid, tmp_path):
+    _build_openvid(fake_openvid, tmp_path)
+    dm = VideoDataModule(root=str(tmp_path), num_frames=8, resolution=16, num_workers=0)
+    dm.prepare_data()  # build_synthetic is on, but a real dataset is never overwritten
+    assert json.loads((tmp_path / "manifest.json").read_text())["generator"] == openvid.GENERATOR_NAME
+    with pytest.raises(FileNotFoundError) as info:
+        dm.val_dataloader()
+    message = str(info.value)
+    assert f"{tmp_path / 'manifest.json'} lists no 'eval' split (it has ['train'])" in message
+    assert "--data.init_args.eval_shards" in message and "msrvtt/test-" in message
+    assert "--trainer.limit_val_batches=0" in message and "make_synthetic" not in message
+    assert len(dm.shard_urls("train")) >= 1
 
 
 def test_interrupted_build_resumes_to_identical_shards(fake_openvid, tmp_path):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import random
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -25,13 +27,14 @@ from torch.utils.data import DataLoader
 
 from tpdiff_lightning.data.synthetic import (
     GENERATOR_NAME,
+    SYNTHETIC_FPS,
     caption_for,
     read_manifest,
-    synthetic_exists,
+    synthetic_mismatch,
     write_synthetic_shards,
 )
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, decode_latent, pad_text
-from tpdiff_lightning.data.video_io import decode_mp4, mp4_fps
+from tpdiff_lightning.data.video_io import ClipLengthError, decode_mp4, mp4_fps
 from tpdiff_lightning.frame_size import frame_size
 
 DEFAULT_PREDICT_PROMPTS = (
@@ -43,6 +46,15 @@ DEFAULT_PREDICT_PROMPTS = (
 
 
 SAMPLE_FORMATS = ("auto", "video", LATENT_FORMAT)
+
+# A training stream that has skipped this many samples as too short, from at least MIN_SHORT_SHARDS shards
+# (or all of them), before yielding a single clip stops with NoUsableClipsError: no clip is long enough, and the
+# resampled stream would otherwise search forever. Any usable clip disarms the check for good, so short clips
+# among usable ones never trigger it; the shard count keeps one shard of only short clips from triggering it.
+MAX_SHORT_BEFORE_FIRST_CLIP = 1000
+MIN_SHORT_SHARDS = 4
+
+log = logging.getLogger(__name__)
 
 
 def check_format(sample_format: str) -> str:
@@ -59,6 +71,10 @@ def is_remote(url: str) -> bool:
 
 class CorruptSampleWarning(UserWarning):
     """Warned once per sample that a pipeline drops instead of crashing."""
+
+
+class NoUsableClipsError(ValueError):
+    """Raised by a clip stream whose samples are all too short for the clip length asked for."""
 
 
 class SkipCounter:
@@ -108,11 +124,16 @@ def frames_to_tensor(frames: np.ndarray, resolution: int | Sequence[int]) -> tor
     return (x / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()  # (3, F, h, w)
 
 
+def fps_step(source_fps: float, target_fps: float) -> int:
+    """Frame step that brings `source_fps` nearest to `target_fps` (at least 1)."""
+    return max(1, round(source_fps / target_fps))
+
+
 def stride_for_fps(sample: dict, target_fps: float) -> int:
     """Frame step that brings a clip's own frame rate (its json `fps`, else the mp4's) nearest to `target_fps`."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     source_fps = float(meta.get("fps") or mp4_fps(sample["mp4"]))
-    return max(1, round(source_fps / target_fps))
+    return fps_step(source_fps, target_fps)
 
 
 def decode_clip(
@@ -128,14 +149,62 @@ def decode_clip(
     span = (num_frames - 1) * frame_stride + 1
     frames = decode_mp4(sample["mp4"], max_frames=None if rng is not None else span)
     if len(frames) < span:
-        raise ValueError(f"clip has {len(frames)} frames, needs {span} (num_frames={num_frames}, stride={frame_stride})")
+        raise ClipLengthError(f"clip has {len(frames)} frames, needs {span} (num_frames={num_frames}, "
+                              f"stride={frame_stride})", frames=len(frames), num_frames=num_frames, step=frame_stride)
     start = 0 if rng is None else rng.randint(0, len(frames) - span)
     clip = frames[start : start + span : frame_stride]  # (F, H, W, 3)
     return {"video": frames_to_tensor(clip, resolution), "caption": sample["txt"].decode("utf-8")}
 
 
+def _describe_counts(counts: Counter, unit: str) -> str:
+    """Summarise how often each value occurred, e.g. "16 frames (1000 samples)", at most a few values in full."""
+    values = sorted(counts)
+    if len(values) > 5:
+        return f"{values[0]} to {values[-1]} {unit} ({len(values)} different lengths in {sum(counts.values())} samples)"
+    return ", ".join(f"{value} {unit} ({counts[value]} samples)" for value in values)
+
+
+class ShortClipTally:
+    """What a stream's too-short samples had and needed, kept as numbers (the errors would hold decoded frames)."""
+
+    def __init__(self) -> None:
+        self.lengths: Counter = Counter()  # frames a skipped sample had -> samples
+        self.needs: set[tuple[int, int, int, str, bool]] = set()  # (span, num_frames, step, unit, exact)
+        self.shards: set[str] = set()
+
+    def add(self, exn: ClipLengthError, shard: str | None) -> None:
+        self.lengths[exn.frames] += 1
+        self.needs.add((exn.span, exn.num_frames, exn.step, exn.unit, exn.exact))
+        self.shards.add(str(shard))
+
+    def __len__(self) -> int:
+        return sum(self.lengths.values())
+
+    def error(self) -> NoUsableClipsError:
+        """The error of a stream that skipped these samples as too short and found no usable clip."""
+        needs = sorted(self.needs)
+        unit = needs[0][3]
+        needed = " or ".join(
+            f"exactly num_frames={num_frames} {unit}" if exact
+            else f"a span of {span} {unit} (num_frames={num_frames} x frame step {step})"
+            for span, num_frames, step, unit, exact in needs[:3]
+        )
+        return NoUsableClipsError(
+            f"no clip is long enough: the first {len(self)} samples (from {len(self.shards)} "
+            f"shard{'s' if len(self.shards) != 1 else ''}) were all skipped as too short and none was usable. "
+            f"A clip needs {needed}, but the samples seen have {_describe_counts(self.lengths, unit)}. "
+            "Lower num_frames, frame_stride or raise target_fps, or use longer clips "
+            "(for synthetic data, rebuild it with more --num-frames)"
+        )
+
+
 class DecodeClips:
-    """Pipeline stage that decodes raw samples into clips and counts (never raises on) the ones it cannot use."""
+    """Pipeline stage that decodes raw samples into clips and counts (never raises on) the ones it cannot use.
+
+    The one exception: given `max_short`, once that many samples from at least `min_short_shards` shards were
+    skipped as too short before any usable clip, it raises NoUsableClipsError, since then no clip is long enough
+    and an endless (resampled) stream would never yield.
+    """
 
     def __init__(
         self,
@@ -149,8 +218,13 @@ class DecodeClips:
         resume_step: int = 0,
         target_fps: float | None = None,
         sample_format: str = "video",
+        max_short: int | None = None,
+        min_short_shards: int = 1,
     ) -> None:
         self.counter = counter
+        self.max_short, self.min_short_shards = max_short, min_short_shards
+        self.yielded = False
+        self.short = ShortClipTally()
         self.clip_args = (num_frames, frame_stride, resolution)
         self.target_fps = target_fps
         self.sample_format = check_format(sample_format)
@@ -169,7 +243,12 @@ class DecodeClips:
                     clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
             except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised
                 self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                if self.max_short is not None and isinstance(exn, ClipLengthError) and not self.yielded:
+                    self.short.add(exn, sample.get("__url__"))
+                    if len(self.short) >= self.max_short and len(self.short.shards) >= self.min_short_shards:
+                        raise self.short.error() from None
                 continue
+            self.yielded = True
             yield clip
 
 
@@ -251,6 +330,7 @@ def train_pipeline(
 
     Every (seed, rank, worker, resume_step) draws its own shard sequence, so ranks need no node splitter and
     always get the same number of batches; cut the stream into epochs with `.with_epoch(batches_per_worker)`.
+    When no clip is long enough for `num_frames` (see MAX_SHORT_BEFORE_FIRST_CLIP) it raises NoUsableClipsError.
     """
     counter = SkipCounter()
     seeds = dict(seed=seed, rank=rank, resume_step=resume_step)
@@ -260,7 +340,8 @@ def train_pipeline(
         wds.tarfile_to_samples(handler=counter.handler),
         BufferShuffle(shuffle_buffer, **seeds),
         DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, target_fps=target_fps,
-                    sample_format=sample_format, **seeds),
+                    sample_format=sample_format, max_short=MAX_SHORT_BEFORE_FIRST_CLIP,
+                    min_short_shards=min(MIN_SHORT_SHARDS, len(set(urls))), **seeds),
         wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=False),
     )
 
@@ -320,12 +401,14 @@ class VideoDataModule(L.LightningDataModule):
         seed: Base seed of shard resampling, shuffling, clip starts and prediction seeds (>= 0).
         frame_stride: Take every `frame_stride`-th decoded frame, so a clip spans (F - 1) * stride + 1 frames.
         target_fps: Instead of `frame_stride`, step through each clip so its frame rate (the sample json's
-            `fps`, else the mp4's) comes nearest to this; None keeps `frame_stride`.
+            `fps`, else the mp4's) comes nearest to this; None keeps `frame_stride`. A synthetic build is made
+            long enough for the step this gives its 8 fps clips.
         sample_format: "video" (mp4 shards), "latent" (shards from `data/encode_latents.py`; `num_frames` still
             counts video frames, and the clips are not resized), or "auto": the manifest's `format`, else video.
         shuffle_buffer: Raw samples held by the training shuffle buffer.
         build_synthetic: When no patterns are given and `root` has no manifest (or an outdated synthetic one),
-            `prepare_data` writes synthetic moving-shape shards there.
+            `prepare_data` writes synthetic moving-shape shards there; rebuilding an outdated one logs a warning
+            naming the arguments that changed.
         synthetic_num_train: Training clips of the synthetic build.
         synthetic_num_eval: Evaluation clips of the synthetic build.
         predict_prompts: Captions to sample in `predict`; None uses a few synthetic captions.
@@ -396,35 +479,61 @@ class VideoDataModule(L.LightningDataModule):
         self.resume_step = step
 
     def _synthetic_args(self) -> dict:
-        """Arguments of the synthetic build that matches this module's clip length and resolution."""
+        """Arguments of the synthetic build that matches this module's clip length and resolution.
+
+        With `target_fps` the clips are read at the frame step `target_fps` gives the synthetic frame rate, as
+        `decode_clip` does, so they must be that much longer than with `frame_stride`.
+        """
+        size = max(frame_size(self.resolution))  # square clips, centre-cropped to the frame size
+        if size < 4 or size % 2:
+            raise ValueError(f"resolution={self.resolution!r} cannot be built as synthetic data: expected an even "
+                             f"frame side >= 4 (H.264 stores yuv420p frames of even size), got {size}; "
+                             f"use e.g. {max(4, size + size % 2)}")
+        step = self.frame_stride if self.target_fps is None else fps_step(SYNTHETIC_FPS, self.target_fps)
         return dict(
             num_train=self.synthetic_num_train,
             num_eval=self.synthetic_num_eval,
-            num_frames=(self.num_frames - 1) * self.frame_stride + 1,
-            size=max(frame_size(self.resolution)),  # square clips, centre-cropped to the frame size
+            num_frames=(self.num_frames - 1) * step + 1,
+            size=size,
             seed=self.seed,
+            fps=SYNTHETIC_FPS,
         )
 
     def prepare_data(self) -> None:
-        """Build synthetic shards in `root` when asked to and no usable dataset is there (runs on one process)."""
+        """Build synthetic shards in `root` when asked to and no usable dataset is there (runs on one process).
+
+        An existing synthetic build made with other arguments is rebuilt, with a warning naming the differences.
+        """
         if not self.build_synthetic or self.train_shards or self.eval_shards:
             return
         manifest = read_manifest(self.root)
-        foreign = manifest is not None and manifest.get("generator") != GENERATOR_NAME
-        if foreign or synthetic_exists(self.root, **self._synthetic_args()):
+        if manifest is not None and manifest.get("generator") != GENERATOR_NAME:
+            return  # a real dataset: never overwritten
+        args = self._synthetic_args()
+        reason = synthetic_mismatch(self.root, **args)
+        if reason is None:
             return
-        write_synthetic_shards(self.root, **self._synthetic_args())
+        if manifest is not None:
+            log.warning("rebuilding the synthetic data in %s: %s", self.root, reason)
+        write_synthetic_shards(self.root, **args)
+
+    def _how_to_fix(self, manifest: dict | None) -> str:
+        """How to get the missing shards: build synthetic data for a synthetic (or empty) root, else rebuild."""
+        if manifest is None or manifest.get("generator") == GENERATOR_NAME:
+            return (f"build synthetic data with `python data/make_synthetic.py --out {self.root}` "
+                    "or set build_synthetic=True")
+        return f"rebuild the dataset with the builder that wrote it ({manifest.get('generator')})"
 
     def shard_urls(self, split: str) -> list[str]:
         """Return the existing shard paths of `split` ("train" or "eval"), or raise FileNotFoundError saying how to fix it."""
         pattern = self.train_shards if split == "train" else self.eval_shards
-        how = f"build synthetic data with `python data/make_synthetic.py --out {self.root}` or set build_synthetic=True"
+        manifest = read_manifest(self.root) if pattern is None else None
+        how = self._how_to_fix(manifest)
         if pattern is None:
-            manifest = read_manifest(self.root)
             if manifest is None:
                 raise FileNotFoundError(f"no manifest.json in {self.root} and no {split}_shards pattern given; {how}")
             if split not in manifest.get("splits", {}):
-                raise FileNotFoundError(f"{self.root / 'manifest.json'} lists no {split!r} split; {how}")
+                raise FileNotFoundError(self._missing_split_message(manifest, split))
             names = manifest["splits"][split]["shards"]
         else:
             names = list(braceexpand.braceexpand(pattern))
@@ -436,6 +545,26 @@ class VideoDataModule(L.LightningDataModule):
             shown = missing[0] if missing else pattern
             raise FileNotFoundError(f"{len(missing)} of {len(paths)} {split} shards missing (e.g. {shown}); {how}")
         return paths
+
+    def _missing_split_message(self, manifest: dict, split: str) -> str:
+        """Why `split` cannot be read from a manifest that lacks it, and the options there are."""
+        has = sorted(manifest.get("splits", {}))
+        head = f"{self.root / 'manifest.json'} lists no {split!r} split (it has {has})"
+        if manifest.get("generator") == GENERATOR_NAME:
+            return f"{head}; {self._how_to_fix(manifest)}"
+        pattern_arg = "train_shards" if split == "train" else "eval_shards"
+        if split == "train":
+            return (f"{head}; pass --data.init_args.{pattern_arg} with a shard pattern of training clips "
+                    f"(absolute, or relative to {self.root}), or point root at a dataset with a 'train' split")
+        if manifest.get("format") == LATENT_FORMAT:
+            return (f"{head}. Either encode that split too (python data/encode_latents.py --splits train {split}, "
+                    f"from data that has it), pass --data.init_args.{pattern_arg} with a pattern of latent shards "
+                    f"of held-out clips (absolute, or relative to {self.root}), or turn validation off with "
+                    "--trainer.limit_val_batches=0")
+        return (f"{head}. Either pass --data.init_args.{pattern_arg} with a shard pattern of held-out clips "
+                f"(absolute, or relative to {self.root}), e.g. MSR-VTT test shards from data/build_msrvtt.py: "
+                f"'/path/to/msrvtt/test-{{000000..000002}}.tar', or turn validation off with "
+                "--trainer.limit_val_batches=0")
 
     def resolved_format(self) -> str:
         """The shard format in use: `sample_format`, or with "auto" the manifest's `format` (else video)."""

@@ -6,6 +6,8 @@
 Clips are read with the config's data settings (clip length, resolution, frame step), each clip once
 from its first frame, so training from latents loses the random clip start of raw-video training.
 Caption embeddings are stored only when the text encoder is frozen: a trained one would make them stale.
+Every requested split is checked before any is encoded; encoding a split again into the same folder
+replaces that split's shards, and the new manifest lists only the splits of this run.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from tpdiff_lightning.data.datamodule import eval_pipeline
+from tpdiff_lightning.data.datamodule import VideoDataModule, eval_pipeline
 from tpdiff_lightning.data.latent_cache import encode_split, write_latent_manifest
+from tpdiff_lightning.data.synthetic import read_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -37,12 +40,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_urls(data: VideoDataModule, splits: list[str], out: Path) -> dict[str, list[str]]:
+    """The shard URLs of every split to encode, or SystemExit naming a missing split before anything is written."""
+    if len(set(splits)) != len(splits):
+        raise SystemExit(f"--splits {' '.join(splits)} names a split twice; expected each split once")
+    if out.resolve() == data.root.resolve():
+        raise SystemExit(f"--out {out} is the data root the clips are read from; choose another folder")
+    manifest = read_manifest(data.root)
+    listed = sorted(manifest.get("splits", {})) if manifest else []
+    urls = {}
+    for split in splits:
+        from_manifest = (data.train_shards if split == "train" else data.eval_shards) is None
+        if from_manifest and manifest is not None and split not in listed:
+            raise SystemExit(f"cannot encode split {split!r}: {data.root / 'manifest.json'} lists no such split "
+                             f"(it has {listed}); nothing was encoded. Pass --splits with the splits to encode, "
+                             f"e.g. --splits {' '.join(listed) or 'train'}")
+        try:
+            urls[split] = data.shard_urls(split)
+        except FileNotFoundError as exn:
+            raise SystemExit(f"cannot encode split {split!r} of {data.root}: {exn}; nothing was encoded") from exn
+    return urls
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     from tpdiff_lightning.cli import main as cli_main
 
     cli = cli_main(sum((["--config", c] for c in args.config), []), run=False)
     module, data = cli.model, cli.datamodule
+    data.prepare_data()
+    urls = split_urls(data, args.splits, args.out)  # every split is checked before any is encoded
     if args.ckpt:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
@@ -51,10 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.text_embeddings == "yes" and not frozen:
         raise SystemExit("--text-embeddings yes needs a frozen text encoder; this config trains it")
     text_encoder = module.text_encoder if (args.text_embeddings == "yes" or (args.text_embeddings == "auto" and frozen)) else None
-    data.prepare_data()
+    # Drop the manifest first so an interrupted encoding is never mistaken for a finished one.
+    (args.out / "manifest.json").unlink(missing_ok=True)
     splits = {}
     for split in args.splits:
-        batches = eval_pipeline(data.shard_urls(split), data.num_frames, data.resolution, args.batch_size,
+        batches = eval_pipeline(urls[split], data.num_frames, data.resolution, args.batch_size,
                                 frame_stride=data.frame_stride, target_fps=data.target_fps)
         splits[split] = encode_split(module.codec, text_encoder, batches, args.out, split, args.clips_per_shard,
                                      DTYPES[args.dtype])

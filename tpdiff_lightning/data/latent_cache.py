@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +19,8 @@ import torch
 import webdataset as wds
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from tpdiff_lightning.data.video_io import ClipLengthError
 
 LATENT_FORMAT = "latent"
 
@@ -82,11 +85,17 @@ def decode_latent(sample: dict, num_frames: int, rng: random.Random | None) -> d
     if int(meta["codec"].get("temporal_compression", 1)) != 1:
         encoded = meta.get("num_frames")
         if encoded != num_frames:
-            raise ValueError(f"latent shard clip was encoded from {encoded} frames; num_frames={num_frames} was "
-                             "asked for. Re-encode with `python data/encode_latents.py` at this clip length")
+            raise ClipLengthError(f"latent shard clip was encoded from {encoded} frames; num_frames={num_frames} "
+                                  "was asked for. Re-encode with `python data/encode_latents.py` at this clip length",
+                                  frames=int(encoded or 0), num_frames=num_frames, unit="encoded video frames",
+                                  exact=True)
         num_frames = latent.shape[1]
-    if latent.ndim != 4 or latent.shape[1] < num_frames:
-        raise ValueError(f"latent of shape {tuple(latent.shape)} has too few frames; expected (C, >={num_frames}, H, W)")
+    if latent.ndim != 4:
+        raise ValueError(f"latent of shape {tuple(latent.shape)} is not (C, F', H', W')")
+    if latent.shape[1] < num_frames:
+        raise ClipLengthError(f"latent of shape {tuple(latent.shape)} has too few frames; "
+                              f"expected (C, >={num_frames}, H, W)",
+                              frames=latent.shape[1], num_frames=num_frames, unit="latent frames")
     start = 0 if rng is None else rng.randint(0, latent.shape[1] - num_frames)
     out = {"latent": latent[:, start : start + num_frames], "caption": sample["txt"].decode("utf-8"),
            "codec": json.dumps(meta["codec"], sort_keys=True)}
@@ -115,14 +124,16 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
                  total: int | None = None) -> dict:
     """Encode every clip of ``batches`` (dicts with "video" and "caption") into ``<split>-%06d.tar`` latent shards.
 
-    Returns the split's manifest entry. ``text_encoder`` None stores no caption embeddings.
+    Returns the split's manifest entry, which lists the shards of this run only; ``<split>`` shards of an earlier
+    encoding in ``out_dir`` are deleted first. ``text_encoder`` None stores no caption embeddings.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_split_shards(out_dir, split)
     codec_id = module_identity(codec)
     text_id = module_identity(text_encoder) if text_encoder is not None else None
     count, skipped = 0, 0
     pattern = str(out_dir / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=clips_per_shard, verbose=0) as sink, \
+    with wds.ShardWriter(pattern, maxcount=clips_per_shard, verbose=0, start_shard=0) as sink, \
             tqdm(total=total, desc=f"encoding {split}", unit="clip") as bar:
         for batch in batches:
             skipped += int(batch.get("num_skipped", 0))
@@ -139,8 +150,19 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
                                          texts[b] if texts else None))
                 count += 1
                 bar.update(1)
-    shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
+        num_shards = sink.shard  # shards opened by this writer, numbered from 0
+    shards = [Path(pattern % index).name for index in range(num_shards)]
     return {"shards": shards, "num_clips": count, "skipped": skipped}
+
+
+def remove_split_shards(out_dir: Path, split: str) -> list[str]:
+    """Delete the ``<split>-NNNNNN.tar`` shards in ``out_dir`` (of an earlier encoding); return their names."""
+    removed = []
+    for path in sorted(out_dir.glob(f"{split}-*.tar")):
+        if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", path.name):
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def write_latent_manifest(out_dir: Path, splits: dict, codec: nn.Module, text_encoder: nn.Module | None,

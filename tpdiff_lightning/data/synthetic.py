@@ -39,6 +39,7 @@ SHAPE_FRACTION = 0.35
 SPLIT_IDS = {"train": 0, "eval": 1}
 MANIFEST = "manifest.json"
 GENERATOR_NAME = "tpdiff_lightning.data.synthetic"
+SYNTHETIC_FPS = 8  # frame rate stored in the mp4s, from which `target_fps` derives the frame step
 
 
 def caption_for(colour: str, shape: str, direction: str, speed: str) -> str:
@@ -167,7 +168,7 @@ def write_synthetic_shards(
     size: int = 32,
     seed: int = 0,
     clips_per_shard: int = 256,
-    fps: int = 8,
+    fps: int = SYNTHETIC_FPS,
     progress: bool = True,
 ) -> dict:
     """Write train and eval shards of synthetic clips (F=num_frames, H=W=size) plus `manifest.json`; return the manifest."""
@@ -195,19 +196,34 @@ def read_manifest(root: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def synthetic_exists(out_dir: str | Path, **generator_args) -> bool:
-    """Return True when `out_dir` holds a finished synthetic build made with exactly these
-    `write_synthetic_shards` arguments (the same defaults apply)."""
+def synthetic_mismatch(out_dir: str | Path, **generator_args) -> str | None:
+    """Return None when `out_dir` holds a finished synthetic build made with exactly these
+    `write_synthetic_shards` arguments (the same defaults apply), else a one-line reason why it does not."""
     manifest = read_manifest(out_dir)
-    if manifest is None or manifest.get("generator") != GENERATOR_NAME:
-        return False
+    if manifest is None:
+        return f"there is no {MANIFEST}"
+    if manifest.get("generator") != GENERATOR_NAME:
+        return f"its {MANIFEST} was written by {manifest.get('generator')!r}, not the synthetic generator"
     params = inspect.signature(write_synthetic_shards).parameters
     defaults = {name: p.default for name, p in params.items() if name not in ("out_dir", "progress")}
     args = _generator_args(**{**defaults, **generator_args})
-    if manifest.get("args") != args:
-        return False
+    recorded = manifest.get("args") or {}
+    if recorded != args:
+        differ = [name for name in sorted(set(args) | set(recorded)) if recorded.get(name) != args.get(name)]
+        old = ", ".join(f"{name}={recorded.get(name)!r}" for name in differ)
+        new = ", ".join(f"{name}={args.get(name)!r}" for name in differ)
+        return f"it was built with {old}, but this build asks for {new}"
     shards = [name for split in manifest["splits"].values() for name in split["shards"]]
-    return all((Path(out_dir) / name).is_file() for name in shards)
+    missing = [name for name in shards if not (Path(out_dir) / name).is_file()]
+    if missing:
+        return f"{len(missing)} of its {len(shards)} shards are missing (e.g. {missing[0]})"
+    return None
+
+
+def synthetic_exists(out_dir: str | Path, **generator_args) -> bool:
+    """Return True when `out_dir` holds a finished synthetic build made with exactly these
+    `write_synthetic_shards` arguments (the same defaults apply)."""
+    return synthetic_mismatch(out_dir, **generator_args) is None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=32, help="even frame side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
     parser.add_argument("--clips-per-shard", type=int, default=256, help="clips per tar (default: %(default)s)")
-    parser.add_argument("--fps", type=int, default=8, help="frame rate stored in the mp4 (default: %(default)s)")
+    parser.add_argument(
+        "--fps", type=int, default=SYNTHETIC_FPS, help="frame rate stored in the mp4 (default: %(default)s)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -241,9 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
         fps=opts.fps,
     )
     start = time.perf_counter()
-    if not opts.force and synthetic_exists(opts.out, **kwargs):
+    reason = synthetic_mismatch(opts.out, **kwargs)
+    if not opts.force and reason is None:
         print(f"{opts.out}: a matching synthetic build exists; nothing to do (use --force to rebuild)")
         return read_manifest(opts.out)
+    existing = read_manifest(opts.out)
+    if existing is not None and existing.get("generator") != GENERATOR_NAME and not opts.force:
+        raise SystemExit(f"{opts.out} holds a dataset written by {existing.get('generator')!r}, not synthetic data; "
+                         "choose another --out (or pass --force to overwrite its shards)")
+    if reason is not None and existing is not None:
+        print(f"{opts.out}: rebuilding synthetic data: {reason}")
     manifest = write_synthetic_shards(opts.out, progress=not opts.no_progress, **kwargs)
     elapsed = time.perf_counter() - start
     for split, info in manifest["splits"].items():

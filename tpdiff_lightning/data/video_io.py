@@ -9,6 +9,25 @@ import av
 import numpy as np
 
 
+class ClipLengthError(ValueError):
+    """A sample with too few frames for the clip asked for: it has `frames`, and `num_frames` taken every `step`-th
+    frame need `span` = (num_frames - 1) * step + 1 of them (`exact`: exactly `num_frames`, for latents of a
+    temporally compressing codec). `unit` names what is counted, e.g. "frames" or "latent frames"."""
+
+    def __init__(self, message: str, frames: int, num_frames: int, step: int = 1, unit: str = "frames",
+                 exact: bool = False) -> None:
+        super().__init__(message)
+        self.frames, self.num_frames, self.step, self.unit, self.exact = frames, num_frames, step, unit, exact
+
+    @property
+    def span(self) -> int:
+        """Frames one clip covers."""
+        return (self.num_frames - 1) * self.step + 1
+
+    def __reduce__(self):
+        return type(self), (str(self), self.frames, self.num_frames, self.step, self.unit, self.exact)
+
+
 def _check_frames(frames: np.ndarray) -> None:
     """Raise ValueError unless `frames` is uint8 (F, H, W, 3) with F >= 1 and even H, W (yuv420p)."""
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
