@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,18 @@ def test_validate_and_predict_from_a_checkpoint(tmp_path, tiny_data_root):
     main(["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root, max_steps=2)])
     ckpt = _run_dir(out) / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    cli = main(["validate", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), "--ckpt_path", str(ckpt)])
+    trained_config = (_run_dir(out) / "config.yaml").read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["validate", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), "--ckpt_path", str(ckpt)])
+    assert not [w for w in caught if "model settings replace" in str(w.message)]  # nothing was asked to change
     metrics = cli.trainer.callback_metrics
     assert {"val/loss", "val/loss_stage0", "val/loss_stage1", "val/loss_stage2"} <= set(metrics)
+    # A structural setting that differs from the checkpoint's is replaced by it, and the user is told so.
+    with pytest.warns(UserWarning, match=r"model settings replace .*num_stages: 1 -> 3"):
+        cli = main(["validate", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), "--ckpt_path", str(ckpt),
+                    "--model.init_args.num_stages=1"])
+    assert cli.model.hparams.num_stages == 3
     prompts = "[a red square moving right fast, a blue circle moving up slow]"
     cli = main(["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root),
                 f"--data.init_args.predict_prompts={prompts}", "--return_predictions=false",
@@ -91,3 +101,7 @@ def test_validate_and_predict_from_a_checkpoint(tmp_path, tiny_data_root):
     frames = decode_mp4(mp4s[0].read_bytes())
     assert frames.shape == (16, 16, 16, 3) and frames.dtype.name == "uint8"
     assert (pred_dir / "contact_sheet_rank0.png").is_file()
+    # validate and predict record their own configs beside the training run's, which stays as trained.
+    assert (_run_dir(out) / "config.yaml").read_text() == trained_config
+    assert "ckpt_path" in (_run_dir(out) / "config_predict.yaml").read_text()
+    assert (_run_dir(out) / "config_validate.yaml").is_file()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.module import TPDiffModule
@@ -10,6 +11,25 @@ from tpdiff_lightning.module import TPDiffModule
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
 INFERENCE_KEYS = ("sample_steps", "guidance_scale", "renoise", "sample_num_frames")
+
+
+def replaced_settings_message(ckpt_path: str, replaced: dict[str, tuple]) -> str:
+    """Which model settings of the config or command line a checkpoint's hyperparameters replaced."""
+    items = "; ".join(f"{key}: {requested!r} -> {stored!r}" for key, (requested, stored) in sorted(replaced.items()))
+    return (f"ckpt_path={ckpt_path}: the checkpoint's model settings replace these of the config and command line "
+            f"(requested -> used): {items}. The network must match its checkpoint; to train a different model, "
+            f"start a new run without ckpt_path. Only {', '.join(INFERENCE_KEYS)} can change for a checkpoint.")
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the run's config as ``config.yaml`` for ``fit`` and as ``config_<subcommand>.yaml`` otherwise, so a
+    ``validate`` or ``predict`` on a checkpoint never replaces the record of how the run was trained."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        name = getattr(stage, "value", stage)  # Lightning passes a TrainerFn ("fit", "validate", "predict", ...)
+        if name != "fit":
+            self.config_filename = f"config_{name}.yaml"
+        super().setup(trainer, pl_module, stage)
 
 
 class TPDiffCLI(LightningCLI):
@@ -22,13 +42,17 @@ class TPDiffCLI(LightningCLI):
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return super()._parse_ckpt_path()
         init_args = self.config[subcommand].model.init_args
-        chosen = {key: init_args.get(key) for key in INFERENCE_KEYS}
+        requested = {key: init_args.get(key) for key in vars(init_args)}
         super()._parse_ckpt_path()
         model = self.config[subcommand].model
-        for key, value in chosen.items():
-            model.init_args[key] = value
+        for key in INFERENCE_KEYS:
+            model.init_args[key] = requested.get(key)
             if model.get("dict_kwargs") and key in model.dict_kwargs:
-                model.dict_kwargs[key] = value
+                model.dict_kwargs[key] = requested.get(key)
+        replaced = {key: (value, model.init_args.get(key)) for key, value in requested.items()
+                    if key not in INFERENCE_KEYS and key in model.init_args and model.init_args.get(key) != value}
+        if replaced:
+            rank_zero_warn(replaced_settings_message(self.config[subcommand].ckpt_path, replaced))
 
     def add_arguments_to_parser(self, parser) -> None:
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.
@@ -43,6 +67,7 @@ def main(args=None, run: bool = True) -> TPDiffCLI:
         VideoDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
