@@ -85,10 +85,13 @@ def test_validate_and_predict_from_a_checkpoint(tmp_path, tiny_data_root):
     metrics = cli.trainer.callback_metrics
     assert {"val/loss", "val/loss_stage0", "val/loss_stage1", "val/loss_stage2"} <= set(metrics)
     # A structural setting that differs from the checkpoint's is replaced by it, and the user is told so.
-    with pytest.warns(UserWarning, match=r"model settings replace .*num_stages: 1 -> 3"):
+    with pytest.warns(UserWarning, match=r"model settings replace .*num_stages: 1 -> 3") as caught:
         cli = main(["validate", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), "--ckpt_path", str(ckpt),
-                    "--model.init_args.num_stages=1"])
+                    "--model.init_args.num_stages=1", "--data.init_args.num_frames=8"])
     assert cli.model.hparams.num_stages == 3
+    # The clip shape follows the data, not the checkpoint: that is said too.
+    assert cli.model.hparams.num_frames == 8
+    assert any("num_frames: trained with 16, the data gives 8" in str(w.message) for w in caught)
     prompts = "[a red square moving right fast, a blue circle moving up slow]"
     cli = main(["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root),
                 f"--data.init_args.predict_prompts={prompts}", "--return_predictions=false",

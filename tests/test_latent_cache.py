@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -22,6 +23,7 @@ from tpdiff_lightning.data.datamodule import (
     train_pipeline,
 )
 from tpdiff_lightning.data.encode_latents import main as encode_main
+from tpdiff_lightning.data.video_io import ClipLengthError
 from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.models.codec import IdentityCodec
@@ -142,6 +144,37 @@ def test_latent_stream_without_enough_latent_frames_raises_naming_them(tmp_path,
         with pytest.raises(NoUsableClipsError, match=r"span of 8 latent frames .*num_frames=8.*4 latent frames"):
             next(iter(train_pipeline([str(tmp_path / "train-000000.tar")], 8, 4, 2, shuffle_buffer=2,
                                      sample_format="latent")))
+
+
+def test_latents_encoded_at_another_length_are_named_as_such_not_as_too_short():
+    tally = datamodule.ShortClipTally()
+    for _ in range(3):
+        tally.add(ClipLengthError("x", frames=33, num_frames=17, unit="encoded video frames", exact=True), "a.tar")
+    message = str(tally.error())
+    assert "encoded from 33 encoded video frames (3 samples)" in message and "exactly num_frames=17" in message
+    assert "Re-encode" in message and "long enough" not in message
+
+
+def test_encoding_refuses_to_write_over_the_shards_it_reads(tmp_path, tiny_data_root):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_data_root, source)
+    before = {p.name: p.stat().st_size for p in source.iterdir()}
+    shards = {"data": {"init_args": {"train_shards": str(source / "train-000000.tar"),
+                                     "eval_shards": str(source / "eval-000000.tar"), "build_synthetic": False}}}
+    overlay = write_overlay(tmp_path / "shards.yaml", shards)
+    with pytest.raises(SystemExit, match="holds shards this run reads"):
+        encode_main(["--config", str(DEFAULT), "--config", str(_overlay(tmp_path, tiny_data_root)),
+                     "--config", str(overlay), "--out", str(source)])
+    assert {p.name: p.stat().st_size for p in source.iterdir()} == before  # nothing deleted or truncated
+
+
+def test_encoding_that_yields_no_clip_fails_without_a_manifest(tmp_path, tiny_data_root):
+    longer = write_overlay(tmp_path / "longer.yaml", {"data": {"init_args": {"num_frames": 32, "build_synthetic": False}}})
+    out = tmp_path / "latents"
+    with pytest.raises(SystemExit, match=r"no clips were encoded for \['eval', 'train'\]"):
+        encode_main(["--config", str(DEFAULT), "--config", str(_overlay(tmp_path, tiny_data_root)),
+                     "--config", str(longer), "--out", str(out)])
+    assert not (out / "manifest.json").exists()
 
 
 def test_encoding_checks_every_split_before_encoding_any(tmp_path, tiny_data_root):

@@ -230,6 +230,7 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
 
     from tpdiff_lightning.models.text_encoder import T5TextEncoder
     from tpdiff_lightning.module import TPDiffModule
+    from tpdiff_lightning.optimizer import fused_adamw_supported
     from tpdiff_lightning.parallel import FSDP2Settings, apply_fsdp2
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -266,6 +267,7 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
                                         for p, s in zip(params.values(), module.ema.shadows()))
         result["restored"] = all(torch.equal(p.full_tensor(), t) for p, t in zip(params.values(), trained))
         result["moved"] = any(not torch.equal(p.full_tensor(), full[n]) for n, p in params.items())
+        result["fused_adamw"] = fused_adamw_supported(params.values())  # DTensor shards: left to torch's default
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -281,6 +283,7 @@ def test_apply_fsdp2_shards_the_trained_parts_and_the_ema_follows(tmp_path):
         assert r["all_dtensor"] and r["names_kept"] and r["ema_dtensor"], r
         assert r["moved"] and r["restored"], r
         assert r["ema_lerp_err"] < 1e-6 and r["applied_err"] == 0.0, r
+        assert r["fused_adamw"] is False, r
 
 
 def test_find_blocks_prefers_known_classes_then_falls_back_to_module_lists():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -19,6 +23,11 @@ def replaced_settings_message(ckpt_path: str, replaced: dict[str, tuple]) -> str
     return (f"ckpt_path={ckpt_path}: the checkpoint's model settings replace these of the config and command line "
             f"(requested -> used): {items}. The network must match its checkpoint; to train a different model, "
             f"start a new run without ckpt_path. Only {', '.join(INFERENCE_KEYS)} can change for a checkpoint.")
+
+
+def _as_list(value):
+    """``[16, 16]`` and ``(16, 16)`` compare equal; so does an int with itself."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -49,10 +58,23 @@ class TPDiffCLI(LightningCLI):
             model.init_args[key] = requested.get(key)
             if model.get("dict_kwargs") and key in model.dict_kwargs:
                 model.dict_kwargs[key] = requested.get(key)
+        linked = ("num_frames", "resolution")  # set from the data when the model is built, whatever is stored
         replaced = {key: (value, model.init_args.get(key)) for key, value in requested.items()
-                    if key not in INFERENCE_KEYS and key in model.init_args and model.init_args.get(key) != value}
+                    if key not in INFERENCE_KEYS + linked and key in model.init_args
+                    and model.init_args.get(key) != value}
+        ckpt_path = self.config[subcommand].ckpt_path
         if replaced:
-            rank_zero_warn(replaced_settings_message(self.config[subcommand].ckpt_path, replaced))
+            rank_zero_warn(replaced_settings_message(ckpt_path, replaced))
+        if Path(str(ckpt_path)).is_file():  # Lightning read the stored settings (not for "last" or folders)
+            stored = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+            data = self.config[subcommand].data.init_args
+            differ = {key: (stored.get(key), data.get(key)) for key in linked
+                      if key in stored and _as_list(stored.get(key)) != _as_list(data.get(key))}
+            if differ:
+                items = "; ".join(f"{key}: trained with {stored!r}, the data gives {given!r}"
+                                  for key, (stored, given) in differ.items())
+                rank_zero_warn(f"ckpt_path={ckpt_path}: the model takes num_frames and resolution from the data, "
+                               f"which differ from the checkpoint's: {items}")
 
     def add_arguments_to_parser(self, parser) -> None:
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.

@@ -49,11 +49,13 @@ class EMA(nn.Module):
         """Follow device moves, but keep the shadows in float32 whatever dtype the model is cast to
         (Lightning's ``bf16-true`` casts the whole module): a 0.999 decay moves a weight by 0.1% of the
         gap per step, less than bf16 can represent, so a bf16 average would stop moving."""
+        before = {name: getattr(self, _shadow_name(name)).data for name in self.names}  # references, no copies
         super()._apply(fn, recurse)
-        for name in self.names:
+        for name, old in before.items():
             shadow = getattr(self, _shadow_name(name))
             if shadow.is_floating_point() and shadow.dtype != torch.float32:
-                shadow.data = shadow.data.float()
+                # from the float32 values, not the cast ones: a bf16 round trip would lose the average's digits
+                shadow.data = old.to(device=shadow.device, dtype=torch.float32)
         return self
 
     def shadows(self) -> list[Tensor]:

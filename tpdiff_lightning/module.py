@@ -57,7 +57,7 @@ class TPDiffModule(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear learning-rate warmup, in optimizer steps.
         fused_optimizer: use torch's fused AdamW kernel; ``None`` (default) uses it wherever it is safe (not under
-            fp16 mixed precision, DeepSpeed or sharded DTensor parameters), see ``tpdiff_lightning.optimizer``.
+            fp16 precision, DeepSpeed or sharded DTensor parameters), see ``tpdiff_lightning.optimizer``.
         ema_decay: decay of the weight EMA used for sampling; ``None`` disables it.
         sample_steps: total sampling steps, split over stages by ``partition``.
         guidance_scale: classifier-free guidance weight; 1 means none.

@@ -4,8 +4,8 @@ The fused AdamW updates every parameter in one kernel per device instead of a Py
 sequence; on the default CPU config it takes 1.4 ms per step against 5 ms (``bench/train_throughput.py``).
 It is chosen automatically unless something it cannot work with is in play:
 
-- fp16 mixed precision: Lightning clips gradients outside the optimizer, which a fused optimizer that
-  unscales internally does not allow;
+- fp16 precision: under ``16-mixed`` Lightning clips gradients outside the optimizer, which a fused
+  optimizer that unscales internally does not allow (``16-true`` is left out with it);
 - DeepSpeed, which drives its own optimizer wrapper;
 - sharded ``DTensor`` parameters (FSDP2), left to torch's default path;
 - parameters that are not floating point or not on a CPU or CUDA device.

@@ -189,6 +189,13 @@ class ShortClipTally:
             else f"a span of {span} {unit} (num_frames={num_frames} x frame step {step})"
             for span, num_frames, step, unit, exact in needs[:3]
         )
+        if all(exact for *_, exact in needs):  # latents of a compressing codec: the length must match exactly
+            return NoUsableClipsError(
+                f"no latent clip has the length asked for: the first {len(self)} samples (from {len(self.shards)} "
+                f"shard{'s' if len(self.shards) != 1 else ''}) were all encoded from "
+                f"{_describe_counts(self.lengths, unit)}, but this run needs {needed}. Re-encode the shards with "
+                "`python data/encode_latents.py` at this num_frames, or set num_frames to the encoded length"
+            )
         return NoUsableClipsError(
             f"no clip is long enough: the first {len(self)} samples (from {len(self.shards)} "
             f"shard{'s' if len(self.shards) != 1 else ''}) were all skipped as too short and none was usable. "

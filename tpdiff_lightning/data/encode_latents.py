@@ -59,6 +59,11 @@ def split_urls(data: VideoDataModule, splits: list[str], out: Path) -> dict[str,
             urls[split] = data.shard_urls(split)
         except FileNotFoundError as exn:
             raise SystemExit(f"cannot encode split {split!r} of {data.root}: {exn}; nothing was encoded") from exn
+    inside = [u for us in urls.values() for u in us if "://" not in u and not u.startswith("pipe:")
+              and Path(u).resolve().parent == out.resolve()]
+    if inside:
+        raise SystemExit(f"--out {out} holds shards this run reads ({inside[0]}); encoding would replace them. "
+                         "Choose another folder")
     return urls
 
 
@@ -86,9 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
                                 frame_stride=data.frame_stride, target_fps=data.target_fps)
         splits[split] = encode_split(module.codec, text_encoder, batches, args.out, split, args.clips_per_shard,
                                      DTYPES[args.dtype])
-    manifest = write_latent_manifest(args.out, splits, module.codec, text_encoder, source=str(data.root))
     for split, entry in splits.items():
         print(f"{split}: {entry['num_clips']} clips in {len(entry['shards'])} shards, {entry['skipped']} skipped")
+    empty = {split: entry["skipped"] for split, entry in splits.items() if entry["num_clips"] == 0}
+    if empty:  # no manifest: an empty latent folder must not pass for a finished one
+        raise SystemExit(f"no clips were encoded for {sorted(empty)} ({empty} samples skipped); check num_frames, "
+                         f"frame_stride and target_fps against the clips of {data.root}")
+    manifest = write_latent_manifest(args.out, splits, module.codec, text_encoder, source=str(data.root))
     print(f"wrote {args.out / 'manifest.json'}")
     return manifest
 
