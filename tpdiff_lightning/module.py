@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from tpdiff_lightning.alignment import align_noise
 from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
 from tpdiff_lightning.ema import EMA
+from tpdiff_lightning.fit_checks import check_fit_setup
 from tpdiff_lightning.frame_size import frame_size
+from tpdiff_lightning.gradient_clipping import clip_gradients
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
@@ -372,3 +374,12 @@ class TPDiffModule(L.LightningModule):
         warmup = max(1, hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if str(getattr(stage, "value", stage)) == "fit" and self._trainer is not None:
+            check_fit_setup(self.trainer, self)  # the CLI checks earlier, before it writes anything
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Chosen with the optimizer, precision and strategy in view (tpdiff_lightning/gradient_clipping.py):
+        # Lightning's own path refuses the fused AdamW under bf16 and clipping by norm under FSDP(1).
+        clip_gradients(self.trainer, optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -21,6 +21,32 @@ class TextEncoder(Protocol):
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor]: ...
 
 
+TIED_EMBEDDING_KEY = "model.encoder.embed_tokens.weight"  # the second name of T5's token embedding
+
+
+def register_token_embedding_once(model: T5EncoderModel) -> None:
+    """Keep T5's token embedding registered once, as ``shared``; the encoder stack still calls the same module.
+
+    T5 registers one embedding module twice (``shared`` and ``encoder.embed_tokens``), i.e. one parameter under
+    two names. FSDP(1) turns such a tied weight into a "shared parameter" whose gradient it cannot assign under
+    bf16 mixed precision ("attempting to assign a gradient with dtype 'c10::BFloat16' to a tensor with grad_dtype
+    'Float'"). Registered once, the weight is an ordinary parameter for every strategy; the forward pass, the
+    weights and the EMA's names (which use the first name, ``shared``) are unchanged."""
+    embedding = model.encoder._modules.pop("embed_tokens")
+    if embedding.weight is not model.shared.weight:
+        raise ValueError("the T5 encoder's embed_tokens does not share the weight of its `shared` embedding")
+    # A plain attribute naming the registered module: called in forward, not registered, and FSDP's views of
+    # `shared.weight` reach it.
+    model.encoder.__dict__["embed_tokens"] = model.shared
+
+
+def drop_second_embedding_key(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the embedding was registered once hold it under both names; the values are one
+    tensor, so the second key is dropped before loading."""
+    if prefix + "model.shared.weight" in state_dict:
+        state_dict.pop(prefix + TIED_EMBEDDING_KEY, None)
+
+
 class T5TextEncoder(nn.Module):
     """A T5 encoder over UTF-8 bytes (ByT5 tokenizer), small enough to train on CPU."""
 
@@ -51,6 +77,8 @@ class T5TextEncoder(nn.Module):
             eos_token_id=self.tokenizer.eos_token_id,
         )
         self.model = T5EncoderModel(config)
+        register_token_embedding_once(self.model)
+        self._register_load_state_dict_pre_hook(drop_second_embedding_key)
         self.dim = d_model
         self.max_length = max_length
         self.trainable = trainable
