@@ -127,6 +127,36 @@ def test_strategy_object_instantiates_with_the_yaml_settings(cli_parser, name):
             assert cfg.model.init_args.ema_decay is None
 
 
+@pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_takes_its_micro_batch_size_from_the_data_settings(name, tiny_data_root):
+    """Lightning's DeepSpeed strategy read the micro-batch size from the loader's batch sampler, which the project's
+    streaming loader does not have ("'NoneType' object has no attribute 'batch_size'" on a GPU). The config's
+    strategy formats its DeepSpeed config from the real DataModule here, without CUDA."""
+    pytest.importorskip("deepspeed")
+    from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+
+    from tpdiff_lightning.cli import main
+
+    cli = main(["--config", str(DEFAULT), "--config", str(CONFIGS / "strategy" / f"{name}.yaml"),
+                "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
+                "--trainer.accumulate_grad_batches=4", f"--data.init_args.root={tiny_data_root}",
+                "--data.init_args.batch_size=3"], run=False)
+    trainer, module = cli.trainer, cli.model
+    trainer._data_connector.attach_data(module, datamodule=cli.datamodule)  # as trainer.fit does
+    module.trainer = trainer
+    strategy = trainer.strategy
+    strategy._lightning_module = module
+    strategy._format_batch_size_and_grad_accum_config()
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 3
+    assert strategy.config["gradient_accumulation_steps"] == 4
+    assert strategy.config["gradient_clipping"] == 1.0  # default.yaml's gradient_clip_val, clipped by DeepSpeed
+    assert strategy.config["zero_optimization"]["stage"] == int(name[-1])
+    stock = LightningDeepSpeedStrategy(stage=int(name[-1]))  # what the overlays used before
+    stock._lightning_module = module
+    with pytest.raises(AttributeError, match="batch_size"):
+        stock._format_batch_size_and_grad_accum_config()
+
+
 def test_fsdp2_strategy_rejects_an_unknown_dtype():
     from tpdiff_lightning.parallel import FSDP2Strategy
 

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tpdiff_lightning.data.datamodule import VideoDataModule
+from tpdiff_lightning.fit_checks import check_fit_setup
 from tpdiff_lightning.module import TPDiffModule
 
 
@@ -74,6 +75,10 @@ class TPDiffCLI(LightningCLI):
                                   for key, (stored, given) in differ.items())
                 rank_zero_warn(f"ckpt_path={ckpt_path}: the model takes num_frames and resolution from the data, "
                                f"which differ from the checkpoint's: {items}")
+
+    def before_fit(self) -> None:
+        # Settings that cannot train together stop here, before the run writes its config or logs.
+        check_fit_setup(self.trainer, self.model)
 
     def add_arguments_to_parser(self, parser) -> None:
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.
