@@ -65,6 +65,34 @@ def callbacks_without_fvd() -> list[dict]:
     return [cb for cb in callbacks if not cb["class_path"].endswith("FVDCurve")]
 
 
+# Interval and count settings of the shipped callbacks, shrunk so each fires within a 2-step run. Only sizes move:
+# the callbacks themselves, and every other setting of theirs, stay as the config has them.
+CALLBACK_SIZES = {
+    "ModelCheckpoint": {"every_n_train_steps": 1},
+    "ClipThroughput": {"every_n_batches": 1},
+    "SampleVideoLogger": {"every_n_steps": 2, "prompts": ["a red square moving right fast"]},  # one prompt
+    "FVDCurve": {"num_videos": 2, "every_n_steps": 2, "num_steps": 5},  # 5: at least one step per stage
+}
+
+
+def config_callbacks(chain: list[Path], out_dir: Path, data_root: Path) -> list[dict]:
+    """The callbacks of a config chain (the last file that lists them), as written but for their sizes; the FVD
+    curve reads its real clips from ``data_root`` and caches under ``out_dir``."""
+    callbacks: list[dict] = []
+    for path in chain:
+        listed = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks")
+        if listed is not None:
+            callbacks = listed
+    shrunk = []
+    for cb in callbacks:
+        name = cb["class_path"].rsplit(".", 1)[-1]
+        init_args = {**(cb.get("init_args") or {}), **CALLBACK_SIZES.get(name, {})}
+        if name == "FVDCurve":
+            init_args.update(eval_root=str(data_root), cache_dir=str(out_dir / "fvd_cache"))
+        shrunk.append({"class_path": cb["class_path"], "init_args": init_args})
+    return shrunk
+
+
 def shrink_args(out_dir: Path, data_root: Path, max_steps: int = 2, steps_per_epoch: int = 2,
                 callbacks: list[dict] | None = None) -> list[str]:
     """Command-line overrides that shrink any config in ``configs/`` to a seconds-long CPU run."""

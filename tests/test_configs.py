@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import CONFIGS, DEFAULT, OVERLAYS, config_chain, shrink_args
+from tests.conftest import CONFIGS, DEFAULT, OVERLAYS, config_callbacks, config_chain, shrink_args
 from tests.tiny_pipelines import config_kind, pipeline_overrides, save_tiny_pipeline
 from tpdiff_lightning.cli import main
 
@@ -71,12 +71,27 @@ def test_config_parses_and_builds(path, pipelines):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
 def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data_root_17, pipelines):
-    kind = config_kind(config_chain(path))
+    """Each config as written (its precision, clipping, accumulation, optimizer, EMA and callbacks), shrunk
+    only in size: frames, resolution, widths, steps, clip counts and callback intervals, on one CPU device."""
+    chain = config_chain(path)
+    kind = config_kind(chain)
     root = tiny_data_root_17 if kind == "wan" else tiny_data_root
-    cli = main(["fit", *[a for p in config_chain(path) for a in ("--config", str(p))],
-                *shrink_args(tmp_path, root),
+    written = {}
+    for p in chain:
+        written.update((yaml.safe_load(p.read_text()) or {}).get("trainer") or {})
+    cli = main(["fit", *[a for p in chain for a in ("--config", str(p))],
+                *shrink_args(tmp_path, root, callbacks=config_callbacks(chain, tmp_path, root)),
                 *(pipeline_overrides(kind, pipelines(kind)) if kind else [])])
-    assert cli.trainer.global_step == 2
+    trainer = cli.trainer
+    assert trainer.global_step == 2
+    for key in ("precision", "gradient_clip_val", "accumulate_grad_batches"):  # nothing under test was changed
+        if key in written:
+            assert getattr(trainer, key) == written[key], key
+    expected_callbacks = [cb["class_path"].rsplit(".", 1)[-1] for cb in config_callbacks(chain, tmp_path, root)]
+    present = {type(cb).__name__ for cb in trainer.callbacks}
+    assert set(expected_callbacks) <= present, (expected_callbacks, present)
+    fvd = [cb for cb in trainer.callbacks if type(cb).__name__ == "FVDCurve"]
+    assert all(cb._last_eval_step == 2 for cb in fvd)  # the FVD curve really evaluated, with the real I3D
     logged = cli.trainer.logged_metrics
     assert torch.isfinite(logged["train/loss"])
     assert any(k.startswith("val/loss_stage") for k in logged)
