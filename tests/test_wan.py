@@ -154,6 +154,16 @@ def test_torch_dtype(saved):
         WanBackbone(C, D, pretrained_path=str(saved), torch_dtype="int8")
 
 
+def test_torch_dtype_from_a_config_keeps_the_float32_modules_as_from_pretrained_does(saved):
+    from_config = WanBackbone(C, D, config=tiny_wan_config(C, D), torch_dtype="bfloat16")
+    from_folder = WanBackbone(C, D, pretrained_path=str(saved), torch_dtype="bfloat16")
+    dtypes = {n: p.dtype for n, p in from_config.model.named_parameters()}
+    assert dtypes == {n: p.dtype for n, p in from_folder.model.named_parameters()}
+    assert {torch.float32, torch.bfloat16} == set(dtypes.values())
+    assert dtypes["scale_shift_table"] == torch.float32 and dtypes["proj_out.weight"] == torch.bfloat16
+    assert all(d == torch.float32 for n, d in dtypes.items() if "time_embedder" in n or ".norm2." in n)
+
+
 def test_lora_on_a_bf16_base_trains_float32_adapters(saved):
     from tpdiff_lightning.models.lora import LoraSettings
 

@@ -26,7 +26,7 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import Tensor, nn
 
 from tpdiff_lightning.models.lora import LoraSettings, has_lora, lora_state_dict, prepare_training
-from tpdiff_lightning.models.weights_folder import parse_dtype, resolve_part_folder
+from tpdiff_lightning.models.weights_folder import cast_keeping_fp32_modules, parse_dtype, resolve_part_folder
 
 
 
@@ -144,7 +144,7 @@ class WanBackbone(nn.Module):
             check_wan_config(dict(config), in_channels, text_dim, "the given config")
             self.model = WanTransformer3DModel(**config)
             if dtype is not None:
-                self.model.to(dtype)
+                cast_keeping_fp32_modules(self.model, dtype)  # as from_pretrained(torch_dtype=...) does
         self.model.rope = StridedWanRotaryPosEmbed.from_original(self.model.rope)
         self.in_channels = in_channels
         self.text_dim = text_dim

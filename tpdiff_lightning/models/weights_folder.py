@@ -60,6 +60,19 @@ def config_class_name(folder: Path) -> str | None:
     return json.loads((folder / "config.json").read_text()).get("_class_name")
 
 
+def cast_keeping_fp32_modules(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model`` to ``dtype`` except the submodules its class keeps in float32 (diffusers'
+    ``_keep_in_fp32_modules``, e.g. Wan's time embedder, norms and modulation table), as ``from_pretrained(
+    torch_dtype=...)`` does; a plain ``.to(dtype)`` casts those too."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in tensors:  # diffusers' rule: a kept module's name is one of the dotted name's parts
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor.data = tensor.data.to(target)
+    return model
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """``"bfloat16"`` (or ``"torch.bfloat16"``) to ``torch.bfloat16``; ``None`` stays ``None``."""
     if name is None:
