@@ -51,6 +51,21 @@ def test_every_runnable_config_names_itself_last_in_its_usage_line():
         assert chain[-1] == path and all(p.exists() for p in chain), (path, chain)
 
 
+def _model_args(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())["model"]["init_args"]
+
+
+def test_pretrained_backbone_configs_use_each_models_own_velocity_schedule_and_global_alignment():
+    wan, flux, animatediff = (_model_args(n) for n in ("wan_lora_flow.yaml", "flux_flow.yaml", "animatediff_ddim.yaml"))
+    assert wan["flow_velocity"] == flux["flow_velocity"] == "global"  # what a pretrained flow model predicts
+    assert wan["timestep_shift"] == 5.0  # Wan2.1's T2V sampling shift
+    assert animatediff["beta_schedule"] == "linear" and "flow_velocity" not in animatediff
+    for args in (wan, flux, animatediff):  # alignment acts on the global batch, never on 1 clip per device
+        assert args["alignment"] and args["alignment_scope"] == "global" and args.get("stage_sync", True)
+    # The from-scratch default keeps the paper's stage-time objective.
+    assert _model_args("default.yaml").get("flow_velocity", "stage") == "stage"
+
+
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
 def test_config_parses_and_builds(path, pipelines):
     cli = main(_args(path, pipelines), run=False)
@@ -59,9 +74,13 @@ def test_config_parses_and_builds(path, pipelines):
     expected = {}
     for p in config_chain(path):
         expected.update((yaml.safe_load(p.read_text()).get("model") or {}).get("init_args") or {})
-    for key in ("num_stages", "schedule", "alignment", "lr", "anchor_first_frame"):
+    for key in ("num_stages", "schedule", "alignment", "lr", "anchor_first_frame", "flow_velocity", "beta_schedule",
+                "timestep_shift", "alignment_scope"):
         if key in expected:
             assert module.hparams[key] == expected[key]
+    assert module.pyramid.flow_velocity == expected.get("flow_velocity", "stage")
+    if module.pyramid.schedule.name == "ddim":
+        assert module.pyramid.schedule.beta_schedule == (expected.get("beta_schedule") or "scaled_linear")
     if "reductions" in expected:
         assert tuple(module.pyramid.reductions) == tuple(expected["reductions"])
     if "partition" in expected:

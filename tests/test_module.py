@@ -261,3 +261,155 @@ def test_a_causal_codec_without_the_anchor_names_video_and_latent_frames():
     with pytest.raises(ValueError, match="num_frames=17 video frames are 5 latent frames.*anchor_first_frame"):
         _module(num_frames=17, codec=codec, anchor_first_frame=False)
     assert _module(num_frames=17, codec=codec, anchor_first_frame=True).pyramid.num_frames == 5
+
+
+def _perturb(m):
+    """Move the zero-initialised output layer, so outputs depend on the network (build without an EMA, whose
+    shadows would keep the zeros)."""
+    assert m.ema is None
+    with torch.no_grad():
+        for p in m.backbone.final_layer.parameters():
+            p.normal_(0, 0.02)
+    return m
+
+
+def _one_prompt_at_a_time(m, captions, seeds, scale):
+    """The sampling loop before batching: one caption per call, guidance as two forward passes."""
+    from tpdiff_lightning.sampling import guided, sample
+
+    clips = []
+    H, W = m.latent_size()
+    m.eval()
+    with torch.no_grad(), m.ema_weights(True):
+        for caption, seed in zip(captions, seeds):
+            text, mask = m.text_encoder([caption])
+            model = m.denoiser(m.backbone, text, mask)
+            if scale != 1.0:
+                empty, empty_mask = m.text_encoder([""])
+                model = guided(model, m.denoiser(m.backbone, empty, empty_mask), scale)
+            latents = sample(model, m.pyramid, 1, (m.codec.latent_channels, H, W), m.hparams.sample_steps,
+                             torch.Generator().manual_seed(seed), m.hparams.renoise, device=m.device,
+                             dtype=torch.float32, timestep_shift=m.hparams.timestep_shift)
+            clips.append(m.codec.decode(latents))
+    return torch.cat(clips).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_batched_generate_equals_one_prompt_at_a_time(scale, batch_size):
+    m = _perturb(_module(guidance_scale=scale, sample_batch_size=batch_size, ema_decay=None))
+    captions = ["a blue circle moving up slow", "a red square moving left fast", "a green circle"]
+    seeds = [3, 9, 4]
+    calls = []
+    original = m.backbone.forward
+    m.backbone.forward = lambda x, *a, **k: (calls.append(x.shape[0]), original(x, *a, **k))[1]
+    batched = m.generate(captions, seeds)
+    m.backbone.forward = original
+    torch.testing.assert_close(batched, _one_prompt_at_a_time(m, captions, seeds, scale), rtol=0, atol=1e-5)
+    rows = 2 if scale != 1.0 else 1  # guidance: conditional and unconditional halves in one forward pass
+    chunks = [min(batch_size, 3 - k) for k in range(0, 3, batch_size)]
+    assert calls == [rows * c for c in chunks for _ in range(m.hparams.sample_steps)]
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_global_velocity_loss_is_the_stage_loss_weighted_by_the_span_squared(i):
+    losses = {}
+    for velocity in ("stage", "global"):
+        m = _module(flow_velocity=velocity, alignment=False)
+        m.backbone.forward = lambda x, *a, **k: torch.zeros_like(x)  # the loss is then the target's mean square
+        x0 = m.encode_video(_batch()["video"])
+        text, mask = m.text_encoder(["a"] * 4)
+        losses[velocity] = m.stage_loss(x0, text, mask, i, torch.Generator().manual_seed(0))
+    stage = m.pyramid.stages[i]
+    span = stage.t_start - stage.t_end
+    torch.testing.assert_close(losses["global"] * span**2, losses["stage"], rtol=1e-5, atol=0)
+
+
+def _save_checkpoint(m, path, drop=()):
+    import lightning
+
+    hparams = {k: v for k, v in m.hparams.items() if k not in drop}
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": lightning.__version__, "global_step": 0}, path)
+    return path
+
+
+def test_flow_velocity_is_stored_and_a_checkpoint_without_it_loads_as_stage(tmp_path):
+    m = _perturb(_module(flow_velocity="global", num_stages=2, sample_steps=4, ema_decay=None))
+    loaded = TPDiffModule.load_from_checkpoint(_save_checkpoint(m, tmp_path / "new.ckpt"))
+    assert loaded.hparams.flow_velocity == "global" and loaded.pyramid.flow_velocity == "global"
+    old = TPDiffModule.load_from_checkpoint(_save_checkpoint(m, tmp_path / "old.ckpt", drop=("flow_velocity",)))
+    assert old.hparams.flow_velocity == "stage" and old.pyramid.flow_velocity == "stage"
+    # The old checkpoint samples as it was trained: with the stage-time velocity.
+    as_trained = _module(flow_velocity="stage", num_stages=2, sample_steps=4, ema_decay=None)
+    as_trained.load_state_dict(m.state_dict())
+    video = old.generate(["a red square"], [1])
+    assert torch.equal(video, as_trained.generate(["a red square"], [1]))
+    assert not torch.allclose(video, loaded.generate(["a red square"], [1]), atol=1e-4)
+
+
+def test_beta_schedule_and_timestep_shift_reach_the_pyramid_and_the_sampler():
+    linear = _module(schedule="ddim", beta_schedule="linear")
+    assert linear.pyramid.schedule.beta_schedule == "linear"
+    assert _module(schedule="ddim").pyramid.schedule.beta_schedule == "scaled_linear"
+    assert linear.pyramid.stages[0].t_end != pytest.approx(_module(schedule="ddim").pyramid.stages[0].t_end, abs=1e-3)
+    m = _module(timestep_shift=5.0, sample_steps=6, guidance_scale=1.0)
+    told = []
+    original = m.backbone.forward
+    m.backbone.forward = lambda x, t, *a, **k: (told.append(float(t[0]) / 1000), original(x, t, *a, **k))[1]
+    m.generate(["a"], [0])
+    from tpdiff_lightning.sampling import stage_time_grid
+
+    expected = [float(t) for s in m.pyramid.stages for t in stage_time_grid(s, 2, 5.0)[:-1]]
+    assert told == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(flow_velocity="x"), r"flow_velocity='x' is invalid; expected one of \['stage', 'global'\]"),
+    (dict(schedule="ddim", flow_velocity="global"), r"flow_velocity='global' is set for schedule='ddim'"),
+    (dict(schedule="ddim", beta_schedule="cosine"), r"beta_schedule='cosine' is unknown; expected one of \['scaled_linear', 'linear'\]"),
+    (dict(beta_schedule="linear"), r"beta_schedule='linear' is set for schedule='flow'"),
+    (dict(timestep_shift=0), r"timestep_shift=0 is invalid; expected a number > 0"),
+    (dict(timestep_shift=-1.5), r"timestep_shift=-1.5 is invalid; expected a number > 0"),
+    (dict(schedule="ddim", timestep_shift=5.0), r"timestep_shift=5.0 is set for schedule='ddim'; expected 1"),
+    (dict(sample_batch_size=0), r"sample_batch_size=0 is invalid; expected an integer >= 1"),
+])
+def test_bad_new_module_arguments_name_the_key_and_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _module(**kwargs)
+
+
+@pytest.mark.parametrize("scope,batch_size,world_size,warns", [
+    ("local", 1, 8, True), ("local", 1, 1, True), ("local", 2, 1, False), ("local", 4, 8, False),
+    ("global", 1, 1, True), ("global", 1, 8, False), ("global", 4, 1, False),
+])
+def test_alignment_that_cannot_act_is_warned_at_fit_start(scope, batch_size, world_size, warns):
+    import warnings
+    from types import SimpleNamespace
+
+    m = _module(alignment_scope=scope)
+    m.trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=batch_size), world_size=world_size,
+                                global_rank=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.on_fit_start()
+    messages = [str(w.message) for w in caught if "alignment is on" in str(w.message)]
+    assert len(messages) == (1 if warns else 0)
+    if warns:
+        assert f"alignment_scope={scope!r}" in messages[0] and "acts on 1 clip" in messages[0]
+    off = _module(alignment=False, alignment_scope=scope)
+    assert off.alignment_warning(batch_size, world_size) is None
+
+
+def test_alignment_warning_falls_back_to_the_first_batch_without_a_datamodule_batch_size():
+    import warnings
+    from types import SimpleNamespace
+
+    m = _module()
+    m.trainer = SimpleNamespace(datamodule=None, world_size=1, global_rank=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.on_fit_start()
+        m.on_train_batch_start({"caption": ["a"]}, 0)
+        m.on_train_batch_start({"caption": ["a"]}, 1)
+    assert sum("alignment is on" in str(w.message) for w in caught) == 1

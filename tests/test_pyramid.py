@@ -5,8 +5,15 @@ import torch
 from torch.testing import assert_close
 
 from tpdiff_lightning.pyramid import TemporalPyramid
+from tpdiff_lightning.schedules import make_schedule
 
 F64 = torch.float64
+SCHEDULES = ["flow", "ddim", "ddim-linear"]
+"""Every schedule the pyramid runs on; ``ddim-linear`` is DDIM with AnimateDiff's linear beta schedule."""
+
+
+def _schedule(name):
+    return make_schedule("ddim", beta_schedule="linear") if name == "ddim-linear" else name
 
 
 def _data(B=2, C=3, F=16, H=4, W=4, seed=0):
@@ -33,10 +40,10 @@ def test_flow_window_end_closed_form(reductions, partition):
         assert p.stages[i].t_end == pytest.approx(s / (s + math.sqrt(r) * (1 - s)), abs=1e-12)
 
 
-@pytest.mark.parametrize("schedule", ["flow", "ddim"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("reductions", [(2, 2), (4, 2), (2, 4), (4, 4)])
 def test_window_ends_satisfy_the_snr_jump(schedule, reductions):
-    p = TemporalPyramid(schedule, 16, 3, reductions)
+    p = TemporalPyramid(_schedule(schedule), 16, 3, reductions)
     for i in range(2):
         snr_e = p.schedule.snr(torch.tensor(p.stages[i].t_end, dtype=F64))
         snr_s = p.schedule.snr(torch.tensor(p.stages[i + 1].t_start, dtype=F64))
@@ -92,11 +99,11 @@ def test_down_up_conventions(anchor):
     assert torch.equal(up, x[:, :, expected])
 
 
-@pytest.mark.parametrize("schedule", ["flow", "ddim"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("anchor", [False, True])
 def test_interpolate_hits_end_points(schedule, anchor):
     F = 17 if anchor else 16
-    p = TemporalPyramid(schedule, F, 3, anchor_first_frame=anchor)
+    p = TemporalPyramid(_schedule(schedule), F, 3, anchor_first_frame=anchor)
     x0 = _data(F=F)
     for i in range(3):
         noise = _stage_noise(p, x0, i)
@@ -136,8 +143,73 @@ def test_flow_target_is_the_derivative_in_u():
     assert_close((xb - xa) / h, target, atol=1e-6, rtol=1e-6)
 
 
-def test_ddim_xt_and_target_agree_with_eq10_eq11():
-    p = TemporalPyramid("ddim", 16, 3)
+@pytest.mark.parametrize("cfg", [dict(), dict(reductions=(4, 2), partition=(1, 1, 2)), dict(anchor_first_frame=True)],
+                         ids=str)
+def test_global_flow_target_is_the_derivative_in_global_time(cfg):
+    F = 17 if cfg.get("anchor_first_frame") else 16
+    stage_p = TemporalPyramid("flow", F, 3, **cfg)
+    global_p = TemporalPyramid("flow", F, 3, flow_velocity="global", **cfg)
+    x0 = _data(F=F)
+    for i in range(3):
+        noise = _stage_noise(stage_p, x0, i)
+        u, h = torch.full((2,), 0.3, dtype=F64), 1e-6
+        xa, ta, target = global_p.interpolate(x0, noise, i, u)
+        xb, tb, _ = global_p.interpolate(x0, noise, i, u + h)
+        x_stage, t_stage, v_stage = stage_p.interpolate(x0, noise, i, u)
+        assert torch.equal(xa, x_stage) and torch.equal(ta, t_stage)  # same path and times, only the target differs
+        x_start, x_end = global_p.endpoints(x0, noise, i)
+        span = global_p.stages[i].t_start - global_p.stages[i].t_end
+        assert_close(target, (x_start - x_end) / span, rtol=1e-14, atol=1e-14)
+        assert_close(target, v_stage / span, rtol=1e-14, atol=1e-14)
+        assert_close((xb - xa) / (tb - ta).reshape(-1, 1, 1, 1, 1), target, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("partition", [(1, 1, 1), (1, 1, 2), (2, 1, 1)])
+def test_global_flow_target_is_the_flow_target_of_the_stages_virtual_pair(partition):
+    p = TemporalPyramid("flow", 16, 3, partition=partition, flow_velocity="global")
+    x0 = _data()
+    u = torch.tensor([0.25, 0.9], dtype=F64)
+    for i in range(1, 3):  # stage 0 starts at pure noise (gamma_s = 0): tested below against vanilla
+        noise = _stage_noise(p, x0, i)
+        x_t, t, target = p.interpolate(x0, noise, i, u)
+        x_start, x_end = p.endpoints(x0, noise, i)
+        eps_k = p.stage_noise(x_start, x_end, i)  # Eq. 11 on the flow schedule
+        gs, ss = p.schedule.scalar(p.stages[i].t_start)
+        x_bar = (x_start - ss * eps_k) / gs  # the stage's virtual clean point
+        assert_close(target, eps_k - x_bar, rtol=1e-12, atol=1e-12)
+        tb = t.reshape(-1, 1, 1, 1, 1)
+        assert_close(x_t, (1 - tb) * x_bar + tb * eps_k, rtol=1e-12, atol=1e-12)  # an ordinary flow pair
+
+
+@pytest.mark.parametrize("reductions", [(2, 2), (4, 2)])
+def test_global_flow_target_at_stage_0_is_vanilla_flow_matching_on_the_downsampled_clip(reductions):
+    p = TemporalPyramid("flow", 16, 3, reductions, flow_velocity="global")
+    x0 = _data()
+    noise = _stage_noise(p, x0, 0)
+    u = torch.tensor([0.1, 0.8], dtype=F64)
+    x_t, t, target = p.interpolate(x0, noise, 0, u)
+    down = p.downsample(x0, p.stages[0].stride)
+    tb = t.reshape(-1, 1, 1, 1, 1)
+    assert_close(target, noise - down, rtol=1e-13, atol=1e-13)
+    assert_close(x_t, (1 - tb) * down + tb * noise, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(flow_velocity="x"), r"flow_velocity='x' is invalid; expected one of \['stage', 'global'\]"),
+    (dict(schedule="ddim", flow_velocity="global"), "flow_velocity='global' is set for schedule='ddim'"),
+])
+def test_bad_flow_velocity_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TemporalPyramid(**{"num_frames": 16, **kwargs})
+
+
+def test_longer_clips_keep_the_flow_velocity():
+    assert TemporalPyramid("flow", 16, 3, flow_velocity="global").with_num_frames(32).flow_velocity == "global"
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_ddim_xt_and_target_agree_with_eq10_eq11(beta_schedule):
+    p = TemporalPyramid(make_schedule("ddim", beta_schedule), 16, 3)
     x0 = _data()
     i = 1
     noise = _stage_noise(p, x0, i)
@@ -156,8 +228,9 @@ def test_ddim_xt_and_target_agree_with_eq10_eq11():
         assert_close(x_t[b], gt * x_bar + st * eps_k[b])
 
 
-def test_one_stage_equals_vanilla_flow():
-    p = TemporalPyramid("flow", 16, 1)
+@pytest.mark.parametrize("velocity", ["stage", "global"])
+def test_one_stage_equals_vanilla_flow(velocity):
+    p = TemporalPyramid("flow", 16, 1, flow_velocity=velocity)
     assert p.stages[0].stride == 1 and p.stages[0].t_start == 1.0 and p.stages[0].t_end == 0.0
     x0 = _data()
     noise = _stage_noise(p, x0, 0)
@@ -169,8 +242,9 @@ def test_one_stage_equals_vanilla_flow():
     assert_close(v, noise - x0, rtol=0, atol=1e-15)
 
 
-def test_one_stage_equals_vanilla_ddim():
-    p = TemporalPyramid("ddim", 16, 1)
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_one_stage_equals_vanilla_ddim(beta_schedule):
+    p = TemporalPyramid(make_schedule("ddim", beta_schedule), 16, 1)
     x0 = _data()
     noise = _stage_noise(p, x0, 0)
     u = torch.tensor([0.1, 0.8], dtype=F64)
@@ -203,10 +277,10 @@ def _renoise_statistics(p, i, n_samples, enabled=True):
     return x_next.mean(0), mean_expected, cov, ss**2 * torch.eye(cov.shape[0], dtype=F64)
 
 
-@pytest.mark.parametrize("schedule", ["flow", "ddim"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("F,anchor,reductions", [(16, False, (2, 2)), (17, True, (2, 2)), (16, False, (4, 4)), (33, True, (4, 2))])
 def test_renoise_matches_next_stage_start_by_monte_carlo(schedule, F, anchor, reductions):
-    p = TemporalPyramid(schedule, F, 3, reductions, anchor_first_frame=anchor)
+    p = TemporalPyramid(_schedule(schedule), F, 3, reductions, anchor_first_frame=anchor)
     for i in range(2):
         mean, mean_expected, cov, cov_expected = _renoise_statistics(p, i, 100_000)
         scale = cov_expected[0, 0].item()

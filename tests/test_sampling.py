@@ -3,7 +3,8 @@ import torch
 from torch.testing import assert_close
 
 from tpdiff_lightning.pyramid import TemporalPyramid
-from tpdiff_lightning.sampling import guided, sample, split_steps
+from tpdiff_lightning.sampling import (guided, guided_one_pass, sample, shift_time, split_steps, stage_time_grid,
+                                      unshift_time)
 
 F64 = torch.float64
 TABLE2 = [
@@ -80,12 +81,137 @@ def _flow_oracle(p, x0):
     return model
 
 
+def _in_global_time(model):
+    """A model predicting the global-time velocity of ``model``'s stage-time one: divided by ``s_i - e_i``."""
+    return lambda x, t, stage: model(x, t, stage) / (stage.t_start - stage.t_end)
+
+
 @pytest.mark.parametrize("cfg", TABLE2[:8], ids=str)
-def test_oracle_flow_sampler_lands_on_the_data(cfg):
+@pytest.mark.parametrize("velocity,shift", [("stage", 1.0), ("global", 1.0), ("global", 5.0), ("stage", 3.0)])
+def test_oracle_flow_sampler_lands_on_the_data(cfg, velocity, shift):
     x0 = torch.randn(1, 2, 16, 3, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
-    p = TemporalPyramid("flow", 16, **cfg)
-    out = sample(_flow_oracle(p, x0), p, 1, (2, 3, 3), 20, torch.Generator().manual_seed(0), dtype=F64)
+    p = TemporalPyramid("flow", 16, flow_velocity=velocity, **cfg)
+    oracle = _flow_oracle(p, x0) if velocity == "stage" else _in_global_time(_flow_oracle(p, x0))
+    out = sample(oracle, p, 1, (2, 3, 3), 20, torch.Generator().manual_seed(0), dtype=F64, timestep_shift=shift)
     assert_close(out, x0, atol=1e-9, rtol=0)
+
+
+def _nonlinear_model(x, t, stage):
+    """A stage-time velocity that depends on x, t and the stage, so that any mismatch in time or scale shows."""
+    tb = t.reshape(-1, 1, 1, 1, 1).to(x.dtype)
+    return 0.7 * torch.sin(x) * (1 + tb) - 0.4 * x * tb**2 + 0.1 * (stage.index + 1)
+
+
+@pytest.mark.parametrize("cfg", [dict(num_stages=3), dict(num_stages=3, reductions=(4, 2), partition=(1, 1, 2)),
+                                 dict(num_stages=4)], ids=str)
+@pytest.mark.parametrize("shift", [1.0, 5.0])
+def test_global_velocity_sampler_iterates_equal_the_stage_velocity_samplers(cfg, shift):
+    def run(velocity, model):
+        p = TemporalPyramid("flow", 16, flow_velocity=velocity, **cfg)
+        steps = []
+        out = sample(model, p, 2, (2, 3, 3), 13, torch.Generator().manual_seed(7), dtype=F64,
+                     callback=lambda i, n, x: steps.append(x.clone()), timestep_shift=shift)
+        return steps + [out]
+
+    stage_iterates = run("stage", _nonlinear_model)
+    global_iterates = run("global", _in_global_time(_nonlinear_model))
+    assert len(stage_iterates) == len(global_iterates) == 14
+    for a, b in zip(stage_iterates, global_iterates):
+        assert_close(b, a, rtol=1e-12, atol=1e-12)
+    # The same network read in the other time steps differently: the velocity choice is not a no-op.
+    wrong = run("global", _nonlinear_model)
+    assert (wrong[-1] - stage_iterates[-1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0])
+@pytest.mark.parametrize("num_steps", [8, 30])
+def test_one_stage_with_a_shift_equals_diffusers_flow_match_euler(shift, num_steps):
+    diffusers = pytest.importorskip("diffusers")
+    np = pytest.importorskip("numpy")
+    # diffusers' flow pipelines (Flux, SD3) pass the uniform grid linspace(1, 1/N, N) as sigmas; the scheduler
+    # shifts it, appends sigma 0, tells the model sigma * 1000 and steps x += (sigma' - sigma) * v.
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps))
+    z = torch.randn(1, 2, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+
+    def velocity(x, t):
+        tb = t.reshape(-1, 1, 1, 1, 1)
+        return 0.5 * torch.sin(3 * x) + tb * x - 0.2
+
+    x, reference_times = z.clone(), []
+    for timestep in scheduler.timesteps:
+        reference_times.append(float(timestep) / 1000)
+        x = scheduler.step(velocity(x, timestep.reshape(1) / 1000), timestep, x).prev_sample
+    ours_times = []
+
+    def model(x, t, stage):
+        ours_times.append(float(t[0]))
+        return velocity(x, t)
+
+    p = TemporalPyramid("flow", 8, 1)
+    out = sample(model, p, 1, (2, 3, 3), num_steps, torch.Generator().manual_seed(0), timestep_shift=shift)
+    assert ours_times == pytest.approx(reference_times, abs=1e-6)
+    assert_close(out, x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shift", [0.5, 3.0, 7.0])
+def test_a_shift_reshapes_the_grid_inside_each_stage_without_moving_the_windows(shift):
+    p = TemporalPyramid("flow", 16, 3)
+    seen = []
+    sample(lambda x, t, stage: (seen.append((stage.index, float(t[0]))), 0.1 * x)[1], p, 1, (1, 2, 2), 15,
+           torch.Generator().manual_seed(0), dtype=F64, timestep_shift=shift)
+    for stage, steps in zip(p.stages, split_steps(15, p.partition)):
+        times = [t for i, t in seen if i == stage.index]
+        grid = stage_time_grid(stage, steps, shift)
+        assert float(grid[0]) == stage.t_start and float(grid[-1]) == stage.t_end  # the window stays
+        assert times == pytest.approx(grid[:-1].tolist(), abs=1e-12)
+        assert all(a > b for a, b in zip(grid[:-1], grid[1:]))
+        # Uniform in the unshifted time: equal steps there, unequal ones in t.
+        pre = unshift_time(grid, shift)
+        assert_close(pre[1:] - pre[:-1], torch.full((steps,), float(pre[1] - pre[0]), dtype=F64), rtol=0, atol=1e-12)
+        assert_close(shift_time(pre, shift), grid, rtol=0, atol=1e-12)
+        uniform = torch.linspace(stage.t_start, stage.t_end, steps + 1, dtype=F64)
+        assert (grid[1:-1] - uniform[1:-1]).abs().min() > 1e-4
+
+
+@pytest.mark.parametrize("schedule,kwargs,match", [
+    ("flow", dict(timestep_shift=0.0), r"timestep_shift=0.0 is invalid; expected a number > 0"),
+    ("flow", dict(timestep_shift=-2.0), r"timestep_shift=-2.0 is invalid; expected a number > 0"),
+    ("ddim", dict(timestep_shift=3.0), r"timestep_shift=3.0 is set for schedule='ddim'; expected 1"),
+])
+def test_bad_timestep_shift_is_a_clear_error(schedule, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sample(lambda x, t, s: x, TemporalPyramid(schedule, 16, 3), 1, (1, 2, 2), 6, **kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["flow", "ddim"])
+def test_one_generator_per_sample_gives_each_sample_its_one_at_a_time_result(schedule):
+    p = TemporalPyramid(schedule, 16, 3)
+    model = lambda x, t, stage: 0.3 * torch.tanh(x) + 0.05 * stage.index
+    seeds = [3, 11, 4]
+    batched = sample(model, p, 3, (2, 3, 3), 9, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = torch.cat([sample(model, p, 1, (2, 3, 3), 9, torch.Generator().manual_seed(s)) for s in seeds])
+    assert torch.equal(batched, alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3; expected one per sample"):
+        sample(model, p, 3, (2, 3, 3), 9, [torch.Generator().manual_seed(s) for s in seeds[:2]])
+
+
+def test_guidance_in_one_pass_equals_two_passes():
+    p = TemporalPyramid("flow", 16, 3)
+    shift = torch.tensor([1.0, -2.0]).reshape(2, 1, 1, 1, 1)  # per-row "caption": cond rows then uncond rows
+    calls = []
+
+    def pair(x, t, stage):
+        calls.append(x.shape[0])
+        return 0.5 * torch.sin(x) + torch.cat([shift, torch.zeros_like(shift)])
+
+    cond = lambda x, t, s: 0.5 * torch.sin(x) + shift
+    uncond = lambda x, t, s: 0.5 * torch.sin(x)
+    g = lambda: torch.Generator().manual_seed(5)
+    one = sample(guided_one_pass(pair, 3.0), p, 2, (3, 4, 4), 9, g())
+    two = sample(guided(cond, uncond, 3.0), p, 2, (3, 4, 4), 9, g())
+    assert_close(one, two, rtol=1e-6, atol=1e-6)
+    assert calls == [4] * 9  # one forward pass per step, over the doubled batch
 
 
 def test_zero_shot_longer_clip():

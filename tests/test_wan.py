@@ -260,6 +260,23 @@ def test_project_flow_target_is_wans_velocity():
         assert not torch.allclose(wrong_sign, x0, atol=1e-2)
 
 
+@pytest.mark.parametrize("velocity,lands", [("global", True), ("stage", False)])
+def test_global_flow_target_is_wans_velocity_inside_every_stage(velocity, lands):
+    """Three stages: a step of Wan's own Euler scheduler from t to the stage end e_i, with the pyramid's target
+    as the prediction, lands on the stage's end point x̂_e only for the global-time velocity."""
+    pyramid = TemporalPyramid("flow", num_frames=9, num_stages=3, anchor_first_frame=True, flow_velocity=velocity)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, C, 9, 4, 4, generator=g, dtype=torch.float64)
+    for i, stage in enumerate(pyramid.stages):
+        noise = torch.randn(pyramid.stage_shape(x0, i), generator=g, dtype=torch.float64)
+        x_t, t, target = pyramid.interpolate(x0, noise, i, torch.full((2,), 0.6, dtype=torch.float64))
+        _, x_end = pyramid.endpoints(x0, noise, i)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        scheduler.set_timesteps(sigmas=[float(t[0]), stage.t_end] if stage.t_end > 0 else [float(t[0])])
+        stepped = scheduler.step(target.float(), scheduler.timesteps[0], x_t.float()).prev_sample
+        assert torch.allclose(stepped.double(), x_end, atol=1e-5) == lands
+
+
 # LoRA and gradient checkpointing
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Sequence
 
@@ -23,7 +24,8 @@ from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
 from tpdiff_lightning.optimizer import make_adamw
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
-from tpdiff_lightning.sampling import guided, sample
+from tpdiff_lightning.sampling import guided_one_pass, sample
+from tpdiff_lightning.schedules import make_schedule
 
 BackboneFactory = Callable[[int, int], nn.Module]
 
@@ -68,6 +70,17 @@ class TPDiffModule(L.LightningModule):
         stage_seed: seed of the per-step stage draw.
         stage_sync: every rank draws the same stage at the same step (default), so no rank waits for a longer
             sequence; ``False`` draws the stage per rank (for comparison).
+        flow_velocity: flow only. ``"stage"`` (default, the paper's Eq. 13) trains the velocity in the stage's own
+            time, ``x_start - x_end``; ``"global"`` the velocity in global time, ``(x_start - x_end) / (s_i - e_i)``,
+            which is what a pretrained flow model (Wan, Flux) predicts. Sampling follows the same choice. Stored
+            in the checkpoint; a checkpoint without it loads as ``"stage"``.
+        beta_schedule: ddim only. ``"scaled_linear"`` (SD1.5, the default when ``None``) or ``"linear"``
+            (AnimateDiff's training schedule), both from 0.00085 to 0.012 over 1000 steps.
+        timestep_shift: flow sampling only. ``k`` reshapes the step grid inside each stage by
+            ``t -> k t / (1 + (k - 1) t)`` without moving the stage windows (Wan2.1 1.3B samples with 5 to 8);
+            1 is the uniform grid.
+        sample_batch_size: clips sampled together by ``generate`` (the FVD curve and sample logging); with
+            guidance each forward pass holds twice as many. Seeds give the same clips at any value.
     """
 
     def __init__(
@@ -99,9 +112,20 @@ class TPDiffModule(L.LightningModule):
         sample_num_frames: int | None = None,
         stage_seed: int = 0,
         stage_sync: bool = True,
+        flow_velocity: str = "stage",
+        beta_schedule: str | None = None,
+        timestep_shift: float = 1.0,
+        sample_batch_size: int = 8,
     ):
         super().__init__()
         self.save_hyperparameters()
+        if not (isinstance(timestep_shift, (int, float)) and timestep_shift > 0):
+            raise ValueError(f"timestep_shift={timestep_shift!r} is invalid; expected a number > 0 (1 = no shift)")
+        if timestep_shift != 1 and schedule != "flow":
+            raise ValueError(f"timestep_shift={timestep_shift!r} is set for schedule={schedule!r}; expected 1 "
+                             "(the shift applies to flow sampling only)")
+        if not (isinstance(sample_batch_size, int) and sample_batch_size >= 1):
+            raise ValueError(f"sample_batch_size={sample_batch_size!r} is invalid; expected an integer >= 1")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout={caption_dropout} is invalid; expected 0 <= p < 1")
         if alignment_scope not in ("local", "global"):
@@ -113,8 +137,8 @@ class TPDiffModule(L.LightningModule):
                              "latents of different frame counts, which one global assignment cannot pair")
         latent_frames = self.latent_frames(num_frames)
         try:
-            self.pyramid = TemporalPyramid(schedule, latent_frames, num_stages, reductions, partition,
-                                           anchor_first_frame, stage_weights)
+            self.pyramid = TemporalPyramid(make_schedule(schedule, beta_schedule), latent_frames, num_stages,
+                                           reductions, partition, anchor_first_frame, stage_weights, flow_velocity)
         except ValueError as error:
             if latent_frames == num_frames:
                 raise
@@ -278,6 +302,39 @@ class TPDiffModule(L.LightningModule):
             self.log("data/skipped", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
         return loss
 
+    def alignment_warning(self, batch_size: int, world_size: int) -> str | None:
+        """Why alignment cannot act, or ``None``: it needs at least 2 clips in one assignment (local: the
+        per-device micro-batch; global: the micro-batches of all ranks together)."""
+        if not self.hparams.alignment:
+            return None
+        scope = self.hparams.alignment_scope
+        clips = batch_size * world_size if scope == "global" else batch_size
+        if clips >= 2:
+            return None
+        where = (f"{batch_size} clip per device" if scope == "local"
+                 else f"a global batch of {clips} clip ({batch_size} per device x {world_size} devices)")
+        hint = ("set alignment_scope: global to pair the clips of all ranks" if scope == "local" and world_size > 1
+                else "raise the batch size")
+        return (f"alignment is on but acts on {clips} clip (alignment_scope={scope!r}, {where}), so it pairs "
+                f"nothing; {hint}, or set alignment: false")
+
+    def on_fit_start(self) -> None:
+        # The datamodule's batch size is known before the first step; otherwise the first batch tells.
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        self._alignment_checked = isinstance(batch_size, int)
+        if self._alignment_checked:
+            self.warn_if_alignment_idle(batch_size)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if not getattr(self, "_alignment_checked", True) and isinstance(batch, dict) and "caption" in batch:
+            self._alignment_checked = True
+            self.warn_if_alignment_idle(len(batch["caption"]))
+
+    def warn_if_alignment_idle(self, batch_size: int) -> None:
+        message = self.alignment_warning(batch_size, self.trainer.world_size)
+        if message is not None and self.global_rank == 0:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.global_step_at_load = int(checkpoint.get("global_step", -1))
         state = checkpoint.get("state_dict")
@@ -311,15 +368,19 @@ class TPDiffModule(L.LightningModule):
     @torch.no_grad()
     def generate(self, captions: Sequence[str], seeds: Sequence[int], num_frames: int | None = None,
                  num_steps: int | None = None, guidance_scale: float | None = None, use_ema: bool = True,
-                 renoise: bool | None = None) -> Tensor:
+                 renoise: bool | None = None, batch_size: int | None = None) -> Tensor:
         """Sample one clip per caption with its own seed; returns pixels ``(B, 3, F, H, W)`` in [-1, 1].
 
-        ``num_frames`` counts video frames (default ``sample_num_frames``, else ``num_frames``)."""
+        ``num_frames`` counts video frames (default ``sample_num_frames``, else ``num_frames``). Captions are
+        sampled ``batch_size`` at a time (default ``sample_batch_size``), each with a generator of its own
+        seed, so a clip does not depend on the batch it is in; with guidance the conditional and
+        unconditional halves run as one batch."""
         hp = self.hparams
         num_frames = self.latent_frames(num_frames or hp.sample_num_frames or hp.num_frames)
         pyramid = self.pyramid if num_frames == self.pyramid.num_frames else self.pyramid.with_num_frames(num_frames)
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         renoise = hp.renoise if renoise is None else renoise
+        chunk = batch_size or hp.get("sample_batch_size", 8)
         backbone, text_encoder = self.backbone, self.text_encoder
         H, W = self.latent_size()
         clips = []
@@ -329,16 +390,20 @@ class TPDiffModule(L.LightningModule):
             # Sampling from a callback runs outside Lightning's autocast; enter the run's precision context here.
             precision = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
             with self.ema_weights(use_ema), precision:
-                for caption, seed in zip(captions, seeds):
-                    text, mask = text_encoder([caption])
-                    model = self.denoiser(backbone, text, mask)
-                    if scale != 1.0:
-                        empty, empty_mask = text_encoder([""])
-                        model = guided(model, self.denoiser(backbone, empty, empty_mask), scale)
-                    g = torch.Generator().manual_seed(int(seed))
-                    latents = sample(model, pyramid, 1, (self.codec.latent_channels, H, W),
-                                     num_steps or hp.sample_steps, g, renoise, device=self.device,
-                                     dtype=torch.float32)  # the sampler's state; the backbone casts
+                for start in range(0, len(captions), chunk):
+                    batch = [str(c) for c in captions[start:start + chunk]]
+                    B = len(batch)
+                    if scale != 1.0:  # rows 0..B-1 conditional, B..2B-1 unconditional
+                        text, mask = text_encoder(batch + [""] * B)  # (2B, L, D)
+                        model = guided_one_pass(self.denoiser(backbone, text, mask), scale)
+                    else:
+                        text, mask = text_encoder(batch)  # (B, L, D)
+                        model = self.denoiser(backbone, text, mask)
+                    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start:start + chunk]]
+                    latents = sample(model, pyramid, B, (self.codec.latent_channels, H, W),
+                                     num_steps or hp.sample_steps, generators, renoise, device=self.device,
+                                     dtype=torch.float32,  # the sampler's state; the backbone casts
+                                     timestep_shift=hp.get("timestep_shift", 1.0))
                     clips.append(self.codec.decode(latents))
         finally:
             self.train(was_training)

@@ -5,6 +5,10 @@ rate); see ``SPEC.md``. Legend: ``S_i`` stride of stage i, ``F_i`` its frame cou
 ``r_i`` the frame-rate factor from stage i to i+1, ``s_i``/``e_i`` its start/end time,
 ``x_start``/``x_end`` the stage's end points (paper Eq. 7/8), ``u`` the position inside a
 stage (1 at the start), ``eps_k`` the stage's DDIM noise (Eq. 11).
+
+Flow velocity: ``"stage"`` is the derivative of ``x_t`` in ``u`` (paper Eq. 13), ``x_start - x_end``;
+``"global"`` is the derivative in global time ``t``, ``(x_start - x_end) / (s_i - e_i)``, which is the
+ordinary flow target ``eps - x_bar`` of the stage's virtual pair and what a pretrained flow model predicts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import torch
 from torch import Tensor
 
 from tpdiff_lightning.schedules import Schedule, make_schedule
+
+
+FLOW_VELOCITIES = ("stage", "global")
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,22 @@ def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
-def randn(shape: Sequence[int], generator: torch.Generator | None = None, device=None,
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for the whole batch, or one per sample (row b drawn from ``generators[b]``)."""
+
+
+def randn(shape: Sequence[int], generator: Generators = None, device=None,
           dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise drawn on the generator's device, then moved, so a CPU seed works for any device."""
+    """Standard normal noise drawn on the generator's device, then moved, so a CPU seed works for any device.
+
+    With a sequence of generators, one per sample, row b is what ``generator[b]`` alone draws for a batch
+    of one: a batch of seeded samples equals those samples drawn one at a time.
+    """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generators = list(generator)
+        if len(generators) != shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}; expected one per sample")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generators])
     draw_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
@@ -69,6 +89,8 @@ class TemporalPyramid:
         partition: ``K`` weights splitting [0, 1] into stage windows (default uniform).
         anchor_first_frame: keep frame 0 out of the stride, for causal VAEs with ``1 + 4k`` frames.
         stage_weights: ``K`` training probabilities of each stage (default proportional to ``partition``).
+        flow_velocity: ``"stage"`` (default) trains and samples the flow velocity in the stage's own time
+            ``u``; ``"global"`` the velocity in global time ``t`` (pretrained flow models). Flow only.
     """
 
     def __init__(
@@ -80,6 +102,7 @@ class TemporalPyramid:
         partition: Sequence[float] | None = None,
         anchor_first_frame: bool = False,
         stage_weights: Sequence[float] | None = None,
+        flow_velocity: str = "stage",
     ):
         if not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"num_stages={num_stages!r} is invalid; expected an integer >= 1")
@@ -99,6 +122,12 @@ class TemporalPyramid:
             raise ValueError(f"stage_weights={list(stage_weights)} is invalid; expected {K} non-negative weights with a positive sum")
 
         self.schedule = make_schedule(schedule)
+        if flow_velocity not in FLOW_VELOCITIES:
+            raise ValueError(f"flow_velocity={flow_velocity!r} is invalid; expected one of {list(FLOW_VELOCITIES)}")
+        if flow_velocity == "global" and self.schedule.name != "flow":
+            raise ValueError(f"flow_velocity='global' is set for schedule={self.schedule.name!r}; expected it only "
+                             "with schedule='flow' (DDIM predicts the noise)")
+        self.flow_velocity = flow_velocity
         self.num_frames = num_frames
         self.num_stages = K
         self.reductions = reductions
@@ -135,7 +164,7 @@ class TemporalPyramid:
     def with_num_frames(self, num_frames: int) -> "TemporalPyramid":
         """The same pyramid for another clip length (zero-shot long video)."""
         return TemporalPyramid(self.schedule, num_frames, self.num_stages, self.reductions, self.partition,
-                               self.anchor_first_frame, self.stage_weights)
+                               self.anchor_first_frame, self.stage_weights, self.flow_velocity)
 
     def stage_shape(self, x0: Tensor, i: int) -> tuple[int, ...]:
         """Shape of stage i's tensors for a full-rate ``x0`` of shape ``(B, C, F, H, W)``."""
@@ -196,7 +225,8 @@ class TemporalPyramid:
     def interpolate(self, x0: Tensor, noise: Tensor, i: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Stage-wise ``x_t`` and regression target at positions ``u`` (B,) inside stage i.
 
-        ``flow`` (Eq. 12/13): ``x_t = (1 - u) x_end + u x_start``, target ``x_start - x_end``.
+        ``flow`` (Eq. 12/13): ``x_t = (1 - u) x_end + u x_start``, target ``x_start - x_end`` (velocity in u),
+        or ``(x_start - x_end) / (s_i - e_i)`` with ``flow_velocity="global"`` (velocity in t).
         ``ddim`` (Eq. 10/11): ``x_t`` on the DDIM path through ``x_start`` with noise ``eps_k``, target ``eps_k``.
         Returns ``(x_t, t, target)`` with ``t`` the global time (B,).
         """
@@ -205,12 +235,17 @@ class TemporalPyramid:
         t = self.stage_time(i, u)  # (B,), float32 or wider
         if self.schedule.name == "flow":
             ub = _bcast(u, x0)
-            return (1 - ub) * x_end + ub * x_start, t, x_start - x_end
+            return (1 - ub) * x_end + ub * x_start, t, (x_start - x_end) / self.velocity_span(i)
         eps_k = self.stage_noise(x_start, x_end, i)
         gamma_t, sigma_t = (_bcast(c, x0) for c in self.schedule.gamma_sigma(t))
         gamma_s, sigma_s = self._coefficients(self.stages[i].t_start, x0)
         x_t = (gamma_t / gamma_s) * x_start + gamma_t * eps_k * (sigma_t / gamma_t - sigma_s / gamma_s)
         return x_t, t, eps_k
+
+    def velocity_span(self, i: int) -> float:
+        """``dt/du`` that the flow target is divided by: ``s_i - e_i`` for the global-time velocity, else 1."""
+        stage = self.stages[i]
+        return stage.t_start - stage.t_end if self.flow_velocity == "global" else 1.0
 
     def stage_noise(self, x_start: Tensor, x_end: Tensor, i: int) -> Tensor:
         """``eps_k = (x_end / gamma_e - x_start / gamma_s) / (sigma_e / gamma_e - sigma_s / gamma_s)`` (Eq. 11)."""
@@ -219,7 +254,7 @@ class TemporalPyramid:
         gamma_e, sigma_e = self._coefficients(stage.t_end, x_start)
         return (x_end / gamma_e - x_start / gamma_s) / (sigma_e / gamma_e - sigma_s / gamma_s)
 
-    def renoise_noise(self, shape: Sequence[int], reduction: int, generator: torch.Generator | None = None,
+    def renoise_noise(self, shape: Sequence[int], reduction: int, generator: Generators = None,
                       device=None, dtype=torch.float32) -> Tensor:
         """``n = z - a_g * mean_g(z)`` over each group of copies, ``a_g = 1 - sqrt(1 - |g| / r)``.
 
@@ -237,7 +272,7 @@ class TemporalPyramid:
         groups = z.reshape(B, C, F // r, r, H, W)  # (B, C, groups, r, H, W)
         return (groups - groups.mean(dim=3, keepdim=True)).reshape(B, C, F, H, W)
 
-    def renoise(self, x_end: Tensor, i: int, generator: torch.Generator | None = None, enabled: bool = True) -> Tensor:
+    def renoise(self, x_end: Tensor, i: int, generator: Generators = None, enabled: bool = True) -> Tensor:
         """Start of stage i+1 from the end of stage i: ``(gamma_s'/gamma_e) Up(x_end, r_i) + sigma_s' n``.
 
         With ``enabled=False`` (the paper's ablation) only the upsampling and the scale are applied.
@@ -265,4 +300,5 @@ class TemporalPyramid:
 
     def __repr__(self) -> str:
         rows = ", ".join(f"({s.num_frames}f x{s.stride}, t {s.t_start:.3f}->{s.t_end:.3f})" for s in self.stages)
-        return f"TemporalPyramid({self.schedule.name}, {rows})"
+        velocity = f", {self.flow_velocity}-time velocity" if self.schedule.name == "flow" else ""
+        return f"TemporalPyramid({self.schedule.name}{velocity}, {rows})"

@@ -68,19 +68,36 @@ class FlowSchedule(Schedule):
         return torch.sigmoid(-lam)
 
 
-class DDIMSchedule(Schedule):
-    """Stable Diffusion 1.5's discrete schedule on continuous t, log-SNR interpolated between steps.
+BETA_SCHEDULES = ("scaled_linear", "linear")
+"""``scaled_linear``: ``beta`` linear in its square root (Stable Diffusion 1.5); ``linear``: linear in
+``beta`` itself (AnimateDiff's motion-module training)."""
 
-    ``beta`` is "scaled linear" from 0.00085 to 0.012 over 1000 steps; ``t`` maps to step
-    ``n = t * 999``. At integer steps the values equal the discrete table exactly.
+
+def make_betas(beta_schedule: str, beta_start: float, beta_end: float, steps: int) -> Tensor:
+    """The discrete ``beta_1 .. beta_N`` of a named schedule, float64 ``(N,)``."""
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+    raise ValueError(f"beta_schedule={beta_schedule!r} is unknown; expected one of {list(BETA_SCHEDULES)}")
+
+
+class DDIMSchedule(Schedule):
+    """A discrete DDPM/DDIM schedule on continuous t, log-SNR interpolated between steps.
+
+    By default Stable Diffusion 1.5's: ``beta`` "scaled linear" from 0.00085 to 0.012 over 1000 steps;
+    ``beta_schedule="linear"`` gives AnimateDiff's training schedule over the same range. ``t`` maps to
+    step ``n = t * 999``. At integer steps the values equal the discrete table exactly.
     """
 
     name = "ddim"
     timestep_scale = 999.0
 
-    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_steps: int = 1000):
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_steps: int = 1000,
+                 beta_schedule: str = "scaled_linear"):
         steps = num_train_steps
-        betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), steps, dtype=torch.float64) ** 2
+        self.beta_schedule = beta_schedule
+        betas = make_betas(beta_schedule, beta_start, beta_end, steps)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # (N,)
         self.gamma_table = self.alphas_cumprod.sqrt()
         self.sigma_table = (1.0 - self.alphas_cumprod).sqrt()
@@ -126,14 +143,31 @@ class DDIMSchedule(Schedule):
         t = (lo.to(torch.float64) + frac.clamp(0, 1)) / self.last_step
         return t.to(lam.dtype)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(beta_schedule={self.beta_schedule!r})"
+
 
 SCHEDULES = {"flow": FlowSchedule, "ddim": DDIMSchedule}
 
 
-def make_schedule(schedule: str | Schedule) -> Schedule:
-    """Build a schedule from its name (``"flow"`` or ``"ddim"``), or pass one through."""
+def make_schedule(schedule: str | Schedule, beta_schedule: str | None = None) -> Schedule:
+    """Build a schedule from its name (``"flow"`` or ``"ddim"``), or pass one through.
+
+    ``beta_schedule`` (``"scaled_linear"`` or ``"linear"``) applies to ``"ddim"`` only; ``None`` keeps
+    the default (Stable Diffusion 1.5's ``"scaled_linear"``).
+    """
     if isinstance(schedule, Schedule):
+        if beta_schedule is not None:
+            raise ValueError(f"beta_schedule={beta_schedule!r} cannot be applied to a built schedule {schedule!r}; "
+                             "expected the schedule's name")
         return schedule
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r} is unknown; expected one of {sorted(SCHEDULES)}")
-    return SCHEDULES[schedule]()
+    if beta_schedule is None:
+        return SCHEDULES[schedule]()
+    if schedule != "ddim":
+        raise ValueError(f"beta_schedule={beta_schedule!r} is set for schedule={schedule!r}; expected it only "
+                         "with schedule='ddim' (flow has no beta schedule)")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule={beta_schedule!r} is unknown; expected one of {list(BETA_SCHEDULES)}")
+    return DDIMSchedule(beta_schedule=beta_schedule)
