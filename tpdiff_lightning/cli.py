@@ -14,7 +14,7 @@ from tpdiff_lightning.module import TPDiffModule
 
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
-INFERENCE_KEYS = ("sample_steps", "guidance_scale", "renoise", "sample_num_frames")
+INFERENCE_KEYS = ("sample_steps", "guidance_scale", "renoise", "sample_num_frames", "timestep_shift", "sample_batch_size")
 
 
 def replaced_settings_message(ckpt_path: str, replaced: dict[str, tuple]) -> str:
