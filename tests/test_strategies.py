@@ -335,10 +335,14 @@ def test_find_blocks_prefers_known_classes_then_falls_back_to_module_lists():
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("name", ["fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3", "ddp"])
 def test_gpu_fit_bf16_and_resume(name, tmp_path, tiny_data_root):
+    """Each GPU strategy overlay on every visible GPU, with the default config's clipping, fused AdamW and EMA
+    (where the overlay keeps it), bf16-mixed and accumulation; DDP only where there are 2+ GPUs."""
     if name.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
+    if name == "ddp" and torch.cuda.device_count() < 2:
+        pytest.skip("DDP on GPUs needs 2+ devices (it runs on 2 CPU processes in the tests above)")
     from tpdiff_lightning.cli import main
 
     out = tmp_path / "out"
