@@ -198,8 +198,10 @@ def time_subject(s: Subject, args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, *s.text_shape, generator=g).to(device)
     empty = torch.zeros_like(text)
-    pyramids = {"vanilla": TemporalPyramid(s.schedule, F, 1, anchor_first_frame=s.anchored),
-                "tpdiff": TemporalPyramid(s.schedule, F, 3, anchor_first_frame=s.anchored)}
+    # Pretrained flow models predict the velocity in global time (what their configs train); the cost is the same.
+    velocity = "global" if s.schedule == "flow" else "stage"
+    pyramids = {"vanilla": TemporalPyramid(s.schedule, F, 1, anchor_first_frame=s.anchored, flow_velocity=velocity),
+                "tpdiff": TemporalPyramid(s.schedule, F, 3, anchor_first_frame=s.anchored, flow_velocity=velocity)}
     steps = args.steps
 
     def sampler(pyramid: TemporalPyramid, decode: bool) -> Callable[[], Any]:
