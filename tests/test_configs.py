@@ -85,6 +85,8 @@ def test_config_parses_and_builds(path, pipelines):
         assert tuple(module.pyramid.reductions) == tuple(expected["reductions"])
     if "partition" in expected:
         assert tuple(module.pyramid.partition) == tuple(expected["partition"])
+    assert tuple(module.pyramid.spatial_reductions) == tuple(expected.get("spatial_reductions") or
+                                                             (1,) * (module.pyramid.num_stages - 1))
 
 
 @pytest.mark.slow
