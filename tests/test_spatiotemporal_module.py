@@ -123,7 +123,7 @@ class StrideOnlyBackbone(nn.Module):
     (dict(backbone=StrideOnlyBackbone), r"^spatial_reductions=\[1, 2\] needs a backbone whose forward takes "
                                         r"spatial_stride; StrideOnlyBackbone does not"),
     (dict(resolution=24), r"^spatial_reductions=\[1, 2\] shrinks the 24x24 latents by 2 at stage 0; expected height "
-                          r"and width divisible by 16 \(spatial stride 2 x backbone patch_size 8\)"),
+                          r"divisible by 16 and width by 16 \(spatial stride 2 x backbone patch_size 8\)"),
     (dict(spatial_reductions=[2]), r"^spatial_reductions=\[2\] has length 1; expected num_stages - 1 = 2"),
     (dict(spatial_reductions=[0, 2]), r"^spatial_reductions=\[0, 2\] is invalid; expected integers >= 1"),
 ])
@@ -133,13 +133,60 @@ def test_bad_spatial_settings_are_one_clear_error_line(kwargs, match):
     assert "\n" not in str(info.value)
 
 
-def test_the_wan_adapter_refuses_spatial_reductions():
+def test_the_animatediff_adapter_refuses_spatial_reductions():
+    from tests.tiny_animatediff import tiny_animatediff_config
+    from tpdiff_lightning.models.animatediff import AnimateDiffBackbone
+    from tpdiff_lightning.models.codec import IdentityCodec
+
+    def factory(c, d):
+        return AnimateDiffBackbone(c, d, config=tiny_animatediff_config(c, d))
+
+    with pytest.raises(ValueError, match=r"^spatial_reductions=\[1, 2\] needs a backbone .* AnimateDiffBackbone does not"):
+        _module(codec=IdentityCodec(), backbone=factory, schedule="ddim")
+
+
+# ---- Wan and Flux: positions on the full-resolution grid ---------------------------------------------------
+
+def test_wan_rotary_puts_a_strided_grid_on_the_full_grid_and_is_wans_at_stride_1():
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from tpdiff_lightning.models.wan import StridedWanRotaryPosEmbed
+
+    original = WanRotaryPosEmbed(attention_head_dim=24, patch_size=(1, 2, 2), max_seq_len=64)
+    rope = StridedWanRotaryPosEmbed.from_original(original)
+    full = torch.zeros(1, 4, 3, 16, 16)  # 8x8 tokens
+    small = torch.zeros(1, 4, 3, 8, 8)  # 4x4 tokens
+    for a, b in zip(rope(full), original(full)):
+        assert torch.equal(a, b)
+    rope.spatial_stride = 2
+    for a, b in zip(rope(small), original(full)):
+        assert torch.equal(a.reshape(3, 4, 4, -1), b.reshape(3, 8, 8, -1)[:, ::2, ::2])
+
+
+def test_wan_backbone_trains_a_spatiotemporal_stage_through_the_module():
     from tests.tiny_wan import tiny_wan_config
     from tpdiff_lightning.models.codec import IdentityCodec
     from tpdiff_lightning.models.wan import WanBackbone
 
-    codec = IdentityCodec()
-    with pytest.raises(ValueError, match=r"^spatial_reductions=\[1, 2\] needs a backbone .* WanBackbone does not"):
-        _module(codec=codec, backbone=lambda c, d: WanBackbone(c, d, config=tiny_wan_config(c, d)))
-    assert _module(codec=codec, spatial_reductions=[1, 1],  # all 1: the adapter is used as before
-                   backbone=lambda c, d: WanBackbone(c, d, config=tiny_wan_config(c, d))).pyramid.spatial is False
+    m = _module(codec=IdentityCodec(), resolution=16, flow_velocity="global",
+                backbone=lambda c, d: WanBackbone(c, d, config=tiny_wan_config(c, d)))
+    seen = []
+    original = m.backbone.model.rope.forward
+    m.backbone.model.rope.forward = lambda h: (seen.append((tuple(h.shape[3:]), m.backbone.model.rope.spatial_stride)),
+                                               original(h))[1]
+    batch = _batch(H=16)
+    x0 = m.encode_video(batch["video"])
+    text, mask = m.text_encoder(batch["caption"])
+    for i in range(3):
+        assert torch.isfinite(m.stage_loss(x0, text, mask, i))
+    assert seen == [((8, 8), 2), ((8, 8), 2), ((16, 16), 1)]
+    assert m.backbone.model.rope.spatial_stride == 1  # reset after the forward
+
+
+def test_flux_image_ids_put_token_rows_and_columns_at_the_spatial_stride():
+    from tpdiff_lightning.models.flux_video import image_ids
+
+    full = image_ids(2, 4, 6, stride=2).reshape(2, 4, 6, 3)
+    small = image_ids(2, 2, 3, stride=2, spatial_stride=2).reshape(2, 2, 3, 3)
+    assert torch.equal(small, full[:, ::2, ::2])
+    assert torch.equal(image_ids(2, 4, 6, 2, spatial_stride=1), image_ids(2, 4, 6, 2))

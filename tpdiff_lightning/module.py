@@ -84,8 +84,9 @@ class TPDiffModule(L.LightningModule):
             guidance each forward pass holds twice as many. Seeds give the same clips at any value.
         spatial_reductions: spatio-temporal pyramid. ``num_stages - 1`` spatial factors per side between
             consecutive stages (default all 1: the temporal pyramid); stage i holds ``H / P_i x W / P_i`` latents
-            with ``P_i = q_i ⋯ q_{K-2}``. The latent size must divide by ``P_0`` (and by ``P_0`` times the DiT's
-            patch size); the backbone's forward must take ``spatial_stride`` (the built-in ``VideoDiT`` does).
+            with ``P_i = q_i ⋯ q_{K-2}``. The latent size must divide by ``P_0`` times the backbone's
+            patch; the backbone's forward must take ``spatial_stride`` (``VideoDiT``, Wan and Flux-style do;
+            AnimateDiff does not).
             A transition with ``q_i > 1`` may keep the frame rate (``reductions`` entry 1). Stored in the checkpoint.
     """
 
@@ -185,13 +186,15 @@ class TPDiffModule(L.LightningModule):
         forward = inspect.signature(self.backbone.forward).parameters
         if "spatial_stride" not in forward:
             raise ValueError(f"spatial_reductions={q} needs a backbone whose forward takes spatial_stride; "
-                             f"{type(self.backbone).__name__} does not (expected all 1, or the built-in VideoDiT)")
+                             f"{type(self.backbone).__name__} does not (expected all 1, or VideoDiT, Wan, Flux)")
         H, W = self.latent_size()
         P = self.pyramid.stages[0].spatial_stride
         patch = getattr(self.backbone, "patch_size", 1)
-        if H % (P * patch) or W % (P * patch):
+        p_h, p_w = tuple(patch)[-2:] if isinstance(patch, (tuple, list)) else (patch, patch)  # Wan: (p_t, p_h, p_w)
+        if H % (P * p_h) or W % (P * p_w):
             raise ValueError(f"spatial_reductions={q} shrinks the {H}x{W} latents by {P} at stage 0; expected height "
-                             f"and width divisible by {P * patch} (spatial stride {P} x backbone patch_size {patch})")
+                             f"divisible by {P * p_h} and width by {P * p_w} (spatial stride {P} x backbone "
+                             f"patch_size {patch})")
 
     def stage_strides(self, stage: Stage) -> dict[str, int]:
         """The backbone's position keywords for a stage: ``stride``, and ``spatial_stride`` where it is above 1."""
