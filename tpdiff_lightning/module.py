@@ -260,7 +260,7 @@ class TPDiffModule(L.LightningModule):
                    generator: torch.Generator | None = None) -> Tensor:
         """Mean squared error of the backbone against stage i's target (paper Algorithm 2)."""
         stage = self.pyramid.stages[i]
-        noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H, W)
+        noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H/P_i, W/P_i)
         if self.hparams.alignment:
             data = self.pyramid.downsample(x0, stage.stride, stage.spatial_stride)  # at the stage's shape
             if self.hparams.alignment_scope == "global" and self.training:
