@@ -132,7 +132,8 @@ def pyramid_from_config(overlays: Sequence[str | Path] = (), num_frames: int | N
     frames = num_frames or data.get("num_frames", 16)
     anchor = init.get("anchor_first_frame", False) if anchor_first_frame is None else anchor_first_frame
     return TemporalPyramid(init.get("schedule", "flow"), frames, init.get("num_stages", 3), init.get("reductions"),
-                           init.get("partition"), anchor, init.get("stage_weights"))
+                           init.get("partition"), anchor, init.get("stage_weights"),
+                           spatial_reductions=init.get("spatial_reductions"))
 
 
 def config_flags(overlays: Sequence[str | Path] = ()) -> dict[str, Any]:
@@ -158,16 +159,18 @@ def sampling_flops(forward: Callable[[Tensor, int], Any], pyramid: TemporalPyram
     """FLOPs of a whole sampling pass: one counted forward per stage, times the stage's steps.
 
     Args:
-        forward: ``(x (B, C, F_i, H, W), stride) -> prediction``.
+        forward: ``(x (B, C, F_i, H / P_i, W / P_i), stride) -> prediction``; in a spatio-temporal pyramid a stage
+            with ``P_i > 1`` calls ``forward(x, stride, spatial_stride)``.
         steps: steps per stage.
-        frame_shape: ``(C, H, W)``.
+        frame_shape: ``(C, H, W)`` at full resolution.
     """
     C, H, W = frame_shape
     per_stage = []
     for stage in pyramid.stages:
-        x = torch.zeros(batch, C, stage.num_frames, H, W, device=device)
+        x = torch.zeros(batch, C, stage.num_frames, *pyramid.stage_size(H, W, stage.index), device=device)
+        strides = (stage.stride,) if stage.spatial_stride == 1 else (stage.stride, stage.spatial_stride)
         with torch.no_grad():
-            per_stage.append(count_flops(lambda: forward(x, stage.stride)))
+            per_stage.append(count_flops(lambda: forward(x, *strides)))
     return {"per_forward": per_stage, "total": sum(f * n for f, n in zip(per_stage, steps))}
 
 

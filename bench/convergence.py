@@ -77,7 +77,7 @@ class TrainingBudget(L.Callback):
         for s in pl_module.pyramid.stages:
             x = torch.zeros(pl_module.pyramid.stage_shape(x0, s.index), device=x0.device)
             t = torch.full((x.shape[0],), 500.0, device=x0.device)
-            out.append(count_flops(lambda: pl_module.backbone(x, t, text.detach(), mask, stride=s.stride)
+            out.append(count_flops(lambda: pl_module.backbone(x, t, text.detach(), mask, **pl_module.stage_strides(s))
                                    .square().mean().backward()))
         pl_module.backbone.zero_grad(set_to_none=True)
         return out
@@ -163,8 +163,9 @@ def stage_flops(run: str, resolution: int, batch: int) -> list[float]:
     text, mask = random_text(batch, 128)
     out = []
     for s in pyramid.stages:
-        x = torch.randn(batch, 3, s.num_frames, resolution, resolution)
-        out.append(count_flops(lambda: net(x, torch.full((batch,), 500.0), text, mask, stride=s.stride)
+        x = torch.randn(batch, 3, s.num_frames, *pyramid.stage_size(resolution, resolution, s.index))
+        strides = {"stride": s.stride} if s.spatial_stride == 1 else {"stride": s.stride, "spatial_stride": s.spatial_stride}
+        out.append(count_flops(lambda: net(x, torch.full((batch,), 500.0), text, mask, **strides)
                                .square().mean().backward()))
     return out
 

@@ -203,6 +203,7 @@ def read_projection_settings(cfg: dict) -> dict:
         "latent_cache": data.get("sample_format", "video") == "latent",
         "schedule": model.get("schedule", "flow"), "num_stages": int(model.get("num_stages", 3)),
         "reductions": model.get("reductions"), "partition": model.get("partition"),
+        "spatial_reductions": model.get("spatial_reductions"),
         "stage_weights": model.get("stage_weights"), "anchor_first_frame": bool(model.get("anchor_first_frame", False)),
         "guidance_scale": float(model.get("guidance_scale", 1.0)),
         "num_videos": int(fvd.get("num_videos", 16)), "every_n_steps": int(fvd.get("every_n_steps", 500)),
@@ -270,20 +271,23 @@ def build_meta_parts(settings: dict) -> dict:
 
 def stage_forward_flops(backbone: nn.Module, channels: int, text_dim: int, text_tokens: int, height: int,
                         width: int) -> Callable[[int, int], int]:
-    """``flops(frames, stride)``: forward FLOPs of ``backbone`` on one clip ``(1, C, frames, height, width)``
-    with ``(1, text_tokens, text_dim)`` captions, counted on meta tensors (memoised)."""
+    """``flops(frames, stride, spatial_stride=1)``: forward FLOPs of ``backbone`` on one clip
+    ``(1, C, frames, height / P, width / P)`` with ``(1, text_tokens, text_dim)`` captions, counted on meta
+    tensors (memoised)."""
     device = next(backbone.parameters()).device
-    cache: dict[tuple[int, int], int] = {}
+    cache: dict[tuple[int, int, int], int] = {}
 
-    def flops(frames: int, stride: int) -> int:
-        if (frames, stride) not in cache:
-            x = torch.empty(1, channels, frames, height, width, device=device)
+    def flops(frames: int, stride: int, spatial_stride: int = 1) -> int:
+        key = (frames, stride, spatial_stride)
+        if key not in cache:
+            x = torch.empty(1, channels, frames, height // spatial_stride, width // spatial_stride, device=device)
             t = torch.full((1,), 500.0, device=device)
             text = torch.empty(1, text_tokens, text_dim, device=device)
             mask = torch.ones(1, text_tokens, dtype=torch.bool, device=device)
+            strides = {"stride": stride} if spatial_stride == 1 else {"stride": stride, "spatial_stride": spatial_stride}
             with torch.no_grad():
-                cache[frames, stride] = count_flops(lambda: backbone(x, t, text, mask, stride=stride))
-        return cache[frames, stride]
+                cache[key] = count_flops(lambda: backbone(x, t, text, mask, **strides))
+        return cache[key]
 
     return flops
 
@@ -296,7 +300,8 @@ def project_overhead(pyramid: TemporalPyramid, forward_flops: Callable[[int, int
 
     Args:
         pyramid: the config's pyramid over latent frames (K = 1 for vanilla).
-        forward_flops: ``(frames, stride) -> FLOPs`` of one denoiser forward on one clip.
+        forward_flops: ``(frames, stride) -> FLOPs`` of one denoiser forward on one clip; a stage of a
+            spatio-temporal pyramid calls it as ``(frames, stride, spatial_stride)``.
         global_batch: clips per optimizer step (batch x devices x nodes x accumulation).
         num_videos: generated clips per FVD point; every_n_steps: optimizer steps between points.
         num_steps: sampling steps per clip, split over stages as the sampler does (``split_steps``).
@@ -312,8 +317,10 @@ def project_overhead(pyramid: TemporalPyramid, forward_flops: Callable[[int, int
     cfg_factor = 1 if guidance_scale == 1.0 else 2
     weights = [w / sum(pyramid.stage_weights) for w in pyramid.stage_weights]
     steps = split_steps(num_steps, pyramid.partition)
-    stages = [{"stage": s.index, "latent_frames": s.num_frames, "stride": s.stride, "train_weight": w,
-               "sample_steps": n, "forward_flops": float(forward_flops(s.num_frames, s.stride))}
+    stages = [{"stage": s.index, "latent_frames": s.num_frames, "stride": s.stride,
+               "spatial_stride": s.spatial_stride, "train_weight": w,
+               "sample_steps": n,
+               "forward_flops": float(forward_flops(s.num_frames, s.stride, *([s.spatial_stride] if s.spatial_stride > 1 else [])))}
               for s, w, n in zip(pyramid.stages, weights, steps)]
     full = stages[-1]["forward_flops"] if pyramid.stages[-1].stride == 1 else float(forward_flops(pyramid.num_frames, 1))
     denoiser_train = global_batch * backward_factor * sum(s["train_weight"] * s["forward_flops"] for s in stages)
@@ -352,7 +359,9 @@ def project_config(path: str | Path, backward_factor: float = 3.0) -> dict:
         raise ValueError(f"resolution {H}x{W} is not divisible by the codec's spatial compression {c}")
     latent_frames, h, w = codec.latent_frames(F), H // c, W // c
     pyramid = TemporalPyramid(settings["schedule"], latent_frames, settings["num_stages"], settings["reductions"],
-                              settings["partition"], settings["anchor_first_frame"], settings["stage_weights"])
+                              settings["partition"], settings["anchor_first_frame"], settings["stage_weights"],
+                              spatial_reductions=settings["spatial_reductions"])
+    pyramid.stage_size(h, w, 0)  # a latent size the spatial strides do not divide is an error naming it
     text_model, tokens = parts["text"]
     with torch.device("meta"):
         video = torch.empty(1, 3, F, H, W)
@@ -384,6 +393,7 @@ def project_config(path: str | Path, backward_factor: float = 3.0) -> dict:
                                                   "schedule", "num_stages", "anchor_first_frame", "guidance_scale")}
     result["config"].update(latent_frames=latent_frames, latent_size=[h, w], path=str(path),
                             reductions=list(pyramid.reductions), partition=list(pyramid.partition),
+                            spatial_reductions=list(pyramid.spatial_reductions),
                             stage_weights=list(pyramid.stage_weights))
     result["architectures"] = parts["architectures"]
     result["backward_factor"] = backward_factor

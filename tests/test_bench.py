@@ -50,6 +50,21 @@ def test_inference_latency_quick_writes_json(tmp_path):
     assert result["machine"]["threads"] >= 1 and "loadavg_start" in result["machine"]
 
 
+def test_spatiotemporal_latency_quick_writes_json_with_the_flop_predictions(tmp_path):
+    import spatiotemporal_latency
+
+    out = tmp_path / "st.json"
+    spatiotemporal_latency.main(["--quick", "--out", str(out)])
+    result = load_json(out)["results"]
+    spatial = result["spatiotemporal"]
+    assert [(s["frames"], s["size"]) for s in spatial["stages"]] == [(4, [16, 16]), (8, [16, 16]), (16, [32, 32])]
+    assert [s["size"] for s in result["temporal"]["stages"]] == [[32, 32]] * 3
+    # fewer tokens early in space as well as time: fewer FLOPs than the temporal pyramid, in sampling and training
+    assert spatial["sampling_flop_predicted"] > result["temporal"]["sampling_flop_predicted"] > 1.0
+    assert spatial["training_flop_predicted"] > result["temporal"]["training_flop_predicted"] > 1.0
+    assert result["vanilla"]["sampling_flop_predicted"] == 1.0
+
+
 def test_inference_latency_skips_a_backbone_that_does_not_import(tmp_path, monkeypatch):
     import inference_latency
 

@@ -30,11 +30,21 @@ def pipelines(tmp_path_factory):
     return get
 
 
+def _tiny_resolution(chain) -> int:
+    """Pixels per side for a backbone config at tiny size: 64 (8x8 latents) when a spatio-temporal pyramid
+    shrinks the latents by 4, else 32."""
+    for p in chain:
+        init = (yaml.safe_load(p.read_text()).get("model") or {}).get("init_args") or {}
+        if any(q > 1 for q in init.get("spatial_reductions") or []):
+            return 64
+    return 32
+
+
 def _args(path, pipelines) -> list[str]:
     chain = config_chain(path)
     args = [a for p in chain for a in ("--config", str(p))]
     kind = config_kind(chain)
-    return args + (pipeline_overrides(kind, pipelines(kind)) if kind else [])
+    return args + (pipeline_overrides(kind, pipelines(kind), _tiny_resolution(chain)) if kind else [])
 
 
 def test_every_config_file_is_valid_yaml_with_a_usage_comment():
@@ -85,6 +95,8 @@ def test_config_parses_and_builds(path, pipelines):
         assert tuple(module.pyramid.reductions) == tuple(expected["reductions"])
     if "partition" in expected:
         assert tuple(module.pyramid.partition) == tuple(expected["partition"])
+    assert tuple(module.pyramid.spatial_reductions) == tuple(expected.get("spatial_reductions") or
+                                                             (1,) * (module.pyramid.num_stages - 1))
 
 
 @pytest.mark.slow
@@ -100,7 +112,7 @@ def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data
         written.update((yaml.safe_load(p.read_text()) or {}).get("trainer") or {})
     cli = main(["fit", *[a for p in chain for a in ("--config", str(p))],
                 *shrink_args(tmp_path, root, callbacks=config_callbacks(chain, tmp_path, root)),
-                *(pipeline_overrides(kind, pipelines(kind)) if kind else [])])
+                *(pipeline_overrides(kind, pipelines(kind), _tiny_resolution(chain)) if kind else [])])
     trainer = cli.trainer
     assert trainer.global_step == 2
     for key in ("precision", "gradient_clip_val", "accumulate_grad_batches"):  # nothing under test was changed
@@ -126,3 +138,17 @@ def test_backbone_configs_name_their_weights_folder_when_it_is_missing(name, fol
     # jsonargparse reports the class's FileNotFoundError inside its own ValueError; the message is the point.
     with pytest.raises((FileNotFoundError, ValueError), match=f"weights folder '{folder}' does not exist"):
         main(["--config", str(CONFIGS / name)], run=False)
+
+
+def test_the_pyramidal_wan_config_gives_pyramidal_wans_three_stage_shapes():
+    from tpdiff_lightning.pyramid import TemporalPyramid
+
+    wan, overlay = _model_args("wan_lora_flow.yaml"), _model_args("wan_lora_flow_spatiotemporal.yaml")
+    data = yaml.safe_load((CONFIGS / "wan_lora_flow_spatiotemporal.yaml").read_text())["data"]["init_args"]
+    H, W = data["resolution"]
+    args = {**wan, **overlay}
+    p = TemporalPyramid("flow", (81 - 1) // 4 + 1, args["num_stages"], args["reductions"],
+                        anchor_first_frame=args["anchor_first_frame"], spatial_reductions=args["spatial_reductions"])
+    shapes = [(s.num_frames, *p.stage_size(H // 8, W // 8, s.index)) for s in p.stages]  # Wan's VAE: 8x in space
+    assert shapes == [(6, 14, 26), (11, 28, 52), (21, 56, 104)]  # 21 x 112x208, 41 x 224x416, 81 x 448x832 video
+    assert all(h % 2 == 0 and w % 2 == 0 for _, h, w in shapes)  # whole 2x2 Wan patches at every stage

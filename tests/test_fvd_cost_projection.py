@@ -17,6 +17,8 @@ from tpdiff_lightning.pyramid import TemporalPyramid
 from tpdiff_lightning.sampling import split_steps
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:  # fvd_cost imports the bench helpers as `common`, also when run alone
+    sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _load_bench():
@@ -121,6 +123,22 @@ def test_guidance_doubles_the_denoiser(dit_flops):
 def test_bad_interval_is_a_clear_error(dit_flops):
     with pytest.raises(ValueError, match="every_n_steps=0"):
         _project(dit_flops, TemporalPyramid("flow", F, 3), every_n_steps=0)
+
+
+def test_a_spatiotemporal_pyramid_counts_each_stage_at_its_own_size(dit_flops):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    forward, dit = dit_flops
+    spatial = _project(dit_flops, TemporalPyramid("flow", F, 3, spatial_reductions=(1, 2)))
+    temporal = _project(dit_flops, TemporalPyramid("flow", F, 3))
+    assert [s["spatial_stride"] for s in spatial["stages"]] == [2, 2, 1]
+    with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:  # stage 0 counted by hand
+        dit(torch.empty(1, C, 4, H // 2, W // 2), torch.full((1,), 500.0), torch.empty(1, L, D),
+            torch.ones(1, L, dtype=torch.bool), stride=4, spatial_stride=2)
+    assert spatial["stages"][0]["forward_flops"] == counter.get_total_flops() < temporal["stages"][0]["forward_flops"]
+    assert spatial["stages"][2]["forward_flops"] == temporal["stages"][2]["forward_flops"]
+    assert spatial["eval_denoiser_flops"] < temporal["eval_denoiser_flops"]
+    assert spatial["train_flops_per_step"] < temporal["train_flops_per_step"]
 
 
 def test_config_chain_composes_the_vanilla_overlay():

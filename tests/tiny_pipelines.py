@@ -41,14 +41,15 @@ def save_tiny_pipeline(kind: str, folder: Path) -> Path:
     return folder
 
 
-def pipeline_overrides(kind: str, folder: Path) -> list[str]:
+def pipeline_overrides(kind: str, folder: Path, resolution: int = 32) -> list[str]:
     """CLI overrides: every ``pretrained_path`` to ``folder``, one CPU device, and a clip size the tiny
-    VAEs take (17 frames, 1 + 4k, for Wan's causal VAE; 32 px = 4x4 latents)."""
+    VAEs take (17 frames, 1 + 4k, for Wan's causal VAE; 32 px = 4x4 latents, or 64 px = 8x8 latents where a
+    spatio-temporal pyramid shrinks them by 4)."""
     args = [f"--model.init_args.{part}.init_args.pretrained_path={folder}"
             for part in ("backbone", "codec", "text_encoder")]
     # One CPU device in place of 8 GPUs; precision, accumulation, clipping and the optimizer stay as written.
     args += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1",
-             "--data.init_args.target_fps=null", "--data.init_args.resolution=32"]
+             "--data.init_args.target_fps=null", f"--data.init_args.resolution={resolution}"]
     if kind == "wan":
         args += ["--data.init_args.num_frames=17", "--model.init_args.backbone.init_args.text_length=16",
                  "--model.init_args.text_encoder.init_args.max_length=16"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -81,6 +82,12 @@ class TPDiffModule(L.LightningModule):
             1 is the uniform grid.
         sample_batch_size: clips sampled together by ``generate`` (the FVD curve and sample logging); with
             guidance each forward pass holds twice as many. Seeds give the same clips at any value.
+        spatial_reductions: spatio-temporal pyramid. ``num_stages - 1`` spatial factors per side between
+            consecutive stages (default all 1: the temporal pyramid); stage i holds ``H / P_i x W / P_i`` latents
+            with ``P_i = q_i ⋯ q_{K-2}``. The latent size must divide by ``P_0`` times the backbone's
+            patch; the backbone's forward must take ``spatial_stride`` (``VideoDiT``, Wan and Flux-style do;
+            AnimateDiff does not).
+            A transition with ``q_i > 1`` may keep the frame rate (``reductions`` entry 1). Stored in the checkpoint.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class TPDiffModule(L.LightningModule):
         beta_schedule: str | None = None,
         timestep_shift: float = 1.0,
         sample_batch_size: int = 8,
+        spatial_reductions: Sequence[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -138,7 +146,8 @@ class TPDiffModule(L.LightningModule):
         latent_frames = self.latent_frames(num_frames)
         try:
             self.pyramid = TemporalPyramid(make_schedule(schedule, beta_schedule), latent_frames, num_stages,
-                                           reductions, partition, anchor_first_frame, stage_weights, flow_velocity)
+                                           reductions, partition, anchor_first_frame, stage_weights, flow_velocity,
+                                           spatial_reductions)
         except ValueError as error:
             if latent_frames == num_frames:
                 raise
@@ -148,6 +157,8 @@ class TPDiffModule(L.LightningModule):
         self.text_encoder = text_encoder if text_encoder is not None else T5TextEncoder()
         backbone = backbone if backbone is not None else VideoDiT
         self.backbone = backbone(self.codec.latent_channels, self.text_encoder.dim)
+        if self.pyramid.spatial:
+            self.check_spatial_pyramid()
         self.ema = EMA(self.denoiser_modules(), ema_decay) if ema_decay is not None else None
 
     def latent_frames(self, num_frames: int) -> int:
@@ -167,6 +178,29 @@ class TPDiffModule(L.LightningModule):
         if H % c or W % c:
             raise ValueError(f"resolution {H}x{W} is not divisible by the codec's spatial compression {c}")
         return H // c, W // c
+
+    def check_spatial_pyramid(self) -> None:
+        """A spatio-temporal pyramid needs a latent size every stage divides into whole patches, and a backbone
+        told the spatial stride; otherwise one clear error naming ``spatial_reductions``."""
+        q = list(self.pyramid.spatial_reductions)
+        forward = inspect.signature(self.backbone.forward).parameters
+        if "spatial_stride" not in forward:
+            raise ValueError(f"spatial_reductions={q} needs a backbone whose forward takes spatial_stride; "
+                             f"{type(self.backbone).__name__} does not (expected all 1, or VideoDiT, Wan, Flux)")
+        H, W = self.latent_size()
+        P = self.pyramid.stages[0].spatial_stride
+        patch = getattr(self.backbone, "patch_size", 1)
+        p_h, p_w = tuple(patch)[-2:] if isinstance(patch, (tuple, list)) else (patch, patch)  # Wan: (p_t, p_h, p_w)
+        if H % (P * p_h) or W % (P * p_w):
+            raise ValueError(f"spatial_reductions={q} shrinks the {H}x{W} latents by {P} at stage 0; expected height "
+                             f"divisible by {P * p_h} and width by {P * p_w} (spatial stride {P} x backbone "
+                             f"patch_size {patch})")
+
+    def stage_strides(self, stage: Stage) -> dict[str, int]:
+        """The backbone's position keywords for a stage: ``stride``, and ``spatial_stride`` where it is above 1."""
+        if stage.spatial_stride == 1:
+            return {"stride": stage.stride}
+        return {"stride": stage.stride, "spatial_stride": stage.spatial_stride}
 
     def configure_model(self) -> None:
         # Under Lightning's ModelParallelStrategy (FSDP2) the strategy hands us a device mesh to shard over.
@@ -226,9 +260,9 @@ class TPDiffModule(L.LightningModule):
                    generator: torch.Generator | None = None) -> Tensor:
         """Mean squared error of the backbone against stage i's target (paper Algorithm 2)."""
         stage = self.pyramid.stages[i]
-        noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H, W)
+        noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H/P_i, W/P_i)
         if self.hparams.alignment:
-            data = self.pyramid.downsample(x0, stage.stride)
+            data = self.pyramid.downsample(x0, stage.stride, stage.spatial_stride)  # at the stage's shape
             if self.hparams.alignment_scope == "global" and self.training:
                 from tpdiff_lightning.distributed_alignment import align_noise_global
 
@@ -239,7 +273,7 @@ class TPDiffModule(L.LightningModule):
         # (B,) position in the stage, kept in float32 so half-precision data does not round the time.
         u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0.device)
         x_t, t, target = self.pyramid.interpolate(x0, noise, i, u)
-        pred = self.backbone(x_t, self.model_time(t), text, text_mask, stride=stage.stride)  # (B, C, F_i, H, W)
+        pred = self.backbone(x_t, self.model_time(t), text, text_mask, **self.stage_strides(stage))  # stage's shape
         return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
@@ -413,7 +447,8 @@ class TPDiffModule(L.LightningModule):
         """Close over the captions: the sampler's ``(x, t, stage) -> prediction``."""
         def model(x: Tensor, t: Tensor, stage: Stage) -> Tensor:
             B = x.shape[0]
-            return backbone(x, self.model_time(t), text.expand(B, -1, -1), text_mask.expand(B, -1), stride=stage.stride)
+            return backbone(x, self.model_time(t), text.expand(B, -1, -1), text_mask.expand(B, -1),
+                            **self.stage_strides(stage))
         return model
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The stage-by-stage sampler (paper Sec. 3.6): Euler (flow) or DDIM inside stages, renoise between.
 
 A ``model`` here is any callable ``model(x, t, stage) -> prediction`` with ``x`` of shape
-``(B, C, F_i, H, W)``, ``t`` the global time ``(B,)`` in [0, 1] and ``stage`` a
+``(B, C, F_i, H / P_i, W / P_i)`` (``P_i = 1`` in a temporal pyramid), ``t`` the global time ``(B,)`` in [0, 1] and ``stage`` a
 :class:`~tpdiff_lightning.pyramid.Stage`; it predicts the velocity (flow, in the time the pyramid's
 ``flow_velocity`` names) or the noise (ddim).
 """
@@ -145,7 +145,8 @@ def sample(
         model: denoiser ``(x, t, stage) -> prediction``.
         pyramid: the pyramid; its ``num_frames`` sets the output length.
         batch_size: B.
-        sample_shape: ``(C, H, W)`` of one frame.
+        sample_shape: ``(C, H, W)`` of one full-resolution frame; a spatio-temporal pyramid starts at
+            ``(H / P_0, W / P_0)``.
         num_steps: total steps, split over stages in proportion to the partition.
         generator: seeds the initial noise and every renoise draw; a sequence of B generators seeds each
             sample by its own, so a batch equals its samples drawn one at a time.
@@ -163,13 +164,13 @@ def sample(
     C, H, W = sample_shape
     first = pyramid.stages[0]
     _, sigma_start = pyramid.schedule.scalar(first.t_start)
-    z = randn((batch_size, C, first.num_frames, H, W), generator, device, dtype)
-    x = sigma_start * z  # (B, C, F_0, H, W)
+    z = randn((batch_size, C, first.num_frames, *pyramid.stage_size(H, W, 0)), generator, device, dtype)
+    x = sigma_start * z  # (B, C, F_0, H / P_0, W / P_0)
     for stage, steps in zip(pyramid.stages, split_steps(num_steps, pyramid.partition)):
         if pyramid.schedule.name == "flow":
             x = euler_stage(model, pyramid, x, stage, steps, callback, timestep_shift)
         else:
             x = ddim_stage(model, pyramid, x, stage, steps, callback)
         if stage.index < pyramid.num_stages - 1:
-            x = pyramid.renoise(x, stage.index, generator=generator, enabled=renoise)  # (B, C, F_{i+1}, H, W)
+            x = pyramid.renoise(x, stage.index, generator=generator, enabled=renoise)  # stage i+1's shape
     return x

@@ -1,9 +1,12 @@
 """The built-in video DiT: spatial patches per frame, full 3D self-attention with stage-consistent RoPE.
 
 Notation: B batch, C channels, F frames (of the current stage), H, W pixels, p patch size,
-h = H/p, w = W/p, N = F·h·w tokens, D hidden size, L text tokens, S the stage's temporal stride.
+h = H/p, w = W/p, N = F·h·w tokens, D hidden size, L text tokens, S the stage's temporal stride,
+P its spatial stride (spatio-temporal pyramid).
 Patches are spatial only (temporal patch 1), so the model takes any frame count: a low-frame-rate
 stage really is a shorter sequence, and the stride only changes the temporal RoPE positions (Eq. 14).
+Likewise a stage at ``H/P x W/P`` latents is a smaller token grid whose rows and columns sit at
+``a·P`` of the full-resolution grid (or at ``(a + ½)·P − ½`` with ``spatial_positions="centre"``).
 """
 
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from tpdiff_lightning.models.embeddings import CaptionPoolEmbedder, TimestepEmbedder
-from tpdiff_lightning.models.rope import RoPE3D, rotate, temporal_positions
+from tpdiff_lightning.models.rope import SPATIAL_POSITIONS, RoPE3D, rotate, temporal_positions
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ class VideoDiT(nn.Module):
         gradient_checkpointing: recompute each block in the backward pass to save memory.
         pixel_skip: per-pixel conditioned skip from input to output patch; default on only when
             the hidden width is below the patch's pixel count (see `PixelSkip`).
+        spatial_positions: where the tokens of a stage with spatial stride P sit on the full-resolution token
+            grid: `"corner"` (default, `a·P`) or `"centre"` (`(a + ½)·P − ½`). No effect at P = 1.
     """
 
     def __init__(
@@ -168,8 +173,12 @@ class VideoDiT(nn.Module):
         caption_pooling: bool = True,
         gradient_checkpointing: bool = False,
         pixel_skip: bool | None = None,
+        spatial_positions: str = "corner",
     ):
         super().__init__()
+        if spatial_positions not in SPATIAL_POSITIONS:
+            raise ValueError(f"spatial_positions={spatial_positions!r} is invalid; expected one of {list(SPATIAL_POSITIONS)}")
+        self.spatial_positions = spatial_positions
         if size not in DIT_SIZES:
             raise ValueError(f"unknown DiT size {size!r}; expected one of {sorted(DIT_SIZES)}")
         cfg = DIT_SIZES[size]
@@ -233,7 +242,7 @@ class VideoDiT(nn.Module):
         x = x.permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, F, h, p, w, p)
         return x.reshape(B, C, F, h * p, w * p)  # (B, C, F, H, W)
 
-    def _check_inputs(self, x: Tensor, text: Tensor, stride: int) -> None:
+    def _check_inputs(self, x: Tensor, text: Tensor, stride: int, spatial_stride: int = 1) -> None:
         if x.ndim != 5:
             raise ValueError(f"expected x of shape (B, C, F, H, W), got shape {tuple(x.shape)}")
         B, C, F, H, W = x.shape
@@ -246,11 +255,15 @@ class VideoDiT(nn.Module):
             raise ValueError(f"expected text of shape ({B}, L, {self.text_dim}), got {tuple(text.shape)}")
         if stride < 1:
             raise ValueError(f"stride must be a positive int, got stride={stride}")
+        if spatial_stride < 1:
+            raise ValueError(f"spatial_stride must be a positive int, got spatial_stride={spatial_stride}")
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1,
+                spatial_stride: int = 1) -> Tensor:
         """Predict the target for `x (B, C, F, H, W)` at timesteps `t (B,)` in [0, 1000], given captions
-        `text (B, L, text_dim)` with `text_mask (B, L)` (True = real token); the output has the shape of x."""
-        self._check_inputs(x, text, stride)
+        `text (B, L, text_dim)` with `text_mask (B, L)` (True = real token); the output has the shape of x.
+        `stride` and `spatial_stride` are the stage's S and P (positions `j·S` and `a·P`)."""
+        self._check_inputs(x, text, stride, spatial_stride)
         B, C, F, H, W = x.shape
         h, w = H // self.patch_size, W // self.patch_size
         if text_mask is None:
@@ -263,7 +276,7 @@ class VideoDiT(nn.Module):
         if self.caption_pool is not None:
             c = c + self.caption_pool(text, text_mask)  # (B, D)
         ctx = self.text_proj(text)  # (B, L, D)
-        cos, sin = self.rope(F, h, w, stride, device=x.device)  # (N, d/2) each
+        cos, sin = self.rope(F, h, w, stride, x.device, spatial_stride, self.spatial_positions)  # (N, d/2) each
 
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

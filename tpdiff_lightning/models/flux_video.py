@@ -56,13 +56,16 @@ def unpack_frames(tokens: Tensor, F: int, H: int, W: int) -> Tensor:
     return x.reshape(B, C, F, H, W)  # (B, C, F, H, W)
 
 
-def image_ids(num_frames: int, h: int, w: int, stride: int = 1, device: torch.device | None = None) -> Tensor:
-    """Rotary ids ``(F·h·w, 3)`` = ``[j·S, row, col]`` of the tokens of ``pack_frames`` (frame-major), float32."""
-    if num_frames < 1 or stride < 1:
-        raise ValueError(f"expected num_frames >= 1 and stride >= 1, got num_frames={num_frames}, stride={stride}")
+def image_ids(num_frames: int, h: int, w: int, stride: int = 1, device: torch.device | None = None,
+              spatial_stride: int = 1) -> Tensor:
+    """Rotary ids ``(F·h·w, 3)`` = ``[j·S, row·P, col·P]`` of the tokens of ``pack_frames`` (frame-major), float32;
+    ``P`` is the stage's spatial stride (1 outside a spatio-temporal pyramid)."""
+    if num_frames < 1 or stride < 1 or spatial_stride < 1:
+        raise ValueError(f"expected num_frames >= 1, stride >= 1 and spatial_stride >= 1, got num_frames={num_frames}, "
+                         f"stride={stride}, spatial_stride={spatial_stride}")
     frame = torch.arange(num_frames, device=device, dtype=torch.float32) * stride
-    row = torch.arange(h, device=device, dtype=torch.float32)
-    col = torch.arange(w, device=device, dtype=torch.float32)
+    row = torch.arange(h, device=device, dtype=torch.float32) * spatial_stride
+    col = torch.arange(w, device=device, dtype=torch.float32) * spatial_stride
     ids = torch.stack(torch.meshgrid(frame, row, col, indexing="ij"), dim=-1)  # (F, h, w, 3)
     return ids.reshape(num_frames * h * w, 3)  # (N, 3)
 
@@ -98,6 +101,9 @@ class FluxVideoBackbone(nn.Module):
             any) train.
         gradient_checkpointing: recompute each transformer block in the backward pass to save memory.
     """
+
+    patch_size = PACK
+    """Latents per token side (the 2×2 packing); a spatio-temporal pyramid's sizes must divide by it."""
 
     def __init__(
         self,
@@ -144,7 +150,7 @@ class FluxVideoBackbone(nn.Module):
             raise ValueError(f"Flux: axes_dims_rope={tuple(cfg.axes_dims_rope)} sums to "
                              f"{sum(cfg.axes_dims_rope)}; expected attention_head_dim={cfg.attention_head_dim}")
 
-    def _check_inputs(self, x: Tensor, t: Tensor, text: Tensor, stride: int) -> None:
+    def _check_inputs(self, x: Tensor, t: Tensor, text: Tensor, stride: int, spatial_stride: int = 1) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"Flux: expected x of shape (B, {self.in_channels}, F, H, W), got {tuple(x.shape)}")
         B, _, _, H, W = x.shape
@@ -156,24 +162,28 @@ class FluxVideoBackbone(nn.Module):
             raise ValueError(f"Flux: expected t of shape ({B},), got {tuple(t.shape)}")
         if isinstance(stride, bool) or int(stride) != stride or stride < 1:
             raise ValueError(f"Flux: stride={stride!r} is invalid; expected a positive int")
+        if isinstance(spatial_stride, bool) or int(spatial_stride) != spatial_stride or spatial_stride < 1:
+            raise ValueError(f"Flux: spatial_stride={spatial_stride!r} is invalid; expected a positive int")
 
     def pooled_text(self, text: Tensor, text_mask: Tensor) -> Tensor:
         """The pooled caption ``(B, pooled_projection_dim)`` Flux conditions its timestep embedding on."""
         pooled = masked_mean(text, text_mask)  # (B, D)
         return self.pool_proj(pooled) if self.pool_proj is not None else pooled
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1,
+                spatial_stride: int = 1) -> Tensor:
         """Predict the velocity for latents ``x (B, C, F, H, W)`` at flow timesteps ``t (B,)`` (``t·1000``), given
         captions ``text (B, L, D)`` with ``text_mask (B, L)`` (True on real tokens); frame j sits at temporal
-        position j·``stride``. Returns ``(B, C, F, H, W)``."""
-        self._check_inputs(x, t, text, stride)
+        position j·``stride``, token row and column (a, b) at (a·``spatial_stride``, b·``spatial_stride``).
+        Returns ``(B, C, F, H, W)``."""
+        self._check_inputs(x, t, text, stride, spatial_stride)
         B, _, F, H, W = x.shape
         L = text.shape[1]
         if text_mask is None:
             text_mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
         text_mask = text_mask.bool()
         tokens = pack_frames(x)  # (B, N, C·4)
-        img_ids = image_ids(F, H // PACK, W // PACK, int(stride), x.device)  # (N, 3)
+        img_ids = image_ids(F, H // PACK, W // PACK, int(stride), x.device, int(spatial_stride))  # (N, 3)
         txt_ids = torch.zeros(L, 3, device=x.device)  # (L, 3)
         kwargs = None
         if not bool(text_mask.all()):

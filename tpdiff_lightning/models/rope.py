@@ -1,8 +1,11 @@
 """3D rotary position embedding over (frame, row, column) with stage-consistent frame positions.
 
 Frame j of a stage with temporal stride S sits at position j·S of the full-rate timeline (SPEC, Eq. 14),
-so a low-frame-rate stage sees the same temporal geometry as the full-rate model. Angles are computed
-from positions on the fly: there is no length table, so any frame count and stride work.
+so a low-frame-rate stage sees the same temporal geometry as the full-rate model. In a spatio-temporal
+pyramid, token row and column ``(a, b)`` of a stage with spatial stride P sit at ``(a·P, b·P)`` of the
+full-resolution token grid (``"corner"``), or at the centre of the area they cover, ``(a + ½)·P − ½``
+(``"centre"``). Angles are computed from positions on the fly: there is no length table, so any frame
+count and stride work.
 """
 
 import torch
@@ -14,6 +17,18 @@ def temporal_positions(num_frames: int, stride: int, device: torch.device | None
     if num_frames < 1 or stride < 1:
         raise ValueError(f"expected num_frames >= 1 and stride >= 1, got num_frames={num_frames}, stride={stride}")
     return torch.arange(num_frames, device=device) * stride
+
+
+SPATIAL_POSITIONS = ("corner", "centre")
+
+
+def spatial_positions(size: int, spatial_stride: int, placement: str = "corner", device=None) -> Tensor:
+    """Full-resolution grid positions of the ``size`` token rows (or columns) of a stage with spatial stride P:
+    ``a·P`` (``"corner"``) or ``(a + ½)·P − ½`` (``"centre"``); both are ``a`` at ``P = 1``. Float64."""
+    if placement not in SPATIAL_POSITIONS:
+        raise ValueError(f"spatial_positions={placement!r} is invalid; expected one of {list(SPATIAL_POSITIONS)}")
+    pos = torch.arange(size, device=device, dtype=torch.float64) * spatial_stride
+    return pos + 0.5 * (spatial_stride - 1) if placement == "centre" else pos
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -40,19 +55,21 @@ class RoPE3D(nn.Module):
         # Not a buffer: `model.to(bfloat16)` would round the frequencies along with the weights.
         return 1.0 / self.theta ** (torch.arange(n, device=device, dtype=torch.float64) / n)
 
-    def angles(self, num_frames: int, height: int, width: int, stride: int = 1, device=None) -> Tensor:
+    def angles(self, num_frames: int, height: int, width: int, stride: int = 1, device=None,
+               spatial_stride: int = 1, placement: str = "corner") -> Tensor:
         """Rotation angles `(F·h·w, head_dim/2)` for tokens ordered frame-major, then row, then column."""
         freqs_t, freqs_h, freqs_w = (self._freqs(n, device) for n in self.split)
         pos_t = temporal_positions(num_frames, stride, device).double()
-        pos_h = torch.arange(height, device=device, dtype=torch.float64)
-        pos_w = torch.arange(width, device=device, dtype=torch.float64)
+        pos_h = spatial_positions(height, spatial_stride, placement, device)
+        pos_w = spatial_positions(width, spatial_stride, placement, device)
         ang_t = (pos_t[:, None] * freqs_t)[:, None, None].expand(-1, height, width, -1)  # (F, h, w, n_t)
         ang_h = (pos_h[:, None] * freqs_h)[None, :, None].expand(num_frames, -1, width, -1)  # (F, h, w, n_s)
         ang_w = (pos_w[:, None] * freqs_w)[None, None, :].expand(num_frames, height, -1, -1)  # (F, h, w, n_s)
         return torch.cat([ang_t, ang_h, ang_w], dim=-1).flatten(0, 2)  # (F*h*w, head_dim/2)
 
-    def forward(self, num_frames: int, height: int, width: int, stride: int = 1, device=None) -> tuple[Tensor, Tensor]:
+    def forward(self, num_frames: int, height: int, width: int, stride: int = 1, device=None,
+                spatial_stride: int = 1, placement: str = "corner") -> tuple[Tensor, Tensor]:
         """Return `(cos, sin)`, each `(F·h·w, head_dim/2)` in float32, for use with `rotate`."""
         # Angles in float64 so that large positions (long clips, big strides) stay exact before the cast.
-        ang = self.angles(num_frames, height, width, stride, device)
+        ang = self.angles(num_frames, height, width, stride, device, spatial_stride, placement)
         return ang.cos().float(), ang.sin().float()

@@ -1,7 +1,8 @@
 """Wan2.1 (diffusers ``WanTransformer3DModel``) as a TPDiff backbone: stride-aware rotary positions, LoRA.
 
 Notation: B batch, C latent channels, F frames of the current stage, H, W latent height and width,
-L text tokens, D text width, S the stage's temporal stride, (p_t, p_h, p_w) Wan's patch size.
+L text tokens, D text width, S the stage's temporal stride, P its spatial stride (spatio-temporal pyramid),
+(p_t, p_h, p_w) Wan's patch size.
 
 Velocity convention. Wan2.1 is trained by flow matching with ``x_t = (1 − σ)·x0 + σ·ε`` and predicts
 ``v = ε − x0`` (diffusers' ``FlowMatchEulerDiscreteScheduler`` steps ``x ← x + (σ' − σ)·v``), told the
@@ -31,13 +32,16 @@ from tpdiff_lightning.models.weights_folder import cast_keeping_fp32_modules, pa
 
 
 class StridedWanRotaryPosEmbed(WanRotaryPosEmbed):
-    """Wan's rotary embedding with frame j at temporal position ``j·stride`` (SPEC Eq. 14).
+    """Wan's rotary embedding with frame j at temporal position ``j·stride`` (SPEC Eq. 14), and token row and
+    column ``(a, b)`` at ``(a·spatial_stride, b·spatial_stride)`` of the full-resolution grid.
 
     The tables are Wan's own (copied from the module it replaces, non-persistent buffers), so the state
-    dict is unchanged; set ``stride`` before the forward. At stride 1 the output is Wan's, bit for bit.
+    dict is unchanged; set ``stride`` (and ``spatial_stride``) before the forward. At strides 1 the output
+    is Wan's, bit for bit.
     """
 
     stride: int = 1
+    spatial_stride: int = 1
 
     @classmethod
     def from_original(cls, rope: WanRotaryPosEmbed) -> "StridedWanRotaryPosEmbed":
@@ -51,6 +55,7 @@ class StridedWanRotaryPosEmbed(WanRotaryPosEmbed):
         new.register_buffer("freqs_cos", rope.freqs_cos, persistent=False)
         new.register_buffer("freqs_sin", rope.freqs_sin, persistent=False)
         new.stride = 1
+        new.spatial_stride = 1
         return new
 
     def temporal_positions(self, num_frames: int) -> Tensor:
@@ -70,16 +75,21 @@ class StridedWanRotaryPosEmbed(WanRotaryPosEmbed):
         _, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
-        if max(pph, ppw) > self.max_seq_len:
-            raise ValueError(f"latent grid {pph}x{ppw} exceeds rope_max_seq_len={self.max_seq_len}")
+        P = int(self.spatial_stride)
+        if P < 1:
+            raise ValueError(f"rotary spatial_stride={self.spatial_stride} is invalid; expected a positive int")
+        if (max(pph, ppw) - 1) * P + 1 > self.max_seq_len:
+            raise ValueError(f"latent grid {pph}x{ppw} at spatial stride {P} exceeds rope_max_seq_len={self.max_seq_len}")
         pos_t = self.temporal_positions(ppf)  # (F',)
+        rows = slice(None, pph) if P == 1 else torch.arange(pph, device=self.freqs_cos.device) * P  # (h,)
+        cols = slice(None, ppw) if P == 1 else torch.arange(ppw, device=self.freqs_cos.device) * P  # (w,)
         split = [self.t_dim, self.h_dim, self.w_dim]
         tables = []
         for table in (self.freqs_cos, self.freqs_sin):  # (max_seq_len, head_dim) each
             t_tab, h_tab, w_tab = table.split(split, dim=1)
             f = t_tab[pos_t].view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1)  # (F', h, w, t_dim)
-            h = h_tab[:pph].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)  # (F', h, w, h_dim)
-            w = w_tab[:ppw].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)  # (F', h, w, w_dim)
+            h = h_tab[rows].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)  # (F', h, w, h_dim)
+            w = w_tab[cols].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)  # (F', h, w, w_dim)
             tables.append(torch.cat([f, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1))  # (1, N, 1, head_dim)
         return tables[0], tables[1]
 
@@ -101,7 +111,8 @@ def check_wan_config(config: dict[str, Any], in_channels: int, text_dim: int, so
 
 
 class WanBackbone(nn.Module):
-    """``WanTransformer3DModel`` behind the backbone interface ``(x, t, text, text_mask, stride) -> velocity``.
+    """``WanTransformer3DModel`` behind the backbone interface ``(x, t, text, text_mask, stride) -> velocity``
+    (plus ``spatial_stride`` at the smaller stages of a spatio-temporal pyramid).
 
     Args:
         in_channels: latent channels (from the codec); must equal the model's in/out channels.
@@ -164,7 +175,8 @@ class WanBackbone(nn.Module):
             raise ValueError("this WanBackbone has no LoRA adapter; build it with lora=LoraSettings(...)")
         return lora_state_dict(self.model)
 
-    def _check_inputs(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None, stride: int) -> None:
+    def _check_inputs(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None, stride: int,
+                      spatial_stride: int = 1) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape (B, {self.in_channels}, F, H, W), got {tuple(x.shape)}")
         B, _, _, H, W = x.shape
@@ -181,6 +193,8 @@ class WanBackbone(nn.Module):
             raise ValueError(f"text has {text.shape[1]} tokens, more than text_length={self.text_length}")
         if int(stride) != stride or stride < 1:
             raise ValueError(f"stride={stride} is invalid; expected a positive int")
+        if int(spatial_stride) != spatial_stride or spatial_stride < 1:
+            raise ValueError(f"spatial_stride={spatial_stride} is invalid; expected a positive int")
 
     def prepare_text(self, text: Tensor, text_mask: Tensor | None) -> Tensor:
         """Zero the padding tokens and pad with zero tokens to ``text_length``, as Wan saw text in training."""
@@ -191,16 +205,20 @@ class WanBackbone(nn.Module):
             text = torch.cat([text, pad], dim=1)  # (B, text_length, D)
         return text
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1,
+                spatial_stride: int = 1) -> Tensor:
         """Velocity ``ε − x0`` for latents ``x (B, C, F, H, W)`` at timesteps ``t (B,)`` in [0, 1000], captions
-        ``text (B, L, D)`` with ``text_mask (B, L)`` (True on real tokens), frames at positions ``j·stride``."""
-        self._check_inputs(x, t, text, text_mask, stride)
+        ``text (B, L, D)`` with ``text_mask (B, L)`` (True on real tokens), frames at positions ``j·stride`` and
+        token rows and columns at ``a·spatial_stride``."""
+        self._check_inputs(x, t, text, text_mask, stride, spatial_stride)
         text = self.prepare_text(text, text_mask)
         dtype = self.model.patch_embedding.weight.dtype
         self.model.rope.stride = int(stride)
+        self.model.rope.spatial_stride = int(spatial_stride)
         try:
             out = self.model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
                              return_dict=False)[0]  # (B, C, F, H, W)
         finally:
             self.model.rope.stride = 1
+            self.model.rope.spatial_stride = 1
         return out  # Wan's ε − x0 is already this project's flow target (module docstring)
