@@ -8,8 +8,11 @@ import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.module import TPDiffModule
+from tpdiff_lightning.resume import checkpoint_folders, find_resume_point, resume_message
+from tpdiff_lightning.tensorboard_resume import resumed_step, purge_tensorboard_after
 
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
@@ -74,6 +77,27 @@ class TPDiffCLI(LightningCLI):
                                   for key, (stored, given) in differ.items())
                 rank_zero_warn(f"ckpt_path={ckpt_path}: the model takes num_frames and resolution from the data, "
                                f"which differ from the checkpoint's: {items}")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)  # checkpoints are written whole or not at all
+        return trainer
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            point = find_resume_point(checkpoint_folders(self.trainer))
+            if point is None:
+                folders = ", ".join(str(f) for f in checkpoint_folders(self.trainer))
+                rank_zero_warn(f"ckpt_path=last: no checkpoint in {folders}; starting from step 0")
+                kwargs["ckpt_path"] = None
+            else:
+                if point.reason is not None:
+                    rank_zero_warn(resume_message(point))
+                kwargs["ckpt_path"] = str(point.path)
+        if subcommand == "fit" and kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_file():
+            purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
+        return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.
