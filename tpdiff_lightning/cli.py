@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
+from tpdiff_lightning.cli_errors import TRACEBACK_FLAG, check_config_files, report_and_exit, wants_traceback
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.module import TPDiffModule
 from tpdiff_lightning.resume import checkpoint_folders, find_resume_point, resume_message
@@ -105,8 +107,8 @@ class TPDiffCLI(LightningCLI):
         parser.link_arguments("data.init_args.resolution", "model.init_args.resolution")
 
 
-def main(args=None, run: bool = True) -> TPDiffCLI:
-    """Run the CLI (``args`` as a list or dict for tests; ``None`` reads ``sys.argv``)."""
+def main(args=None, run: bool = True, parser_kwargs: dict | None = None) -> TPDiffCLI:
+    """Run the CLI (``args`` as a list or dict for tests; ``None`` reads ``sys.argv``); errors raise."""
     return TPDiffCLI(
         TPDiffModule,
         VideoDataModule,
@@ -116,4 +118,24 @@ def main(args=None, run: bool = True) -> TPDiffCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        parser_kwargs=parser_kwargs or {},
     )
+
+
+def command_line(argv: list[str] | None = None) -> TPDiffCLI:
+    """``python lightning_cli.py ...``: like :func:`main`, but an error prints one line and exits non-zero;
+    ``--traceback`` (or ``TPDIFF_TRACEBACK=1``) raises it with its full traceback instead."""
+    from_sys_argv = argv is None
+    argv = list(sys.argv[1:] if from_sys_argv else argv)
+    show_traceback = wants_traceback(argv)
+    argv = [arg for arg in argv if arg != TRACEBACK_FLAG]
+    if from_sys_argv:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
+    args = None if from_sys_argv else argv
+    try:
+        check_config_files(argv)
+        return main(args, parser_kwargs={"exit_on_error": False})
+    except Exception as error:  # one line for every error; --traceback shows the rest
+        if show_traceback:
+            raise
+        report_and_exit(error)

@@ -1,0 +1,319 @@
+"""Fault injection at CPU size: kills and full disks during checkpoint writes, resumes from damaged run folders,
+TensorBoard after a resume, divergence, damaged shards and bad settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import DEFAULT, ROOT, shrink_args
+from tpdiff_lightning.cli import command_line, main
+
+CHECKPOINT_EVERY_2 = [
+    {"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
+     "init_args": {"every_n_train_steps": 2, "save_top_k": -1}},
+]
+
+
+def _run_dir(out: Path) -> Path:
+    return out / "synthetic" / "tpdiff-flow"
+
+
+def _fit(out: Path, data_root: Path, max_steps: int, *extra: str, callbacks=None):
+    return main(["fit", "--config", str(DEFAULT),
+                 *shrink_args(out, data_root, max_steps=max_steps, steps_per_epoch=50,
+                              callbacks=CHECKPOINT_EVERY_2 if callbacks is None else callbacks), *extra])
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def _tear(path: Path, keep: float = 0.5) -> None:
+    """Replace ``path`` by a file holding the first part of its bytes, as a crash mid-copy leaves it."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+# --- 1. Checkpoint writes under kills and full disks -----------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from tpdiff_lightning.cli import command_line, main
+    cli = main(["--config", sys.argv[1], "--trainer.logger.init_args.save_dir", sys.argv[2],
+                "--data.init_args.root", sys.argv[3]], run=False)
+    io, path = cli.trainer.strategy.checkpoint_io, sys.argv[4]
+    big = torch.arange(25_000_000, dtype=torch.float32)  # 100 MB: a write that takes a while
+    step = 0
+    io.save_checkpoint({"global_step": step, "state_dict": {"w": big}}, path)
+    print("saved", flush=True)
+    while True:
+        step += 1
+        io.save_checkpoint({"global_step": step, "state_dict": {"w": big}}, path)
+""")
+
+
+@pytest.fixture
+def tmpdir_elsewhere(tmp_path):
+    """A TMPDIR on another filesystem than the outputs (tmpfs ``/dev/shm`` against the test's disk folder)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem for TMPDIR")
+    folder = shm / f"tpdiff-test-{os.getpid()}-{tmp_path.name}"
+    folder.mkdir()
+    yield folder
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_with_tmpdir_on_another_filesystem(tmp_path, tiny_data_root, tmpdir_elsewhere):
+    """SIGKILL while a checkpoint file is partly written: last.ckpt stays whole, no temp file survives."""
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir(parents=True)
+    target = folder / "last.ckpt"
+    env = {**os.environ, "TMPDIR": str(tmpdir_elsewhere)}
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(DEFAULT), str(tmp_path / "out"),
+                                 str(tiny_data_root), str(target)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            assert proc.stdout.readline().strip() == b"saved"
+            whole = target.stat().st_size
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                partial = [e for e in os.scandir(folder) if e.is_file(follow_symlinks=False)
+                           and 0 < e.stat().st_size < whole]
+                if partial:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    kills += 1
+                    break
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert torch.load(target, map_location="cpu", weights_only=False)["state_dict"]["w"].numel() == 25_000_000
+    assert kills == 3
+    # The next save (here: a new process's first one) removes what the killed writers left.
+    cli = main(["--config", str(DEFAULT), f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}",
+                f"--data.init_args.root={tiny_data_root}"], run=False)
+    cli.trainer.strategy.checkpoint_io.save_checkpoint({"global_step": 9, "state_dict": {}}, target)
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
+    assert list(tmpdir_elsewhere.iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs mounted in the test folder: a disk that fills up (needs the right to mount)."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def _cli_checkpoint_io(tmp_path, data_root):
+    cli = main(["--config", str(DEFAULT), f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}",
+                f"--data.init_args.root={data_root}"], run=False)
+    return cli.trainer.strategy.checkpoint_io
+
+
+def test_full_disk_mid_write_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, tiny_data_root, small_disk,
+                                                                             tmpdir_elsewhere, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmpdir_elsewhere))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    io = _cli_checkpoint_io(tmp_path, tiny_data_root)
+    target = small_disk / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.zeros(500_000)}}, target)  # 2 MB
+    with pytest.raises((OSError, RuntimeError)):
+        io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(2_000_000)}}, target)  # 8 MB
+    assert _step(target) == 1
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.ckpt"]
+    assert list(tmpdir_elsewhere.iterdir()) == []
+
+
+def test_last_checkpoint_is_a_link_to_the_step_checkpoint_not_a_second_copy(tmp_path, tiny_data_root, one_thread):
+    out = tmp_path / "out"
+    _fit(out, tiny_data_root, max_steps=4)
+    folder = _run_dir(out) / "checkpoints"
+    last = folder / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=0-step=4.ckpt"
+    assert _step(last) == 4
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
+
+
+def test_shipped_configs_write_last_checkpoint_as_a_link():
+    import yaml
+
+    from tests.conftest import CONFIGS
+
+    for path in CONFIGS.glob("*.yaml"):
+        for callback in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
+            if "Checkpoint" in callback["class_path"]:
+                assert callback["class_path"] == "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint", path
+                assert callback["init_args"]["save_last"] == "link", path
+
+
+# --- 2. Resume from the newest checkpoint that loads -----------------------------------------------------------
+
+@pytest.fixture
+def run_with_checkpoints(tmp_path, tiny_data_root, one_thread):
+    """A run trained 4 steps: epoch=0-step=2.ckpt, epoch=0-step=4.ckpt and last.ckpt."""
+    out = tmp_path / "out"
+    _fit(out, tiny_data_root, max_steps=4)
+    return out, _run_dir(out) / "checkpoints"
+
+
+@pytest.mark.parametrize("damage", ["missing", "torn", "empty"])
+def test_resume_last_falls_back_to_the_newest_step_checkpoint(run_with_checkpoints, tiny_data_root, damage):
+    out, folder = run_with_checkpoints
+    last = folder / "last.ckpt"
+    last.unlink()
+    if damage == "torn":
+        last.write_bytes((folder / "epoch=0-step=4.ckpt").read_bytes()[:1_000_000])
+    elif damage == "empty":
+        last.write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"last\.ckpt (is missing|is unreadable|is empty).*resuming from .*"
+                                         r"epoch=0-step=4\.ckpt \(global step 4\)"):
+        cli = _fit(out, tiny_data_root, 6, "--ckpt_path", "last")
+    assert cli.trainer.global_step == 6
+    assert int(cli.model.ema.num_updates) == 6  # continued from 4, not restarted
+
+
+def test_resume_last_skips_torn_step_checkpoints_and_names_them(run_with_checkpoints, tiny_data_root):
+    out, folder = run_with_checkpoints
+    _tear(folder / "epoch=0-step=4.ckpt")  # last.ckpt links to it
+    with pytest.warns(UserWarning, match=r"epoch=0-step=4\.ckpt is unreadable.*resuming from .*epoch=0-step=2\.ckpt"):
+        cli = _fit(out, tiny_data_root, 3, "--ckpt_path", "last")
+    assert cli.trainer.global_step == 3
+
+
+def test_resume_last_with_no_loadable_checkpoint_is_one_clear_error(run_with_checkpoints, tiny_data_root, capsys):
+    out, folder = run_with_checkpoints
+    for name in ("epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"):
+        _tear(folder / name)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root, max_steps=6,
+                                                                    callbacks=CHECKPOINT_EVERY_2), "--ckpt_path", "last"])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "no checkpoint of this run loads" in line and "epoch=0-step=2.ckpt is unreadable" in line
+    assert "epoch=0-step=4.ckpt is unreadable" in line
+
+
+def test_find_resume_point_prefers_a_newer_step_checkpoint_over_an_older_last(tmp_path):
+    from tpdiff_lightning.resume import find_resume_point
+
+    def save(name, step):
+        torch.save({"global_step": step, "state_dict": {}}, tmp_path / name)
+
+    assert find_resume_point([tmp_path]) is None  # nothing there: a fresh start
+    save("last.ckpt", 2)
+    save("epoch=0-step=2.ckpt", 2)
+    assert find_resume_point([tmp_path]).path.name == "last.ckpt"
+    assert find_resume_point([tmp_path]).reason is None
+    save("epoch=0-step=4.ckpt", 4)  # a kill after the step checkpoint, before last.ckpt was updated
+    point = find_resume_point([tmp_path])
+    assert point.path.name == "epoch=0-step=4.ckpt" and "newer than last.ckpt" in point.reason
+
+
+# --- 3. TensorBoard after a resume -----------------------------------------------------------------------------
+
+def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_tensorboard_steps_stay_strictly_increasing_after_a_resume(tmp_path, tiny_data_root, one_thread):
+    out = tmp_path / "out"
+    _fit(out, tiny_data_root, max_steps=5)  # stopped past its last checkpoint (step 4): step 5 was logged
+    assert _scalar_steps(_run_dir(out), "train/loss") == [0, 1, 2, 3, 4]
+    _fit(out, tiny_data_root, 8, "--ckpt_path", "last")  # resumes at 4 and logs steps 4.. again
+    steps = _scalar_steps(_run_dir(out), "train/loss")
+    assert steps == list(range(8)), steps
+
+
+# --- 8. Bad settings: one line naming the key and the value, nothing written ------------------------------------
+
+BAD_SETTINGS = [
+    ("--model.init_args.lr=abc", r"model\.init_args\.lr: expected a float\. Got value: abc"),
+    ("--trainer.max_steps=x", r"trainer\.max_steps: expected an int\. Got value: x"),
+    ("--data.init_args.batch_size=x", r"data\.init_args\.batch_size: expected an int\. Got value: x"),
+    ("--model.init_args.caption_dropout=2", r"caption_dropout=2\.0 is invalid; expected 0 <= p < 1"),
+    ("--model.init_args.schedule=foo", r"schedule='foo' is unknown; expected one of \['ddim', 'flow'\]"),
+    ("--model.init_args.num_stages=0", r"num_stages=0 is invalid; expected an integer >= 1"),
+    ("--model.init_args.reductions=[2]", r"reductions=\[2\] has length 1; expected num_stages - 1 = 2"),
+    ("--model.init_args.no_such_key=1", r"model\.init_args: .*'no_such_key' is not accepted"),
+]
+
+
+def _command_line_error(capsys, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Given value" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("setting, expected", BAD_SETTINGS, ids=[s.split("=")[0] for s, _ in BAD_SETTINGS])
+def test_a_bad_setting_is_one_line_naming_key_and_value_and_writes_nothing(tmp_path, tiny_data_root, capsys,
+                                                                          setting, expected):
+    out = tmp_path / "out"
+    line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), setting])
+    assert re.search(expected, line), line
+    assert not out.exists()
+
+
+def test_a_corrupt_yaml_config_names_its_file(tmp_path, capsys):
+    bad = tmp_path / "overlay.yaml"
+    bad.write_text("trainer:\n  max_steps: [1,\n")
+    line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT), "--config", str(bad)])
+    assert f"--config {bad}: not valid YAML at line 3" in line
+    line = _command_line_error(capsys, ["fit", "--config", str(tmp_path / "missing.yaml")])
+    assert f"--config {tmp_path / 'missing.yaml'}: no such file" in line
+
+
+def test_traceback_flag_and_environment_variable_show_the_full_error(tmp_path, tiny_data_root, monkeypatch):
+    from argparse import ArgumentError
+
+    argv = ["fit", "--config", str(DEFAULT), *shrink_args(tmp_path / "out", tiny_data_root), "--trainer.max_steps=x"]
+    with pytest.raises(ArgumentError, match="trainer.max_steps"):
+        command_line([*argv, "--traceback"])
+    monkeypatch.setenv("TPDIFF_TRACEBACK", "1")
+    with pytest.raises(ArgumentError, match="trainer.max_steps"):
+        command_line(argv)
+
+
+def test_lightning_cli_script_prints_one_line_and_exits_non_zero(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT),
+                           f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", "--model.init_args.lr=abc"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: model.init_args.lr: expected a float"), done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
