@@ -317,3 +317,70 @@ def test_lightning_cli_script_prints_one_line_and_exits_non_zero(tmp_path):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("error: model.init_args.lr: expected a float"), done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+# --- 6. Divergence --------------------------------------------------------------------------------------------
+
+CHECKPOINT_EVERY_STEP = [
+    {"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
+     "init_args": {"every_n_train_steps": 1, "save_top_k": -1}},
+]
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e12"])
+def test_an_exploding_learning_rate_stops_the_run_before_a_checkpoint_holds_it(tmp_path, tiny_data_root, capsys,
+                                                                               one_thread, lr):
+    out = tmp_path / "out"
+    line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT),
+                                        *shrink_args(out, tiny_data_root, max_steps=6, steps_per_epoch=50,
+                                                     callbacks=CHECKPOINT_EVERY_STEP),
+                                        f"--model.init_args.lr={lr}"])
+    assert re.search(r"training diverged at global_step=\d+: the (weight norm grew|weights hold non-finite|training loss)", line), line
+    for ckpt in (_run_dir(out) / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        norm = torch.linalg.vector_norm(torch.stack([v.float().norm() for k, v in state.items()
+                                                     if k.startswith("backbone.")]))
+        assert torch.isfinite(norm) and norm < 1e4, (ckpt.name, norm)
+
+
+def test_loss_explosion_is_measured_against_the_running_median():
+    from tpdiff_lightning.callbacks.divergence import DivergenceGuard
+
+    guard = DivergenceGuard(loss_factor=100, window=10, min_history=3)
+    assert guard.problem(500.0, 1.0) is None  # too little history to judge: early losses drop fast
+    for loss in (1.0, 0.9, 0.8):
+        assert guard.problem(loss, 1.0) is None
+    assert guard.problem(50.0, 1.0) is None  # a spike, well under 100 x the median
+    assert "more than loss_factor=100 times the median 1 of the last 5 steps" in guard.problem(200.0, 1.0)
+    assert "loss is nan" in guard.problem(float("nan"), 1.0)
+    assert "weights hold non-finite" in guard.problem(1.0, float("inf"))
+    assert "weight norm grew from 1 to 20" in guard.problem(1.0, 20.0)
+    restored = DivergenceGuard(loss_factor=100, window=10, min_history=3)
+    restored.load_state_dict(guard.state_dict())  # a resumed run keeps its median
+    assert "times the median" in restored.problem(200.0, 1.0)
+    with pytest.raises(ValueError, match="loss_factor=1 is invalid"):
+        DivergenceGuard(loss_factor=1)
+
+
+def test_non_finite_input_names_step_stage_and_sample_key():
+    from tpdiff_lightning.finite_input import NonFiniteInputError
+    from tpdiff_lightning.module import TPDiffModule
+
+    torch.manual_seed(0)
+    module = TPDiffModule(num_frames=16, resolution=16, ema_decay=None, alignment=True)
+    module.log = lambda *args, **kwargs: None
+    video = torch.zeros(3, 3, 16, 16, 16)
+    video[1, 0, 5, 2, 2] = float("inf")
+    batch = {"video": video, "caption": ["a"] * 3, "key": ["s.tar:k0", "s.tar:k1", "s.tar:k2"],
+             "num_skipped": torch.tensor(0)}
+    with pytest.raises(NonFiniteInputError, match=r"global_step=0, stage \d, in sample\(s\) s\.tar:k1;"):
+        module.training_step(batch, 0)
+
+
+def test_training_batches_name_their_samples(tiny_data_root):
+    from tpdiff_lightning.data.datamodule import VideoDataModule
+
+    dm = VideoDataModule(root=str(tiny_data_root), num_frames=4, resolution=16, batch_size=2, num_workers=0,
+                         train_steps_per_epoch=1)
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["key"]) == 2 and all(re.fullmatch(r".*train-\d+\.tar:\S+", k) for k in batch["key"])

@@ -1,8 +1,9 @@
 """Webdataset video pipelines and the Lightning DataModule that serves them.
 
 Every batch of clips is a dict `{"video": (B, 3, F, H, W) float32 in [-1, 1], "caption": list[str],
-"num_skipped": LongTensor ()}`, where `num_skipped` counts the samples that the producing worker dropped
-(corrupt mp4, too few frames, unreadable tar member) since its previous batch.
+"key": list[str], "num_skipped": LongTensor ()}`, where `key` names each clip as "<shard url>:<sample key>" and
+`num_skipped` counts the samples that the producing worker dropped (corrupt mp4, too few frames, unreadable tar
+member) since its previous batch.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ class DecodeClips:
                         raise self.short.error() from None
                 continue
             self.yielded = True
+            clip["key"] = f"{sample.get('__url__')}:{sample.get('__key__')}"  # names the sample in errors
             yield clip
 
 
@@ -292,6 +294,7 @@ def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
     batch = {
         key: torch.stack([s[key] for s in samples]),
         "caption": [s["caption"] for s in samples],
+        "key": [s.get("key") for s in samples],
         "num_skipped": torch.tensor(counter.take(), dtype=torch.long),
     }
     if key == "latent":
