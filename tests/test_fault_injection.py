@@ -384,3 +384,69 @@ def test_training_batches_name_their_samples(tiny_data_root):
                          train_steps_per_epoch=1)
     batch = next(iter(dm.train_dataloader()))
     assert len(batch["key"]) == 2 and all(re.fullmatch(r".*train-\d+\.tar:\S+", k) for k in batch["key"])
+
+
+# --- 7. Data accounting ----------------------------------------------------------------------------------------
+
+def _write_shard(path: Path, n: int, prefix: str) -> None:
+    import webdataset as wds
+
+    from tpdiff_lightning.data.synthetic import render_clip
+    from tpdiff_lightning.data.video_io import encode_mp4
+
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(n):
+            frames = render_clip("red", "square", "right", "slow", (i % 16, 8.0), 8, 16)
+            sink.write({"__key__": f"{prefix}{i:04d}", "mp4": encode_mp4(frames), "txt": f"clip {prefix}{i}"})
+
+
+def test_a_truncated_shard_counts_every_lost_sample_against_the_manifest(tmp_path):
+    from tpdiff_lightning.data.datamodule import CorruptSampleWarning, eval_pipeline
+
+    _write_shard(tmp_path / "cut.tar", 8, "a")
+    _write_shard(tmp_path / "full.tar", 5, "b")
+    data = (tmp_path / "cut.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    urls = [str(tmp_path / "cut.tar"), str(tmp_path / "full.tar")]
+    with pytest.warns(CorruptSampleWarning) as record:
+        batches = list(eval_pipeline(urls, 8, 16, 4, shard_clips={urls[0]: 8, urls[1]: 5}))
+    delivered = sum(len(b["caption"]) for b in batches)
+    skipped = sum(int(b["num_skipped"]) for b in batches)
+    assert 5 <= delivered < 13
+    assert delivered + skipped == 13  # every sample accounted for: delivered or counted as lost
+    messages = [str(w.message) for w in record]
+    assert any(re.search(rf"shard {re.escape(urls[0])} ended early after \d+ samples; manifest says 8", m)
+               for m in messages), messages
+
+
+def test_synthetic_manifest_records_each_shards_sample_count(tmp_path):
+    from tpdiff_lightning.data.synthetic import read_manifest, write_synthetic_shards
+
+    write_synthetic_shards(tmp_path, num_train=5, num_eval=2, num_frames=8, size=16, seed=0, clips_per_shard=2,
+                           progress=False)
+    splits = read_manifest(tmp_path)["splits"]
+    assert splits["train"]["shard_clips"] == [2, 2, 1] and splits["eval"]["shard_clips"] == [2]
+
+
+def test_validation_with_a_truncated_eval_shard_logs_and_warns_the_skipped_clips(tmp_path, one_thread):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tpdiff_lightning.data.synthetic import write_synthetic_shards
+
+    root = tmp_path / "data"
+    write_synthetic_shards(root, num_train=4, num_eval=6, num_frames=16, size=16, seed=0, progress=False)
+    shard = root / json.loads((root / "manifest.json").read_text())["splits"]["eval"]["shards"][0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    args = [a for a in shrink_args(out, root) if "limit_val_batches" not in a and "synthetic_num" not in a]
+    with pytest.warns(UserWarning, match=r"evaluation skipped [1-5] of 6 clips") as record:
+        main(["validate", "--config", str(DEFAULT), *args, "--data.init_args.synthetic_num_train=4",
+              "--data.init_args.synthetic_num_eval=6"])
+    assert any("ended early" in str(w.message) and "manifest says 6" in str(w.message) for w in record)
+    accumulator = EventAccumulator(str(_run_dir(out)), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    [event] = accumulator.Scalars("data/eval_skipped")
+    assert 1 <= event.value <= 5

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tpdiff_lightning.callbacks.divergence import DivergenceGuard
+from tpdiff_lightning.callbacks.eval_accounting import EvalAccounting
 from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
 from tpdiff_lightning.cli_errors import TRACEBACK_FLAG, check_config_files, report_and_exit, wants_traceback
 from tpdiff_lightning.data.datamodule import VideoDataModule
@@ -84,8 +85,9 @@ class TPDiffCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)  # checkpoints are written whole or not at all
-        if not any(isinstance(callback, DivergenceGuard) for callback in trainer.callbacks):
-            trainer.callbacks.insert(0, DivergenceGuard())  # the default guard, unless the config sets one
+        for default in (DivergenceGuard, EvalAccounting):  # every run has them, with defaults unless configured
+            if not any(isinstance(callback, default) for callback in trainer.callbacks):
+                trainer.callbacks.insert(0, default())  # first: before any ModelCheckpoint
         return trainer
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
