@@ -450,3 +450,67 @@ def test_validation_with_a_truncated_eval_shard_logs_and_warns_the_skipped_clips
     accumulator.Reload()
     [event] = accumulator.Scalars("data/eval_skipped")
     assert 1 <= event.value <= 5
+
+
+# --- 4. One run folder, one run --------------------------------------------------------------------------------
+
+def _folder_state(folder: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_fresh_fit_into_a_folder_with_checkpoints_is_refused_and_writes_nothing(run_with_checkpoints,
+                                                                                   tiny_data_root, capsys):
+    out, folder = run_with_checkpoints
+    before = _folder_state(out)
+    line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT),
+                                        *shrink_args(out, tiny_data_root, max_steps=6, callbacks=CHECKPOINT_EVERY_2)])
+    assert "already holds 3 checkpoint(s)" in line
+    assert "resume with --ckpt_path last, or choose another version" in line
+    assert _folder_state(out) == before
+
+
+def test_a_second_fit_into_a_live_runs_folder_is_refused(tmp_path, tiny_data_root, capsys):
+    import json
+    import socket
+
+    out = tmp_path / "out"
+    run_dir = _run_dir(out)
+    run_dir.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".run.lock").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root)])
+        assert f"run folder {run_dir} is in use by pid {live.pid}" in line
+        assert sorted(p.name for p in run_dir.iterdir()) == [".run.lock"]  # nothing else was written
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_every_fit_releases_its_lock(tmp_path, tiny_data_root, one_thread):
+    import json
+    import socket
+
+    out = tmp_path / "out"
+    run_dir = _run_dir(out)
+    run_dir.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / ".run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with pytest.warns(UserWarning, match=f"taking over the lock of pid {dead.pid}, which no longer runs"):
+        cli = _fit(out, tiny_data_root, 2)
+    assert cli.trainer.global_step == 2
+    assert not (run_dir / ".run.lock").exists()
+
+
+# --- 5. Resume with another network ----------------------------------------------------------------------------
+
+def test_resume_with_another_network_names_the_setting_before_anything_is_written(run_with_checkpoints,
+                                                                                   tiny_data_root, capsys):
+    out, folder = run_with_checkpoints
+    before = _folder_state(out)
+    line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT),
+                                        *shrink_args(out, tiny_data_root, max_steps=6, callbacks=CHECKPOINT_EVERY_2),
+                                        "--model.init_args.backbone.init_args.size=dit-s", "--ckpt_path", "last"])
+    assert "checkpoint has backbone size 'dit-tiny', config asks 'dit-s'" in line, line
+    assert _folder_state(out) == before  # config.yaml and the event files are untouched

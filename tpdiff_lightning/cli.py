@@ -12,11 +12,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from tpdiff_lightning.callbacks.divergence import DivergenceGuard
 from tpdiff_lightning.callbacks.eval_accounting import EvalAccounting
 from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
+from tpdiff_lightning.checkpoint_match import check_model_matches_checkpoint
 from tpdiff_lightning.cli_errors import TRACEBACK_FLAG, check_config_files, report_and_exit, wants_traceback
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.module import TPDiffModule
-from tpdiff_lightning.resume import checkpoint_folders, find_resume_point, resume_message
-from tpdiff_lightning.tensorboard_resume import resumed_step, purge_tensorboard_after
+from tpdiff_lightning.resume import (
+    checkpoint_folders,
+    find_resume_point,
+    refuse_fresh_fit_over_checkpoints,
+    resume_message,
+)
+from tpdiff_lightning.run_lock import RunFolderLock
+from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after, resumed_step
 
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
@@ -90,8 +97,22 @@ class TPDiffCLI(LightningCLI):
                 trainer.callbacks.insert(0, default())  # first: before any ModelCheckpoint
         return trainer
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.run_lock = None
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand == "fit" and self.trainer.is_global_zero:
+            if not kwargs.get("ckpt_path"):  # a new run never mixes with an earlier run's checkpoints
+                refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))
+            if self.trainer.log_dir is not None:  # one run per folder: refuse a second live one
+                self.run_lock = RunFolderLock(self.trainer.log_dir)
+                self.run_lock.acquire()
         if kwargs.get("ckpt_path") == "last":
             point = find_resume_point(checkpoint_folders(self.trainer))
             if point is None:
@@ -102,7 +123,10 @@ class TPDiffCLI(LightningCLI):
                 if point.reason is not None:
                     rank_zero_warn(resume_message(point))
                 kwargs["ckpt_path"] = str(point.path)
-        if subcommand == "fit" and kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_file():
+        ckpt_file = kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_file()
+        if ckpt_file:  # before anything is written: the configured network must be the checkpoint's
+            check_model_matches_checkpoint(self.model, self.model.hparams, kwargs["ckpt_path"], INFERENCE_KEYS)
+        if subcommand == "fit" and ckpt_file:
             purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
         return kwargs
 

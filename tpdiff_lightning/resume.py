@@ -23,6 +23,19 @@ class NoLoadableCheckpointError(RuntimeError):
     """Checkpoints exist for the run, but none of them loads."""
 
 
+class FreshFitOverCheckpointsError(RuntimeError):
+    """A ``fit`` without ``ckpt_path`` into a run folder that already holds checkpoints."""
+
+
+def refuse_fresh_fit_over_checkpoints(folders: list[Path]) -> None:
+    """A new run must not mix its checkpoints and curves with an earlier run's: raise when ``folders`` hold any."""
+    found = sorted(p for folder in folders if folder.is_dir() for p in folder.glob("*.ckpt"))
+    if found:
+        raise FreshFitOverCheckpointsError(
+            f"{found[0].parent} already holds {len(found)} checkpoint(s) of an earlier run (e.g. {found[-1].name}); "
+            "resume with --ckpt_path last, or choose another version (--trainer.logger.init_args.version)")
+
+
 @dataclass
 class ResumePoint:
     path: Path
