@@ -266,6 +266,12 @@ BAD_SETTINGS = [
     ("--model.init_args.num_stages=0", r"num_stages=0 is invalid; expected an integer >= 1"),
     ("--model.init_args.reductions=[2]", r"reductions=\[2\] has length 1; expected num_stages - 1 = 2"),
     ("--model.init_args.no_such_key=1", r"model\.init_args: .*'no_such_key' is not accepted"),
+    ("--model.init_args.lr=-1", r"model\.init_args\.lr=-1\.0 is invalid; expected a learning rate > 0"),
+    ("--model.init_args.lr=0", r"model\.init_args\.lr=0\.0 is invalid; expected a learning rate > 0"),
+    ("--model.init_args.warmup_steps=-5", r"model\.init_args\.warmup_steps=-5 is invalid; expected >= 0"),
+    ("--model.init_args.guidance_scale=-3", r"model\.init_args\.guidance_scale=-3\.0 is invalid; expected >= 0"),
+    ("--ckpt_path=missing.ckpt", r"ckpt_path=missing\.ckpt: no such file or folder"),
+    ("--data.init_args.build_synthetic=false", r"data\.init_args\.root=\S+/empty_root: no manifest\.json"),
 ]
 
 
@@ -285,6 +291,9 @@ def _command_line_error(capsys, argv) -> str:
 def test_a_bad_setting_is_one_line_naming_key_and_value_and_writes_nothing(tmp_path, tiny_data_root, capsys,
                                                                           setting, expected):
     out = tmp_path / "out"
+    if "build_synthetic" in setting:  # a data root without a manifest that the run may not build into
+        tiny_data_root = tmp_path / "empty_root"
+        tiny_data_root.mkdir()
     line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), setting])
     assert re.search(expected, line), line
     assert not out.exists()
@@ -514,3 +523,30 @@ def test_resume_with_another_network_names_the_setting_before_anything_is_writte
                                         "--model.init_args.backbone.init_args.size=dit-s", "--ckpt_path", "last"])
     assert "checkpoint has backbone size 'dit-tiny', config asks 'dit-s'" in line, line
     assert _folder_state(out) == before  # config.yaml and the event files are untouched
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("--model.init_args.sample_steps=0", r"model\.init_args\.sample_steps=0 is invalid; expected at least one step "
+                                          r"per stage, >= 3"),
+    ("--model.init_args.sample_num_frames=15", r"model\.init_args\.sample_num_frames=15 is invalid: .*stride"),
+    ("--model.init_args.guidance_scale=-3", r"model\.init_args\.guidance_scale=-3\.0 is invalid"),
+])
+def test_bad_sampling_settings_stop_predict_before_it_writes(run_with_checkpoints, tiny_data_root, capsys,
+                                                             setting, expected):
+    out, folder = run_with_checkpoints
+    before = _folder_state(out)
+    line = _command_line_error(capsys, ["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root),
+                                        "--ckpt_path", str(folder / "last.ckpt"), setting])
+    assert re.search(expected, line), line
+    assert _folder_state(out) == before  # no config_predict.yaml, no predictions
+
+
+def test_predict_without_a_checkpoint_needs_the_untrained_flag(tmp_path, tiny_data_root, capsys, one_thread):
+    out = tmp_path / "out"
+    args = ["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), "--return_predictions=false",
+            "--model.init_args.sample_steps=3"]
+    line = _command_line_error(capsys, args)
+    assert "predict needs --ckpt_path" in line and "--untrained true" in line
+    assert not out.exists()
+    command_line([*args, "--untrained=true"])
+    assert list(out.rglob("predictions/*.mp4"))

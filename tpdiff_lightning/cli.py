@@ -23,6 +23,7 @@ from tpdiff_lightning.resume import (
     resume_message,
 )
 from tpdiff_lightning.run_lock import RunFolderLock
+from tpdiff_lightning.run_settings import check_data_settings, check_run_settings
 from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after, resumed_step
 
 
@@ -107,6 +108,9 @@ class TPDiffCLI(LightningCLI):
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        check_run_settings(subcommand, self.model, kwargs.get("ckpt_path"),
+                           untrained=bool(self.config[subcommand].get("untrained")))
+        check_data_settings(subcommand, self.datamodule)
         if subcommand == "fit" and self.trainer.is_global_zero:
             if not kwargs.get("ckpt_path"):  # a new run never mixes with an earlier run's checkpoints
                 refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))
@@ -131,6 +135,8 @@ class TPDiffCLI(LightningCLI):
         return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="predict: sample from the network without a checkpoint (on purpose)")
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.
         parser.link_arguments("data.init_args.num_frames", "model.init_args.num_frames")
         parser.link_arguments("data.init_args.resolution", "model.init_args.resolution")

@@ -100,6 +100,8 @@ def one_line(error: BaseException) -> str:
     if isinstance(error, ArgumentError) or "Does not validate against any of the Union subtypes" in text:
         return condense_argument_error(text)
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if type(error).__module__.startswith("tpdiff_lightning.") and first:
+        return first  # the project's own errors say what is wrong in their message
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
