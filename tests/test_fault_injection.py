@@ -158,6 +158,30 @@ def test_last_checkpoint_is_a_link_to_the_step_checkpoint_not_a_second_copy(tmp_
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
 
 
+def test_last_link_is_replaced_without_a_moment_when_it_is_missing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tpdiff_lightning.callbacks.checkpoint import LinkedLastCheckpoint
+
+    older, newer, last = tmp_path / "epoch=0-step=2.ckpt", tmp_path / "epoch=0-step=4.ckpt", tmp_path / "last.ckpt"
+    older.write_bytes(b"2")
+    newer.write_bytes(b"4")
+    os.symlink(older.name, last)
+    present = []
+    real_symlink = os.symlink
+
+    def watched_symlink(src, dst, *args, **kwargs):  # is last.ckpt there while the new link is made?
+        present.append(last.is_symlink())
+        return real_symlink(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "symlink", watched_symlink)
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    LinkedLastCheckpoint._link_checkpoint(trainer, str(newer), str(last))
+    assert present == [True]
+    assert os.readlink(last) == newer.name and last.read_bytes() == b"4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [older.name, newer.name, "last.ckpt"]
+
+
 def test_shipped_configs_write_last_checkpoint_as_a_link():
     import yaml
 
@@ -319,6 +343,7 @@ def test_traceback_flag_and_environment_variable_show_the_full_error(tmp_path, t
         command_line(argv)
 
 
+@pytest.mark.slow
 def test_lightning_cli_script_prints_one_line_and_exits_non_zero(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT),
                            f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", "--model.init_args.lr=abc"],

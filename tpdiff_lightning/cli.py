@@ -111,12 +111,8 @@ class TPDiffCLI(LightningCLI):
         check_run_settings(subcommand, self.model, kwargs.get("ckpt_path"),
                            untrained=bool(self.config[subcommand].get("untrained")))
         check_data_settings(subcommand, self.datamodule)
-        if subcommand == "fit" and self.trainer.is_global_zero:
-            if not kwargs.get("ckpt_path"):  # a new run never mixes with an earlier run's checkpoints
-                refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))
-            if self.trainer.log_dir is not None:  # one run per folder: refuse a second live one
-                self.run_lock = RunFolderLock(self.trainer.log_dir)
-                self.run_lock.acquire()
+        if subcommand == "fit" and self.trainer.is_global_zero and not kwargs.get("ckpt_path"):
+            refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))  # never mix two runs' checkpoints
         if kwargs.get("ckpt_path") == "last":
             point = find_resume_point(checkpoint_folders(self.trainer))
             if point is None:
@@ -132,6 +128,9 @@ class TPDiffCLI(LightningCLI):
             check_model_matches_checkpoint(self.model, self.model.hparams, kwargs["ckpt_path"], INFERENCE_KEYS)
         if subcommand == "fit" and ckpt_file:
             purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
+        if subcommand == "fit" and self.trainer.is_global_zero and self.trainer.log_dir is not None:
+            self.run_lock = RunFolderLock(self.trainer.log_dir)  # one run per folder: refuse a second live one
+            self.run_lock.acquire()  # the run's first write, after every check above
         return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:

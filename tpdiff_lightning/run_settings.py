@@ -27,7 +27,7 @@ def check_run_settings(subcommand: str, model, ckpt_path: str | None, untrained:
     if "guidance_scale" in hp and hp.guidance_scale < 0:
         raise RunSettingError(f"{key}guidance_scale={hp.guidance_scale} is invalid; expected >= 0 "
                               "(1: no guidance, 0: unconditional)")
-    pyramid = getattr(model, "pyramid", None)
+    pyramid = getattr(model, "pyramid", None) if subcommand == "predict" else None  # settings predict samples with
     if "sample_steps" in hp and pyramid is not None and hp.sample_steps < pyramid.num_stages:
         raise RunSettingError(f"{key}sample_steps={hp.sample_steps} is invalid; expected at least one step per "
                               f"stage, >= {pyramid.num_stages} (num_stages)")
