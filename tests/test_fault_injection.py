@@ -243,6 +243,17 @@ def test_resume_last_with_no_loadable_checkpoint_is_one_clear_error(run_with_che
     assert "epoch=0-step=4.ckpt is unreadable" in line
 
 
+def test_an_explicit_torn_checkpoint_is_named_in_one_line(run_with_checkpoints, tiny_data_root, capsys):
+    out, folder = run_with_checkpoints
+    torn = folder / "epoch=0-step=2.ckpt"
+    _tear(torn)
+    before = _folder_state(out)
+    line = _command_line_error(capsys, ["validate", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root),
+                                        "--ckpt_path", str(torn)])
+    assert f"ckpt_path={torn} is unreadable (" in line, line
+    assert _folder_state(out) == before
+
+
 def test_find_resume_point_prefers_a_newer_step_checkpoint_over_an_older_last(tmp_path):
     from tpdiff_lightning.resume import find_resume_point
 

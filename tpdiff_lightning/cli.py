@@ -17,8 +17,10 @@ from tpdiff_lightning.cli_errors import TRACEBACK_FLAG, check_config_files, repo
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.module import TPDiffModule
 from tpdiff_lightning.resume import (
+    UnusableCheckpointError,
     checkpoint_folders,
     find_resume_point,
+    load_problem,
     refuse_fresh_fit_over_checkpoints,
     resume_message,
 )
@@ -64,6 +66,10 @@ class TPDiffCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return super()._parse_ckpt_path()
+        ckpt = Path(str(self.config[subcommand].ckpt_path))
+        if ckpt.is_file() and (problem := load_problem(ckpt)[1]) is not None:
+            raise UnusableCheckpointError(f"ckpt_path={ckpt} {problem}; pass a checkpoint that loads "
+                                          "(--ckpt_path last picks the newest one that does)")
         init_args = self.config[subcommand].model.init_args
         requested = {key: init_args.get(key) for key in vars(init_args)}
         super()._parse_ckpt_path()

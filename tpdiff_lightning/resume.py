@@ -23,6 +23,10 @@ class NoLoadableCheckpointError(RuntimeError):
     """Checkpoints exist for the run, but none of them loads."""
 
 
+class UnusableCheckpointError(ValueError):
+    """A ``--ckpt_path`` file that does not load."""
+
+
 class FreshFitOverCheckpointsError(RuntimeError):
     """A ``fit`` without ``ckpt_path`` into a run folder that already holds checkpoints."""
 
