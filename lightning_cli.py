@@ -1,6 +1,6 @@
 """Command line: ``python lightning_cli.py fit|validate|predict --config configs/default.yaml``."""
 
-from tpdiff_lightning.cli import main
+from tpdiff_lightning.cli import command_line
 
 if __name__ == "__main__":
-    main()
+    command_line()

@@ -158,7 +158,8 @@ def test_shards_are_byte_identical_across_builds_and_train_differs_from_eval(tmp
 
 def test_manifest_lists_existing_shards_and_synthetic_exists_checks_args(tiny_root):
     manifest = synthetic.read_manifest(tiny_root)
-    assert manifest["splits"]["train"] == {"shards": [f"train-{i:06d}.tar" for i in range(4)], "num_clips": 32}
+    assert manifest["splits"]["train"] == {"shards": [f"train-{i:06d}.tar" for i in range(4)], "num_clips": 32,
+                                           "shard_clips": [8, 8, 8, 8]}
     assert manifest["splits"]["eval"]["num_clips"] == 12 and len(manifest["splits"]["eval"]["shards"]) == 2
     assert all((tiny_root / name).is_file() for s in manifest["splits"].values() for name in s["shards"])
     assert synthetic_exists(tiny_root, **TINY)

@@ -55,6 +55,7 @@ def test_latent_shards_round_trip(latent_root, tiny_data_root):
     manifest = json.loads((latent_root / "manifest.json").read_text())
     assert manifest["splits"]["train"]["num_clips"] == TINY_DATA["synthetic_num_train"]
     assert len(manifest["splits"]["train"]["shards"]) == 3  # 24 clips, 10 per shard
+    assert manifest["splits"]["train"]["shard_clips"] == [10, 10, 4]
     dm = VideoDataModule(root=str(latent_root), num_frames=16, resolution=16, batch_size=4, num_workers=0,
                          build_synthetic=False)
     assert dm.resolved_format() == "latent"
@@ -130,7 +131,7 @@ def test_reencoding_a_split_lists_and_keeps_only_this_runs_shards(tmp_path):
     assert first["shards"] == [f"train-{i:06d}.tar" for i in range(3)]
     (out / "eval-000000.tar").write_bytes(b"another split's shard")
     second = encode_split(IdentityCodec(), None, _video_batches(3), out, "train", clips_per_shard=256)
-    assert second == {"shards": ["train-000000.tar"], "num_clips": 6, "skipped": 0}
+    assert second == {"shards": ["train-000000.tar"], "num_clips": 6, "shard_clips": [6], "skipped": 0}
     assert sorted(p.name for p in out.glob("*.tar")) == ["eval-000000.tar", "train-000000.tar"]
     samples = list(wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False, empty_check=False))
     assert len(samples) == 6

@@ -241,7 +241,7 @@ def test_changed_filters_rewrite_shards_and_remove_stale_ones(fake_openvid, tmp_
     captions = [s["txt"] for s in _read_samples(tmp_path, wider["splits"]["train"]["shards"])]
     assert captions == [f"caption of row {i}" for i in written]
     empty = _build_openvid(fake_openvid, tmp_path, min_frames=100)
-    assert empty["splits"]["train"] == {"shards": [], "num_clips": 0, "bytes": 0}
+    assert empty["splits"]["train"] == {"shards": [], "num_clips": 0, "shard_clips": [], "bytes": 0}
     assert not list(tmp_path.glob("*.tar*"))
 
 

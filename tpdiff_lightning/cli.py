@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tpdiff_lightning.callbacks.divergence import DivergenceGuard
+from tpdiff_lightning.callbacks.eval_accounting import EvalAccounting
+from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
+from tpdiff_lightning.checkpoint_match import check_model_matches_checkpoint
+from tpdiff_lightning.cli_errors import TRACEBACK_FLAG, check_config_files, report_and_exit, wants_traceback
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.fit_checks import check_fit_setup
 from tpdiff_lightning.module import TPDiffModule
+from tpdiff_lightning.resume import (
+    UnusableCheckpointError,
+    checkpoint_folders,
+    find_resume_point,
+    load_problem,
+    refuse_fresh_fit_over_checkpoints,
+    resume_message,
+)
+from tpdiff_lightning.run_lock import RunFolderLock
+from tpdiff_lightning.run_settings import check_data_settings, check_run_settings
+from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after, resumed_step
 
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
@@ -50,6 +67,10 @@ class TPDiffCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return super()._parse_ckpt_path()
+        ckpt = Path(str(self.config[subcommand].ckpt_path))
+        if ckpt.is_file() and (problem := load_problem(ckpt)[1]) is not None:
+            raise UnusableCheckpointError(f"ckpt_path={ckpt} {problem}; pass a checkpoint that loads "
+                                          "(--ckpt_path last picks the newest one that does)")
         init_args = self.config[subcommand].model.init_args
         requested = {key: init_args.get(key) for key in vars(init_args)}
         super()._parse_ckpt_path()
@@ -80,14 +101,59 @@ class TPDiffCLI(LightningCLI):
         # Settings that cannot train together stop here, before the run writes its config or logs.
         check_fit_setup(self.trainer, self.model)
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        install_atomic_checkpoint_io(trainer)  # checkpoints are written whole or not at all
+        for default in (DivergenceGuard, EvalAccounting):  # every run has them, with defaults unless configured
+            if not any(isinstance(callback, default) for callback in trainer.callbacks):
+                trainer.callbacks.insert(0, default())  # first: before any ModelCheckpoint
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.run_lock = None
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        check_run_settings(subcommand, self.model, kwargs.get("ckpt_path"),
+                           untrained=bool(self.config[subcommand].get("untrained")))
+        check_data_settings(subcommand, self.datamodule)
+        if subcommand == "fit" and self.trainer.is_global_zero and not kwargs.get("ckpt_path"):
+            refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))  # never mix two runs' checkpoints
+        if kwargs.get("ckpt_path") == "last":
+            point = find_resume_point(checkpoint_folders(self.trainer))
+            if point is None:
+                folders = ", ".join(str(f) for f in checkpoint_folders(self.trainer))
+                rank_zero_warn(f"ckpt_path=last: no checkpoint in {folders}; starting from step 0")
+                kwargs["ckpt_path"] = None
+            else:
+                if point.reason is not None:
+                    rank_zero_warn(resume_message(point))
+                kwargs["ckpt_path"] = str(point.path)
+        ckpt_file = kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_file()
+        if ckpt_file:  # before anything is written: the configured network must be the checkpoint's
+            check_model_matches_checkpoint(self.model, self.model.hparams, kwargs["ckpt_path"], INFERENCE_KEYS)
+        if subcommand == "fit" and ckpt_file:
+            purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
+        if subcommand == "fit" and self.trainer.is_global_zero and self.trainer.log_dir is not None:
+            self.run_lock = RunFolderLock(self.trainer.log_dir)  # one run per folder: refuse a second live one
+            self.run_lock.acquire()  # the run's first write, after every check above
+        return kwargs
+
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="predict: sample from the network without a checkpoint (on purpose)")
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.
         parser.link_arguments("data.init_args.num_frames", "model.init_args.num_frames")
         parser.link_arguments("data.init_args.resolution", "model.init_args.resolution")
 
 
-def main(args=None, run: bool = True) -> TPDiffCLI:
-    """Run the CLI (``args`` as a list or dict for tests; ``None`` reads ``sys.argv``)."""
+def main(args=None, run: bool = True, parser_kwargs: dict | None = None) -> TPDiffCLI:
+    """Run the CLI (``args`` as a list or dict for tests; ``None`` reads ``sys.argv``); errors raise."""
     return TPDiffCLI(
         TPDiffModule,
         VideoDataModule,
@@ -97,4 +163,24 @@ def main(args=None, run: bool = True) -> TPDiffCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
+        parser_kwargs=parser_kwargs or {},
     )
+
+
+def command_line(argv: list[str] | None = None) -> TPDiffCLI:
+    """``python lightning_cli.py ...``: like :func:`main`, but an error prints one line and exits non-zero;
+    ``--traceback`` (or ``TPDIFF_TRACEBACK=1``) raises it with its full traceback instead."""
+    from_sys_argv = argv is None
+    argv = list(sys.argv[1:] if from_sys_argv else argv)
+    show_traceback = wants_traceback(argv)
+    argv = [arg for arg in argv if arg != TRACEBACK_FLAG]
+    if from_sys_argv:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself when given no args
+    args = None if from_sys_argv else argv
+    try:
+        check_config_files(argv)
+        return main(args, parser_kwargs={"exit_on_error": False})
+    except Exception as error:  # one line for every error; --traceback shows the rest
+        if show_traceback:
+            raise
+        report_and_exit(error)

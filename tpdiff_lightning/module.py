@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tpdiff_lightning.alignment import align_noise
 from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
 from tpdiff_lightning.ema import EMA
+from tpdiff_lightning.finite_input import check_finite_input
 from tpdiff_lightning.fit_checks import check_fit_setup
 from tpdiff_lightning.frame_size import frame_size
 from tpdiff_lightning.gradient_clipping import clip_gradients
@@ -321,6 +322,7 @@ class TPDiffModule(L.LightningModule):
         captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
         text, text_mask = self.batch_text(batch, captions)  # (B, L, D)
         i = self.pyramid.sample_stage(self.stage_generator(step))
+        check_finite_input(x0, batch.get("key"), self.global_step, i)
         loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
         if not torch.isfinite(loss):
             raise FloatingPointError(

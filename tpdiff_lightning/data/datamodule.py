@@ -1,8 +1,9 @@
 """Webdataset video pipelines and the Lightning DataModule that serves them.
 
 Every batch of clips is a dict `{"video": (B, 3, F, H, W) float32 in [-1, 1], "caption": list[str],
-"num_skipped": LongTensor ()}`, where `num_skipped` counts the samples that the producing worker dropped
-(corrupt mp4, too few frames, unreadable tar member) since its previous batch.
+"key": list[str], "num_skipped": LongTensor ()}`, where `key` names each clip as "<shard url>:<sample key>" and
+`num_skipped` counts the samples that the producing worker dropped (corrupt mp4, too few frames, unreadable tar
+member) since its previous batch.
 """
 
 from __future__ import annotations
@@ -93,10 +94,47 @@ class SkipCounter:
         self.skip("unreadable shard data", exn)
         return True
 
+    def lose(self, url: str, delivered: int, expected: int, errors: list[BaseException]) -> None:
+        """Record the samples a shard never delivered: it ended after ``delivered`` of ``expected``."""
+        self.count += expected - delivered
+        why = f" ({type(errors[0]).__name__}: {errors[0]})" if errors else ""
+        warnings.warn(f"shard {url} ended early after {delivered} samples; manifest says {expected}: "
+                      f"{expected - delivered} lost{why}", CorruptSampleWarning, stacklevel=2)
+
     def take(self) -> int:
         """Return the count since the last call and reset it."""
         count, self.count = self.count, 0
         return count
+
+
+class CountedShardSamples:
+    """Pipeline stage that expands shard URLs into raw samples (like ``wds.tarfile_to_samples``) and checks each
+    shard's sample count against the manifest's: a shard cut short (a truncated tar) has its missing samples
+    counted as skipped and named in a warning. Shards without a known count fall back to counting each tar-level
+    error as one skipped sample.
+    """
+
+    def __init__(self, counter: SkipCounter, shard_clips: dict[str, int] | None = None) -> None:
+        self.counter = counter
+        self.shard_clips = shard_clips or {}
+
+    def __call__(self, sources: Iterable[dict]) -> Iterator[dict]:
+        for source in sources:
+            url = source.get("url")
+            expected = self.shard_clips.get(url)
+            if expected is None:
+                yield from wds.tarfile_to_samples(handler=self.counter.handler)(iter([source]))
+                continue
+            errors: list[BaseException] = []
+            delivered = 0
+            for sample in wds.tarfile_to_samples(handler=lambda exn: errors.append(exn) or True)(iter([source])):
+                delivered += 1
+                yield sample
+            if delivered < expected:
+                self.counter.lose(url, delivered, expected, errors)
+            elif errors:  # a damaged member that did not shorten the shard's sample count
+                for exn in errors:
+                    self.counter.handler(exn)
 
 
 def worker_seed(seed: int, rank: int, resume_step: int, salt: int) -> int:
@@ -256,6 +294,7 @@ class DecodeClips:
                         raise self.short.error() from None
                 continue
             self.yielded = True
+            clip["key"] = f"{sample.get('__url__')}:{sample.get('__key__')}"  # names the sample in errors
             yield clip
 
 
@@ -292,6 +331,7 @@ def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
     batch = {
         key: torch.stack([s[key] for s in samples]),
         "caption": [s["caption"] for s in samples],
+        "key": [s.get("key") for s in samples],
         "num_skipped": torch.tensor(counter.take(), dtype=torch.long),
     }
     if key == "latent":
@@ -332,19 +372,21 @@ def train_pipeline(
     shuffle_buffer: int = 256,
     target_fps: float | None = None,
     sample_format: str = "video",
+    shard_clips: dict[str, int] | None = None,
 ) -> wds.DataPipeline:
     """Infinite stream of full training batches: resampled shards, seeded shuffle, random clip start.
 
     Every (seed, rank, worker, resume_step) draws its own shard sequence, so ranks need no node splitter and
     always get the same number of batches; cut the stream into epochs with `.with_epoch(batches_per_worker)`.
     When no clip is long enough for `num_frames` (see MAX_SHORT_BEFORE_FIRST_CLIP) it raises NoUsableClipsError.
+    `shard_clips` (url -> sample count, from the manifest) lets it count the samples a truncated shard lost.
     """
     counter = SkipCounter()
     seeds = dict(seed=seed, rank=rank, resume_step=resume_step)
     shard_seed = functools.partial(worker_seed, seed, rank, resume_step, 0)
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
-        wds.tarfile_to_samples(handler=counter.handler),
+        CountedShardSamples(counter, shard_clips),
         BufferShuffle(shuffle_buffer, **seeds),
         DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, target_fps=target_fps,
                     sample_format=sample_format, max_short=MAX_SHORT_BEFORE_FIRST_CLIP,
@@ -363,17 +405,19 @@ def eval_pipeline(
     world_size: int = 1,
     target_fps: float | None = None,
     sample_format: str = "video",
+    shard_clips: dict[str, int] | None = None,
 ) -> wds.DataPipeline:
     """Each clip of `urls` exactly once across ranks and workers, from its first frame, in batches (last one partial).
 
     Ranks take interleaved samples of every shard (all ranks read all shards, which is cheap for eval sets) and
     their batch counts can differ by one, so reduce eval metrics at epoch end rather than per step.
+    `shard_clips` (url -> sample count, from the manifest) lets it count the samples a truncated shard lost.
     """
     counter = SkipCounter()
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=counter.handler),
+        CountedShardSamples(counter, shard_clips),
         functools.partial(split_samples_by_rank, rank=rank, world_size=world_size),
         DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False, target_fps=target_fps,
                     sample_format=sample_format),
@@ -553,6 +597,24 @@ class VideoDataModule(L.LightningDataModule):
             raise FileNotFoundError(f"{len(missing)} of {len(paths)} {split} shards missing (e.g. {shown}); {how}")
         return paths
 
+    def shard_clip_counts(self, split: str) -> dict[str, int]:
+        """Shard url -> number of samples, from the manifest's ``shard_clips`` (empty when it has none, or when
+        the shards come from a pattern instead of the manifest)."""
+        pattern = self.train_shards if split == "train" else self.eval_shards
+        manifest = read_manifest(self.root) if pattern is None else None
+        info = (manifest or {}).get("splits", {}).get(split, {})
+        counts = info.get("shard_clips")
+        if not counts or len(counts) != len(info.get("shards", [])):
+            return {}
+        urls = [name if is_remote(name) else str(self.root / name) for name in info["shards"]]
+        return dict(zip(urls, counts))
+
+    def num_clips(self, split: str) -> int | None:
+        """The manifest's clip count of ``split`` (None without a manifest or with a shard pattern)."""
+        pattern = self.train_shards if split == "train" else self.eval_shards
+        manifest = read_manifest(self.root) if pattern is None else None
+        return (manifest or {}).get("splits", {}).get(split, {}).get("num_clips")
+
     def _missing_split_message(self, manifest: dict, split: str) -> str:
         """Why `split` cannot be read from a manifest that lacks it, and the options there are."""
         has = sorted(manifest.get("splits", {}))
@@ -610,6 +672,7 @@ class VideoDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             target_fps=self.target_fps,
             sample_format=self.resolved_format(),
+            shard_clips=self.shard_clip_counts("train"),
         )
         batches_per_worker = math.ceil(self.train_steps_per_epoch / max(1, self.num_workers))
         return self._loader(pipeline.with_epoch(batches_per_worker))
@@ -627,6 +690,7 @@ class VideoDataModule(L.LightningDataModule):
             world_size=world_size,
             target_fps=self.target_fps,
             sample_format=self.resolved_format(),
+            shard_clips=self.shard_clip_counts("eval"),
         )
         return self._loader(pipeline)
 

@@ -152,7 +152,8 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
                 bar.update(1)
         num_shards = sink.shard  # shards opened by this writer, numbered from 0
     shards = [Path(pattern % index).name for index in range(num_shards)]
-    return {"shards": shards, "num_clips": count, "skipped": skipped}
+    shard_clips = [min(clips_per_shard, count - index * clips_per_shard) for index in range(num_shards)]
+    return {"shards": shards, "num_clips": count, "shard_clips": shard_clips, "skipped": skipped}
 
 
 def remove_split_shards(out_dir: Path, split: str) -> list[str]:

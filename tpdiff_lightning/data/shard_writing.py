@@ -252,6 +252,7 @@ def write_split(
         # Shards whose every clip was skipped hold no samples, and an empty tar only confuses readers.
         "shards": [f"{prefix}-{i:06d}.tar" for i, record in enumerate(ordered) if record["num_clips"]],
         "num_clips": sum(record["num_clips"] for record in ordered),
+        "shard_clips": [record["num_clips"] for record in ordered if record["num_clips"]],
         "bytes": sum(record["bytes"] for record in ordered if record["num_clips"]),
         "skipped": [skip for record in ordered for skip in record["skipped"]],
         "shards_written": len(jobs),
@@ -272,8 +273,9 @@ def build_shards(
 ) -> dict:
     """Write every split (manifest name -> (shard prefix, sources)) and then `manifest.json`; return the manifest.
 
-    The manifest has the synthetic layout (`generator`, `args`, `splits.<name>.{shards, num_clips}`) plus `bytes`,
-    `skipped` ([{"file", "reason", "detail"}]), `filter_stats`, and `build` (shards written and reused by this run).
+    The manifest has the synthetic layout (`generator`, `args`, `splits.<name>.{shards, num_clips, shard_clips}`)
+    plus `bytes`, `skipped` ([{"file", "reason", "detail"}]), `filter_stats`, and `build` (shards written and
+    reused by this run).
     `reencode=None` copies clips byte for byte.
     """
     if clips_per_shard < 1 or workers < 0:
@@ -292,7 +294,8 @@ def build_shards(
     manifest = {
         "generator": generator,
         "args": {**args, "clips_per_shard": clips_per_shard, "reencode": asdict(reencode)},
-        "splits": {name: {key: r[key] for key in ("shards", "num_clips", "bytes")} for name, r in results.items()},
+        "splits": {name: {key: r[key] for key in ("shards", "num_clips", "shard_clips", "bytes")}
+                   for name, r in results.items()},
         "bytes": sum(r["bytes"] for r in results.values()),
         "skipped": [skip for r in results.values() for skip in r["skipped"]],
         "filter_stats": filter_stats,

@@ -141,6 +141,11 @@ def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqd
     return [f"{split}-{shard:06d}.tar" for shard in range(num_shards)]
 
 
+def _shard_clips(num_clips: int, clips_per_shard: int) -> list[int]:
+    """Samples in each shard of a split: full shards, then the remainder."""
+    return [min(clips_per_shard, num_clips - start) for start in range(0, num_clips, clips_per_shard)]
+
+
 def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps) -> dict:
     """Collect and check the arguments that fully determine a synthetic build."""
     args = dict(
@@ -180,7 +185,8 @@ def write_synthetic_shards(
     counts = {"train": num_train, "eval": num_eval}
     with tqdm(total=num_train + num_eval, desc="synthetic clips", unit="clip", disable=not progress) as bar:
         splits = {
-            split: {"shards": _write_split(out_dir, split, count, args, bar), "num_clips": count}
+            split: {"shards": _write_split(out_dir, split, count, args, bar), "num_clips": count,
+                    "shard_clips": _shard_clips(count, args["clips_per_shard"])}
             for split, count in counts.items()
         }
     manifest = {"generator": GENERATOR_NAME, "args": args, "splits": splits}
