@@ -69,6 +69,7 @@ def callbacks_without_fvd() -> list[dict]:
 # the callbacks themselves, and every other setting of theirs, stay as the config has them.
 CALLBACK_SIZES = {
     "ModelCheckpoint": {"every_n_train_steps": 1},
+    "LinkedLastCheckpoint": {"every_n_train_steps": 1},
     "ClipThroughput": {"every_n_batches": 1},
     "SampleVideoLogger": {"every_n_steps": 2, "prompts": ["a red square moving right fast"]},  # one prompt
     "FVDCurve": {"num_videos": 2, "every_n_steps": 2, "num_steps": 5},  # 5: at least one step per stage
