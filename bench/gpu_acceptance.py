@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -144,7 +143,7 @@ def table3_subjects(args: argparse.Namespace, tmp: str) -> list[Subject]:
     torch.manual_seed(0)
     for name in chosen:
         config, vae_config, shape, text = specs[name]
-        C, (L, D) = shape[0], text
+        C, D = shape[0], text[1]
         folder = weights.get(name)
         source = {"pretrained_path": folder} if folder else {"config": config}
         vae_source = {"pretrained_path": folder} if folder else {"config": vae_config}

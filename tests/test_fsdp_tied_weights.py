@@ -12,7 +12,6 @@ accumulation under no_sync and the root's clip_grad_norm_, the path the fix reli
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +19,8 @@ import pytest
 import torch
 from torch import nn
 from transformers import T5EncoderModel
+
+from tests.gloo import free_port, join_gloo_group
 
 from tpdiff_lightning.fit_checks import fit_setup_problems, shared_parameters
 from tpdiff_lightning.models.text_encoder import TIED_EMBEDDING_KEY, T5TextEncoder
@@ -81,12 +82,6 @@ def test_fsdp1_mixed_precision_refuses_a_tied_trainable_weight_at_startup():
     assert fit_setup_problems(trainer, module) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TrainingStep(nn.Module):
     """The module's stage loss as a forward pass: ``(x0, stage, seed) -> loss``."""
 
@@ -107,9 +102,7 @@ def _fsdp1_bf16_worker(rank: int, port: int, out_dir: str) -> None:
 
     from tpdiff_lightning.models.dit import DiTBlock
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo_group(rank, port, 2)
     try:
         torch.manual_seed(0)
         module = TPDiffModule(text_encoder=T5TextEncoder(d_model=32, num_layers=1, d_ff=64), num_frames=4,
@@ -142,7 +135,7 @@ def _fsdp1_bf16_worker(rank: int, port: int, out_dir: str) -> None:
 def test_fsdp1_bf16_mixed_precision_trains_the_default_module_on_two_cpu_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp1_bf16_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
+    mp.start_processes(_fsdp1_bf16_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
                        join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert all(r["finite"] for r in results), results

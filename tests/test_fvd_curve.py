@@ -8,6 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.gloo import free_port
 from tests.conftest import DEFAULT, shrink_args
 from tpdiff_lightning.callbacks.fvd_curve import FVDCurve
 from tpdiff_lightning.cli import main
@@ -88,14 +89,6 @@ def test_default_config_fvd_curve_runs_with_the_real_i3d(tmp_path, tiny_data_roo
     assert len(values) == 1 and values[0][1] >= 0 and values[0][1] < 1e7
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tensorboard_serves_both_fvd_axes_over_http(tmp_path, tiny_data_root):
     import json
     import subprocess
@@ -106,7 +99,7 @@ def test_tensorboard_serves_both_fvd_axes_over_http(tmp_path, tiny_data_root):
 
     _fit(tmp_path, tiny_data_root, 4)
     logdir = tmp_path / "out" / "synthetic"
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
                                "--port", str(port), "--load_fast", "false"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.gloo import free_port, join_gloo_group
 from tpdiff_lightning.alignment import align_noise
 from tpdiff_lightning.alignment import alignment_cost
 from tpdiff_lightning.distributed_alignment import align_noise_global
@@ -27,16 +26,8 @@ def _global_batch(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.
     return data, noise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo_group(rank, port, WORLD)
     try:
         B = SHAPE[0]
         results = {}
@@ -62,7 +53,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("global_alignment")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=WORLD, start_method="spawn", join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

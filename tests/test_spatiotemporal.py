@@ -10,7 +10,6 @@ from torch.testing import assert_close
 
 from tpdiff_lightning.pyramid import TemporalPyramid, spatial_down, spatial_up
 from tpdiff_lightning.sampling import sample, split_steps
-from tpdiff_lightning.schedules import make_schedule
 
 F64 = torch.float64
 REFERENCE = Path(__file__).parent / "reference" / "temporal_pyramid_reference.pt"

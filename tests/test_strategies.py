@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from tests.gloo import free_port, join_gloo_group
 from tests.conftest import CONFIGS, DEFAULT, ROOT, shrink_args
 
 STRATEGIES = sorted((CONFIGS / "strategy").glob("*.yaml"))
@@ -247,12 +247,6 @@ def test_fsdp2_two_cpu_processes_fit_resume_from_a_sharded_checkpoint_and_predic
     assert {name.rsplit("_", 1)[1] for name in mp4s} == {"rank0.mp4", "rank1.mp4"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -263,9 +257,7 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
     from tpdiff_lightning.optimizer import fused_adamw_supported
     from tpdiff_lightning.parallel import FSDP2Settings, apply_fsdp2
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo_group(rank, port, 2)
     try:
         torch.manual_seed(0)
         module = TPDiffModule(text_encoder=T5TextEncoder(d_model=32, num_layers=1, d_ff=64), num_frames=4,
@@ -307,7 +299,7 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
 def test_apply_fsdp2_shards_the_trained_parts_and_the_ema_follows(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp2_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    mp.start_processes(_fsdp2_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["all_dtensor"] and r["names_kept"] and r["ema_dtensor"], r
@@ -375,8 +367,7 @@ def _fsdp1_frozen_filter_worker(rank: int, port: int, out_dir: str) -> None:
 
     from tpdiff_lightning.models.weights_folder import exclude_frozen_from_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo_group(rank, port, 2)
     try:
         torch.manual_seed(0)
         part = nn.Module()
@@ -410,7 +401,7 @@ def _fsdp1_frozen_filter_worker(rank: int, port: int, out_dir: str) -> None:
 def test_frozen_weights_stay_out_of_fsdp1_state_dicts(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_fsdp1_frozen_filter_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_fsdp1_frozen_filter_worker, args=(free_port(), str(tmp_path)), nprocs=2,
                        start_method="spawn", join=True)
     expected = ["backbone.adapter.bias", "backbone.adapter.weight", "head.bias", "head.weight"]
     for rank in range(2):
