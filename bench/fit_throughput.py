@@ -13,13 +13,16 @@ step, the optimizer, the EMA, logging, callbacks and the wait for data. Steps be
 dropped. Runs of every (checkout, variant) take turns, ``--repeats`` times, so load from other processes
 hits them alike.
 
-Reported: clips/s per stage (batch over the median step time of that stage) and overall (all clips over
-all measured time, i.e. the stage mix as drawn), on the process's CPU seconds (one torch thread, the
-headline on CPU; the data worker is another process) and on the wall clock; TPDiff's ratio over vanilla
+Reported: clips/s per stage (batch over the median step time of that stage) and overall, both as drawn
+(all clips over all measured time, the stage mix the run drew) and expected (per-stage medians weighted by
+the stage probabilities, as the step benchmark weights them); on the process's CPU seconds (one torch
+thread, the headline on CPU), on the wall clock (what ``ClipThroughput`` logs) and on the CPU seconds of the
+main process plus the data workers (needs psutil); TPDiff's ratio over vanilla
 beside the step benchmark's (``bench/train_throughput.py``, same config, same process); and a
 ``torch.profiler`` breakdown of one step per stage (after the measured steps): time in the labelled parts
 of the step and the top operators by self time, with the host-synchronising operators counted
 (``aten::item``/``_local_scalar_dense``, ``is_nonzero``, device-to-host copies, stream synchronisations).
+On CPU torch's fused AdamW reads each parameter's step count with ``item``; its CUDA kernel does not.
 
 Writes ``bench/results/fit_throughput.json``.
 """
@@ -27,7 +30,6 @@ Writes ``bench/results/fit_throughput.json``.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import os
