@@ -13,7 +13,8 @@ by the stage probabilities; the speed-up is vanilla's step time over it (samples
 
 Memory: on CUDA the peak allocated memory of a step; on CPU the bytes of activations saved for backward
 (saved-tensor hooks during the forward; distinct storages, parameters excluded), which is what grows with
-the sequence length. Writes ``bench/results/train_throughput.json``.
+the sequence length. Both are also measured with the backbone's ``gradient_checkpointing`` on (``*_checkpointed``):
+then only each block's inputs are kept and the block is recomputed in the backward pass. Writes ``bench/results/train_throughput.json``.
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ def saved_activation_bytes(module: TPDiffModule, x0: Tensor, captions: list[str]
     return sum(seen.values())
 
 
+def with_gradient_checkpointing(module: TPDiffModule, measure: Callable[[], int]) -> int:
+    """``measure()`` with the backbone's gradient checkpointing switched on (and back off afterwards)."""
+    before = module.backbone.gradient_checkpointing
+    module.backbone.gradient_checkpointing = True
+    try:
+        return measure()
+    finally:
+        module.backbone.gradient_checkpointing = before
+
+
 def peak_cuda_bytes(step: Callable[[], None], device: str) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     step()
@@ -139,8 +150,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                    torch.Generator().manual_seed(0)).backward())}
         if args.device.startswith("cuda"):
             row["peak_cuda_bytes"] = peak_cuda_bytes(steps[f"stage{s.index}"], args.device)
+            row["peak_cuda_bytes_checkpointed"] = with_gradient_checkpointing(
+                tpdiff, lambda: peak_cuda_bytes(steps[f"stage{s.index}"], args.device))
         else:
             row["saved_activation_bytes"] = saved_activation_bytes(tpdiff, x0, captions, s.index)
+            row["saved_activation_bytes_checkpointed"] = with_gradient_checkpointing(
+                tpdiff, lambda: saved_activation_bytes(tpdiff, x0, captions, s.index))
         stages.append(row)
     vanilla_row = {"frames": args.frames, "step": summary(times[clock]["vanilla"]),
                    "step_wall": summary(times["wall"]["vanilla"]),
@@ -148,8 +163,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                         torch.Generator().manual_seed(0)).backward())}
     if args.device.startswith("cuda"):
         vanilla_row["peak_cuda_bytes"] = peak_cuda_bytes(steps["vanilla"], args.device)
+        vanilla_row["peak_cuda_bytes_checkpointed"] = with_gradient_checkpointing(
+            vanilla, lambda: peak_cuda_bytes(steps["vanilla"], args.device))
     else:
         vanilla_row["saved_activation_bytes"] = saved_activation_bytes(vanilla, x0, captions, 0)
+        vanilla_row["saved_activation_bytes_checkpointed"] = with_gradient_checkpointing(
+            vanilla, lambda: saved_activation_bytes(vanilla, x0, captions, 0))
     expected_flops = float(sum(w * r["train_flops"] for w, r in zip(weights, stages)))
     result = {
         "bench": "train_throughput", "config": vars(args), "clock": clock,
@@ -164,11 +183,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     mem_key = "peak_cuda_bytes" if args.device.startswith("cuda") else "saved_activation_bytes"
     rows = [[f"stage {r['stage']}", r["frames"], f"{r['weight']:.2f}", r["step"]["median_s"], r["step_wall"]["median_s"],
-             f"{r['train_flops'] / 1e9:.1f}", f"{r[mem_key] / 2**20:.1f}"] for r in stages]
+             f"{r['train_flops'] / 1e9:.1f}", f"{r[mem_key] / 2**20:.1f}", f"{r[mem_key + '_checkpointed'] / 2**20:.1f}"]
+            for r in stages]
     rows.append(["vanilla", args.frames, "1.00", vanilla_row["step"]["median_s"], vanilla_row["step_wall"]["median_s"],
-                 f"{vanilla_row['train_flops'] / 1e9:.1f}", f"{vanilla_row[mem_key] / 2**20:.1f}"])
+                 f"{vanilla_row['train_flops'] / 1e9:.1f}", f"{vanilla_row[mem_key] / 2**20:.1f}",
+                 f"{vanilla_row[mem_key + '_checkpointed'] / 2**20:.1f}"])
     print(f"training step ({clock} seconds), batch {args.batch}, {args.frames}x{args.resolution}x{args.resolution}")
-    print_table(["", "frames", "weight", f"step s ({clock})", "step s (wall)", "GFLOP", "act. MiB"], rows)
+    print_table(["", "frames", "weight", f"step s ({clock})", "step s (wall)", "GFLOP", "act. MiB", "checkpointed"], rows)
     print(f"expected TPDiff step {expected:.3f} s against vanilla {med['vanilla']:.3f} s: "
           f"{result['speedup_samples_per_s']:.2f}x samples/s (FLOP-predicted {result['flop_predicted_speedup']:.2f}x)")
     write_json(args.out, result)

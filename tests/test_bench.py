@@ -89,7 +89,28 @@ def test_train_throughput_quick_measures_every_stage(tmp_path):
     assert saved == sorted(saved) and saved[0] < saved[-1]  # a shorter stage really saves fewer activations
     assert flops[0] < flops[1] < flops[2] and result["flop_predicted_speedup"] > 1.0
     assert result["vanilla"]["saved_activation_bytes"] == pytest.approx(saved[-1], rel=0.05)
+    checkpointed = [s["saved_activation_bytes_checkpointed"] for s in result["stages"]]
+    assert all(c < s for c, s in zip(checkpointed, saved))  # gradient checkpointing keeps less in every stage
     assert result["expected_tpdiff_step_s"] > 0 and result["speedup_samples_per_s"] > 0
+
+
+def test_fit_throughput_quick_runs_the_real_fit_of_both_variants(tmp_path):
+    import fit_throughput
+
+    out = tmp_path / "fit.json"
+    fit_throughput.main(["--quick", "--out", str(out), "--data-root", str(tmp_path / "data")])
+    result = load_json(out)
+    (res,) = result["results"].values()
+    assert result["clock"] == "cpu" and result["step_benchmark"]["speedup_samples_per_s"] > 0
+    for variant, frames in (("vanilla", [16]), ("tpdiff", [4, 8, 16])):
+        agg = res[variant]
+        assert agg["num_steps"] == result["config"]["steps"]
+        assert [s["frames"] for s in agg["stages"]] == frames  # the quick run draws every stage
+        for s in agg["stages"]:
+            assert s["clips_per_s_cpu"] > 0 and s["profile"]["inclusive_ms"]["step"] > 0
+            assert {"training_step", "backward", "backbone_forward", "text_encoder"} <= set(s["profile"]["inclusive_ms"])
+            assert s["profile"]["top_ops"]
+    assert res["ratio_clips_per_s_cpu"] > 0 and "ratio_clips_per_s_cpu_over_step_ratio" in res
 
 
 def test_alignment_overhead_quick_splits_the_time(tmp_path):

@@ -188,6 +188,32 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert grads["blocks.0.attn.qkv.weight"].abs().sum() > 0
 
 
+def saved_bytes(model, *args, **kwargs) -> tuple[torch.Tensor, int]:
+    """The output and the bytes of distinct non-parameter tensors autograd saves for backward in the forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*args, **kwargs)
+    return out, sum(seen.values())
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_output():
+    model = perturb(make_model()).train()
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing = True
+    x, t, text, mask = inputs()
+    out, plain = saved_bytes(model, x, t, text, mask, stride=2)
+    out_ckpt, kept = saved_bytes(ckpt, x, t, text, mask, stride=2)
+    assert_close(out_ckpt, out, rtol=0, atol=0)
+    assert kept < 0.6 * plain  # only each block's inputs are kept; the blocks run again in the backward pass
+
+
 def test_text_encoder_shapes_and_mask():
     encoder = T5TextEncoder(max_length=16)
     captions = ["a cat", "", "a dog running in a park"]
@@ -219,3 +245,42 @@ def test_identity_codec_round_trip():
     assert (codec.latent_channels, codec.temporal_compression, codec.spatial_compression) == (3, 1, 1)
     with pytest.raises(ValueError, match="got"):
         codec.encode(torch.rand(2, 4, 8, 8))
+
+
+def test_compiled_forward_builds_one_graph_per_stage_shape_and_keeps_the_numbers(monkeypatch):
+    # A counting backend: dynamo traces as torch.compile does, and each graph it builds is counted (the
+    # inductor backend gives the same graphs; bench/fit_throughput.py and docs/benchmarks.md measure it).
+    import tpdiff_lightning.models.dit as dit
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(dit.COMPILE_OPTIONS, "backend", counting_backend)
+    eager = perturb(make_model()).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile = True
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+    stages = [(4, 4), (8, 2), (16, 1)]  # (frames, stride) of a 3-stage pyramid
+    per_stage = []
+    for step in range(3):
+        for frames, stride in stages:
+            x, t, text, mask = inputs(F=frames)
+            before = len(graphs)
+            loss = compiled(x, t, text, mask, stride=stride).pow(2).mean()
+            loss.backward()
+            assert_close(loss, eager(x, t, text, mask, stride=stride).pow(2).mean(), rtol=1e-6, atol=1e-7)
+            if step == 0:
+                per_stage.append(len(graphs) - before)
+            else:
+                assert len(graphs) == sum(per_stage), "a stage shape was compiled again"
+    assert per_stage[0] >= 1 and per_stage == [per_stage[0]] * len(stages)  # one build per stage shape
+    torch._dynamo.reset()
+
+
+def test_bad_compile_value_names_the_key():
+    with pytest.raises(ValueError, match=r"compile='yes' is invalid; expected true or false"):
+        make_model(compile="yes")

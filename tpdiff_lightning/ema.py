@@ -32,6 +32,9 @@ class EMA(nn.Module):
         self.decay = decay
         self.warmup = warmup
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # A host copy of ``num_updates``: reading the buffer every step would stall the device (a host sync).
+        # Set from the buffer on the first update after construction or after loading a state dict.
+        self._host_num_updates: int | None = None
         self.names: list[str] = []
         self.reset(model)
 
@@ -62,9 +65,19 @@ class EMA(nn.Module):
         """The averaged tensors, in the order of ``self.names``."""
         return [getattr(self, _shadow_name(n)) for n in self.names]
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_num_updates = None  # read the loaded count once, at the next update
+
+    def updates_so_far(self) -> int:
+        """``num_updates`` as a Python int, read from the device once and then counted on the host."""
+        if self._host_num_updates is None:
+            self._host_num_updates = int(self.num_updates)
+        return self._host_num_updates
+
     def current_decay(self) -> float:
         """The decay, ramped up as ``(1 + n) / (10 + n)`` at first so early weights are forgotten quickly."""
-        n = int(self.num_updates)
+        n = self.updates_so_far()
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     def _params(self, model: nn.Module) -> list[nn.Parameter]:
@@ -82,7 +95,8 @@ class EMA(nn.Module):
         if shadows:
             params = self._params(model)
             torch._foreach_lerp_(shadows, [p.detach().to(s.dtype) for s, p in zip(shadows, params)], 1.0 - decay)
-        self.num_updates += 1
+        self.num_updates += 1  # on the device, no sync
+        self._host_num_updates = self.updates_so_far() + 1
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:

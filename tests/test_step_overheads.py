@@ -1,0 +1,71 @@
+"""Per-step fixed costs of training: the method's numbers stay the same, and no step reads back from the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpdiff_lightning.ema import EMA
+from tpdiff_lightning.module import TPDiffModule
+
+
+def fixed_batch_run() -> tuple[list[float], list[float], float]:
+    """Three training steps on one fixed batch (optimizer and EMA included), then each stage's loss at a fixed
+    seed, and the EMA's distance from the weights."""
+    torch.manual_seed(0)
+    m = TPDiffModule(num_frames=16, resolution=16, ema_decay=0.9, sample_steps=6)
+    m.log = lambda *a, **k: None
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.rand(4, 3, 16, 16, 16, generator=g) * 2 - 1,
+             "caption": ["a red square moving right fast", "a blue circle", "", "a green cross moving up"]}
+    opt = m.configure_optimizers()["optimizer"]
+    losses = []
+    for k in range(3):
+        loss = m.training_step(batch, k)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.ema.update(m.denoiser_modules())
+    x0 = m.batch_latents(batch)
+    text, mask = m.text_encoder(batch["caption"])
+    with torch.no_grad():
+        stage = [m.stage_loss(x0, text, mask, i, torch.Generator().manual_seed(7)).item() for i in range(3)]
+    params = m.ema._params(m.denoiser_modules())
+    return losses, stage, sum(float((s.double() - p.double()).abs().sum()) for s, p in zip(m.ema.shadows(), params))
+
+
+def test_the_loss_of_a_fixed_batch_is_unchanged(one_thread):
+    # Measured with the code before the per-step overheads were removed (commit d673ea0), float32, one thread.
+    losses, stage, ema = fixed_batch_run()
+    assert losses == pytest.approx([0.36888590455055237, 0.3688635528087616, 0.36884117126464844], abs=1e-6)
+    assert stage == pytest.approx([0.22486452758312225, 0.30133184790611267, 0.3682743012905121], abs=1e-6)
+    assert ema == pytest.approx(0.2302799322473746, rel=1e-6)  # the EMA's lag behind the weights
+
+
+def host_reads(fn) -> int:
+    """How many scalars ``fn`` copies from a tensor to the host (each one a device sync on a GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::is_nonzero"))
+
+
+def test_the_ema_update_reads_nothing_back_from_the_device():
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, decay=0.99)
+    ema.update(model)  # the first update may read the stored count once
+    assert host_reads(lambda: [ema.update(model) for _ in range(3)]) == 0
+    assert int(ema.num_updates) == 4 and ema.current_decay() == pytest.approx(min(0.99, 5 / 14))
+
+
+def test_the_ema_count_follows_a_loaded_state_dict():
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, decay=0.999)
+    for _ in range(3):
+        ema.update(model)
+    other = EMA(model, decay=0.999)
+    other.num_updates.fill_(500)
+    ema.load_state_dict(other.state_dict())
+    assert ema.current_decay() == pytest.approx(501 / 510)
+    ema.update(model)
+    assert int(ema.num_updates) == 501 and ema.current_decay() == pytest.approx(502 / 511)
