@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from common import (ROOT, add_common_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
+from common import (ROOT, add_common_args, add_sampling_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
                     machine_info, parse_bench_args, print_table, pyramid_from_config, random_text, sampling_flops,
                     set_threads, summary, write_json)
 from inference_latency import denoiser
@@ -137,13 +137,7 @@ def plot_rows(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="dit-tiny")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--text-dim", type=int, default=128)
+    add_sampling_args(parser, repeats=5)
     parser.add_argument("--convergence", default="bench/results/convergence.json")
     parser.add_argument("--out", default="bench/results/ablations.json")
     parser.add_argument("--plot", default="docs/ablations_speedup.png", help="bar chart PNG ('' for none)")

@@ -234,6 +234,17 @@ def headline_clock(device: str) -> str:
     return "wall" if device.startswith("cuda") else "cpu"
 
 
+def add_sampling_args(parser, repeats: int) -> None:
+    """The DiT, clip and sampling arguments of the sampling benchmarks (defaults: the default config's)."""
+    parser.add_argument("--size", default="dit-tiny")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--text-dim", type=int, default=128)
+
+
 def add_common_args(parser) -> None:
     """Arguments every benchmark takes."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

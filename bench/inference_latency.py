@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from common import (add_common_args, build_dit, finish_machine_info, headline_clock, interleaved, machine_info,
+from common import (add_common_args, add_sampling_args, build_dit, finish_machine_info, headline_clock, interleaved, machine_info,
                     parse_bench_args, print_table, random_text, ratio_stats, sampling_flops, set_threads, summary,
                     write_json)
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid
@@ -131,15 +131,9 @@ def subjects(args: argparse.Namespace, tmp: str) -> tuple[list[Subject], dict[st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", default="dit,wan,animatediff,flux_video")
-    parser.add_argument("--size", default="dit-tiny")
+    add_sampling_args(parser, repeats=7)
     parser.add_argument("--patch-size", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--stages", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--text-dim", type=int, default=128)
     parser.add_argument("--out", default="bench/results/inference_latency.json")
     add_common_args(parser)
     args = parse_bench_args(parser, argv)

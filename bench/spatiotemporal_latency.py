@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from common import (ROOT, add_common_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
+from common import (ROOT, add_common_args, add_sampling_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
                     machine_info, parse_bench_args, print_table, pyramid_from_config, random_text, ratio_stats,
                     sampling_flops, set_threads, summary, write_json)
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid
@@ -63,14 +63,8 @@ def training_step_costs(net, pyramid: TemporalPyramid, batch: int, frame_shape, 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="dit-tiny")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=7)
+    add_sampling_args(parser, repeats=7)
     parser.add_argument("--train-repeats", type=int, default=5)
-    parser.add_argument("--text-dim", type=int, default=128)
     parser.add_argument("--out", default="bench/results/spatiotemporal_latency.json")
     add_common_args(parser)
     args = parse_bench_args(parser, argv)
