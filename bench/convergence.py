@@ -40,6 +40,7 @@ RUNS: dict[str, list[str]] = {
     "tpdiff-ddim": ["configs/ddim.yaml"],
     "vanilla-ddim": ["configs/ddim_vanilla.yaml"],
     "tpdiff-flow-noalign": ["configs/ablations/no_alignment.yaml"],
+    "tpdiff-flow-global": ["configs/flow_velocity_global.yaml"],
 }
 RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
