@@ -122,7 +122,9 @@ class TPDiffCLI(LightningCLI):
         check_run_settings(subcommand, self.model, kwargs.get("ckpt_path"),
                            untrained=bool(self.config[subcommand].get("untrained")))
         check_data_settings(subcommand, self.datamodule)
-        if subcommand == "fit" and self.trainer.is_global_zero and not kwargs.get("ckpt_path"):
+        requeued = getattr(self.trainer._checkpoint_connector, "_hpc_resume_path", None) is not None
+        if subcommand == "fit" and not kwargs.get("ckpt_path") and not requeued:
+            # Every rank checks (the folder is shared), so no rank goes on to wait for one that stopped here.
             refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))  # never mix two runs' checkpoints
         if kwargs.get("ckpt_path") == "last":
             point = find_resume_point(checkpoint_folders(self.trainer))
@@ -139,6 +141,10 @@ class TPDiffCLI(LightningCLI):
             check_model_matches_checkpoint(self.model, self.model.hparams, kwargs["ckpt_path"], INFERENCE_KEYS)
         if subcommand == "fit" and ckpt_file:
             purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
+        elif subcommand == "fit" and kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_dir():
+            step, problem = load_problem(Path(str(kwargs["ckpt_path"])))  # a sharded checkpoint folder
+            if problem is None:
+                purge_tensorboard_after(self.trainer, step)
         if subcommand == "fit" and self.trainer.is_global_zero and self.trainer.log_dir is not None:
             self.run_lock = RunFolderLock(self.trainer.log_dir)  # one run per folder: refuse a second live one
             self.run_lock.acquire()  # the run's first write, after every check above

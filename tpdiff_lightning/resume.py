@@ -66,18 +66,40 @@ def checkpoint_folders(trainer) -> list[Path]:
     return folders
 
 
+def sharded_checkpoint_file(folder: Path) -> tuple[Path | None, str]:
+    """The file of a sharded checkpoint folder that holds the training state (``global_step`` and the rest),
+    and what kind of folder it is: ``meta.pt`` beside the ``.distcp`` shards (FSDP and FSDP2) or DeepSpeed's
+    ``checkpoint/mp_rank_00_model_states.pt`` (its client state). ``(None, why)`` for any other folder."""
+    if (folder / "meta.pt").is_file():
+        if not (folder / ".metadata").is_file():
+            return None, "is a sharded checkpoint folder without its .metadata (an interrupted save)"
+        return folder / "meta.pt", "sharded"
+    states = sorted((folder / "checkpoint").glob("*model_states.pt")) if (folder / "checkpoint").is_dir() else []
+    if states:
+        return states[0], "deepspeed"
+    return None, "is a folder that holds no checkpoint (no meta.pt, no DeepSpeed checkpoint/)"
+
+
 def load_problem(path: Path) -> tuple[int | None, str | None]:
-    """``(global_step, None)`` when ``path`` loads as a training checkpoint, else ``(None, what is wrong)``."""
+    """``(global_step, None)`` when ``path`` loads as a training checkpoint (a file, or a sharded checkpoint
+    folder), else ``(None, what is wrong)``."""
     if not path.exists():
         return None, "is missing" if not path.is_symlink() else f"links to the missing {os.readlink(path)}"
+    sharded = path.is_dir()
+    if sharded:
+        state_file, kind = sharded_checkpoint_file(path)
+        if state_file is None:
+            return None, kind
+        path = state_file
     if path.stat().st_size == 0:
         return None, "is empty (0 bytes)"
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as error:  # a torn zip archive, an EOF, a pickle error: all mean "does not load"
         return None, f"is unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
-        return None, "is not a training checkpoint (no state_dict or global_step)"
+    needed = ("global_step",) if sharded else ("state_dict", "global_step")  # shards hold the weights
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
+        return None, f"is not a training checkpoint (no {' or '.join(needed)})"
     return int(checkpoint["global_step"]), None
 
 
