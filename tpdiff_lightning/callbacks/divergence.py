@@ -47,12 +47,23 @@ class DivergenceGuard(L.Callback):
         self.weight_norm: float | None = None
 
     @staticmethod
-    def _weight_norm(pl_module: L.LightningModule) -> float:
-        # Sharded (DTensor) weights: each rank measures its own shard; the decision is reduced over ranks.
+    def step_measures(loss: torch.Tensor, pl_module: L.LightningModule) -> tuple[float, float]:
+        """``(loss, norm of the trainable weights)`` of this rank, the largest over all ranks, read from the
+        device in one transfer (one host sync per step; NaN or inf on any rank reads as NaN)."""
+        # Sharded (DTensor) weights: each rank measures its own shard.
         local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
                  for p in pl_module.parameters() if p.requires_grad]
-        norms = [t.float().norm() for t in local]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        local = [t for t in local if t.numel()]
+        device = loss.device
+        norm = (torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in torch._foreach_norm(local)]))
+                if local else torch.zeros((), device=device))
+        values = torch.stack([loss.detach().float().reshape(()), norm])  # (2,)
+        bad = (~torch.isfinite(values)).float()  # (2,): which of the two is not finite
+        measures = torch.cat([torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0), bad])  # (4,)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(measures, op=torch.distributed.ReduceOp.MAX)  # every rank decides alike
+        loss_value, norm_value, bad_loss, bad_norm = measures.tolist()
+        return (math.nan if bad_loss else loss_value), (math.nan if bad_norm else norm_value)
 
     def problem(self, loss: float, weight_norm: float) -> str | None:
         """What is wrong with this step, or ``None``; records the step when nothing is."""
@@ -65,7 +76,8 @@ class DivergenceGuard(L.Callback):
                         f"median {median:.4g} of the last {len(self.losses)} steps")
         if not math.isfinite(weight_norm):
             return "the weights hold non-finite values"
-        if self.weight_norm is not None and weight_norm > self.max_weight_growth * self.weight_norm:
+        grown = self.weight_norm is not None and self.weight_norm > 1e-12  # an all-zero start (a LoRA B shard) has no ratio
+        if grown and weight_norm > self.max_weight_growth * self.weight_norm:
             return (f"the weight norm grew from {self.weight_norm:.4g} to {weight_norm:.4g} in one step "
                     f"(more than max_weight_growth={self.max_weight_growth:g} times)")
         self.losses.append(loss)
@@ -73,15 +85,16 @@ class DivergenceGuard(L.Callback):
         return None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.weight_norm = self._weight_norm(pl_module)  # the weights the first step starts from
+        # the weights the first step starts from
+        self.weight_norm = self.step_measures(torch.zeros((), device=pl_module.device), pl_module)[1]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        problem = self.problem(float(loss.detach()), self._weight_norm(pl_module))
-        if trainer.strategy.reduce_boolean_decision(problem is not None, all=False):
-            where = problem or "another rank found the run diverged"
+        problem = self.problem(*self.step_measures(loss, pl_module))  # the same values, so the same, on every rank
+        if problem is not None:
+            where = problem
             raise TrainingDivergedError(
                 f"training diverged at global_step={trainer.global_step}: {where}. Nothing of this step was "
                 "checkpointed; lower the learning rate (model.init_args.lr) or resume from an earlier checkpoint")
