@@ -464,6 +464,24 @@ def test_a_truncated_shard_counts_every_lost_sample_against_the_manifest(tmp_pat
                for m in messages), messages
 
 
+def test_two_ranks_together_account_for_a_truncated_shard_exactly_once(tmp_path):
+    from tpdiff_lightning.data.datamodule import CorruptSampleWarning, eval_pipeline
+
+    _write_shard(tmp_path / "cut.tar", 8, "a")
+    _write_shard(tmp_path / "full.tar", 5, "b")
+    data = (tmp_path / "cut.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    urls = [str(tmp_path / "cut.tar"), str(tmp_path / "full.tar")]
+    delivered = skipped = 0
+    for rank in range(2):  # every rank reads every shard and keeps its own share of the samples
+        with pytest.warns(CorruptSampleWarning):
+            batches = list(eval_pipeline(urls, 8, 16, 4, rank=rank, world_size=2,
+                                         shard_clips={urls[0]: 8, urls[1]: 5}))
+        delivered += sum(len(b["caption"]) for b in batches)
+        skipped += sum(int(b["num_skipped"]) for b in batches)
+    assert delivered + skipped == 13  # not 13 plus the lost samples counted once per rank
+
+
 def test_synthetic_manifest_records_each_shards_sample_count(tmp_path):
     from tpdiff_lightning.data.synthetic import read_manifest, write_synthetic_shards
 

@@ -94,9 +94,11 @@ class SkipCounter:
         self.skip("unreadable shard data", exn)
         return True
 
-    def lose(self, url: str, delivered: int, expected: int, errors: list[BaseException]) -> None:
-        """Record the samples a shard never delivered: it ended after ``delivered`` of ``expected``."""
-        self.count += expected - delivered
+    def lose(self, url: str, delivered: int, expected: int, errors: list[BaseException], rank: int = 0,
+             world_size: int = 1) -> None:
+        """Record the samples a shard never delivered: it ended after ``delivered`` of ``expected``. Where every
+        rank reads the shard and keeps every ``world_size``-th sample, this rank counts only its own share."""
+        self.count += sum(1 for i in range(delivered, expected) if i % world_size == rank)
         why = f" ({type(errors[0]).__name__}: {errors[0]})" if errors else ""
         warnings.warn(f"shard {url} ended early after {delivered} samples; manifest says {expected}: "
                       f"{expected - delivered} lost{why}", CorruptSampleWarning, stacklevel=2)
@@ -114,9 +116,11 @@ class CountedShardSamples:
     error as one skipped sample.
     """
 
-    def __init__(self, counter: SkipCounter, shard_clips: dict[str, int] | None = None) -> None:
+    def __init__(self, counter: SkipCounter, shard_clips: dict[str, int] | None = None, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.counter = counter
         self.shard_clips = shard_clips or {}
+        self.rank, self.world_size = rank, world_size  # the eval stream's split of each shard's samples
 
     def __call__(self, sources: Iterable[dict]) -> Iterator[dict]:
         for source in sources:
@@ -131,7 +135,7 @@ class CountedShardSamples:
                 delivered += 1
                 yield sample
             if delivered < expected:
-                self.counter.lose(url, delivered, expected, errors)
+                self.counter.lose(url, delivered, expected, errors, self.rank, self.world_size)
             elif errors:  # a damaged member that did not shorten the shard's sample count
                 for exn in errors:
                     self.counter.handler(exn)
@@ -417,7 +421,7 @@ def eval_pipeline(
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        CountedShardSamples(counter, shard_clips),
+        CountedShardSamples(counter, shard_clips, rank, world_size),
         functools.partial(split_samples_by_rank, rank=rank, world_size=world_size),
         DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False, target_fps=target_fps,
                     sample_format=sample_format),
