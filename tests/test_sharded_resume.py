@@ -61,3 +61,16 @@ def test_a_requeued_job_takes_over_its_own_lock_from_another_node(tmp_path, monk
     (tmp_path / ".run.lock").write_text(json.dumps({"pid": 1, "host": "node017", "job": "SLURM_JOB_ID=7"}))
     with pytest.raises(RunFolderInUseError, match="in use by pid 1 on node017"):
         RunFolderLock(tmp_path).acquire()  # another job's live run on another node
+
+
+def test_the_last_link_replaces_a_real_sharded_last_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from tpdiff_lightning.callbacks.checkpoint import LinkedLastCheckpoint
+
+    old_last = fsdp_folder(tmp_path / "last.ckpt", 2)  # written as a whole folder by an older version
+    newer = fsdp_folder(tmp_path / "epoch=0-step=4.ckpt", 4)
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    LinkedLastCheckpoint._link_checkpoint(trainer, str(newer), str(old_last))
+    assert old_last.is_symlink() and os.readlink(old_last) == newer.name
+    assert find_resume_point([tmp_path]).global_step == 4

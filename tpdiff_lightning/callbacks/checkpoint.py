@@ -35,9 +35,19 @@ class LinkedLastCheckpoint(ModelCheckpoint):
                 try:
                     os.symlink(os.path.relpath(filepath, link.parent), temp)
                 except OSError:  # no symlinks here (some Windows accounts): a whole copy instead
-                    shutil.copyfile(filepath, temp)
+                    if os.path.isdir(filepath):  # a sharded checkpoint folder
+                        shutil.copytree(filepath, temp)
+                    else:
+                        shutil.copyfile(filepath, temp)
+                if link.is_dir() and not link.is_symlink():
+                    # a real last.ckpt/ folder (a sharded run saved before last.ckpt became a link): a folder
+                    # cannot be renamed over, so it goes first; the step checkpoint it duplicated stays
+                    shutil.rmtree(link)
                 os.replace(temp, link)
             except BaseException:
-                temp.unlink(missing_ok=True)
+                if temp.is_dir() and not temp.is_symlink():
+                    shutil.rmtree(temp, ignore_errors=True)
+                else:
+                    temp.unlink(missing_ok=True)
                 raise
         trainer.strategy.barrier()
