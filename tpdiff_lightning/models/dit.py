@@ -167,7 +167,9 @@ class VideoDiT(nn.Module):
         compile: run the forward pass through ``torch.compile`` (static shapes): one graph per stage shape,
             built on the stage's first step. The weights and the checkpoint keys are unchanged. On the 2-core CPU
             each graph took about 20 CPU seconds (2.5 to 3.5 minutes of wall clock under load) to build and the
-            step got 8-13% faster (docs/benchmarks.md); sampling with another batch size builds more graphs.
+            step got 8-13% faster (docs/benchmarks.md); sampling with another batch size builds more graphs. Every
+            distinct input shape is a graph (stages x training/sampling batch sizes); past torch's recompile
+            limit (``torch._dynamo.config.recompile_limit``, 8 by default) further shapes run uncompiled.
         pixel_skip: per-pixel conditioned skip from input to output patch; default on only when
             the hidden width is below the patch's pixel count (see `PixelSkip`).
         spatial_positions: where the tokens of a stage with spatial stride P sit on the full-resolution token
