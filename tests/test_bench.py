@@ -327,3 +327,21 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     assert saved["i3d"]["clips_per_s"] > 0 and len(saved["fvd_overhead"]) == 3
     printed = capsys.readouterr().out
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
+
+
+def test_flow_velocity_study_compares_the_two_targets_step_by_step(tmp_path):
+    import flow_velocity_study
+
+    def run(name, seed, fvds):
+        return {"run": name, "seed": seed, "points": [
+            {"step": 150 * (k + 1), "fvd": f, "train_flops": 1e12 * (k + 1)} for k, f in enumerate(fvds)]}
+
+    runs = [run("tpdiff-flow", 0, [900, 800, 700]), run("tpdiff-flow-global", 0, [1000, 850]),
+            run("tpdiff-flow", 1, [920, 780, 690]), run("tpdiff-flow-global", 1, [980, 790]),
+            run("vanilla-flow", 0, [1200, 1100])]
+    (tmp_path / "convergence.json").write_text(json.dumps({"runs": runs}))
+    result = flow_velocity_study.main(["--convergence", str(tmp_path / "convergence.json"),
+                                       "--out", str(tmp_path / "study.json")])
+    assert result["seeds"] == [0, 1] and [r["step"] for r in result["rows"]] == [150, 300]  # steps both reached
+    first = result["rows"][0]
+    assert first["mean_diff"] == 80 and first["flops_equal"] and first["sem_diff"] == 20
