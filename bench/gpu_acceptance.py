@@ -21,6 +21,9 @@ d. ``fit``: the real ``lightning_cli.py fit`` loop, TPDiff against vanilla (dit-
    bf16-mixed), clips/s from the run's own ``ClipThroughput`` logging after warm-up, beside (c)'s ratio.
 e. ``i3d``: I3D clips/s (16 frames, 224x224); with (b) it gives the FVD-evaluation cost of each paper config's
    FVD curve directly (its N clips sampled at its step count, plus their I3D features).
+f. ``spatiotemporal``: Wan2.1-1.3B at 81x448x832, 30 steps, batched CFG: vanilla against the temporal pyramid and
+   the spatio-temporal one (temporal 2-2 and spatial 2-2), each beside its FLOP prediction. It runs last, so on
+   one GPU the 8-minute budget may skip it: run it on its own with ``--parts spatiotemporal``.
 
 Ratios are taken side by side in one process (variants alternate). ``--dry-run`` runs the same code at tiny
 sizes on the CPU in about a minute; its numbers mean nothing, it checks that the command works.
@@ -48,7 +51,7 @@ from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid
 from tpdiff_lightning.sampling import sample, split_steps
 
-PARTS = ("tests", "table3", "train_step", "fit", "i3d")
+PARTS = ("tests", "table3", "train_step", "fit", "i3d", "spatiotemporal")
 STEPS = 30
 
 # Full-size architectures with random weights (the public configs of the models the paper fine-tunes).
@@ -184,9 +187,14 @@ def batched_cfg(net: nn.Module, text: Tensor, empty: Tensor, scale: float, times
 
     def model(x: Tensor, t: Tensor, stage: Stage) -> Tensor:
         t = t.expand(x.shape[0]) * timestep_scale
-        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both, mask, stride=stage.stride).float().chunk(2)
+        cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both, mask, **stage_strides(stage)).float().chunk(2)
         return uncond + scale * (cond - uncond)
     return model
+
+
+def stage_strides(stage: Stage) -> dict[str, int]:
+    """A backbone's position keywords for a stage (``spatial_stride`` only where the stage is smaller in space)."""
+    return {"stride": stage.stride, **({"spatial_stride": stage.spatial_stride} if stage.spatial_stride > 1 else {})}
 
 
 def run_table3(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -431,6 +439,62 @@ def fvd_overhead(table3: list[dict[str, Any]], i3d: dict[str, Any]) -> list[dict
     return rows
 
 
+# ------------------------------------------------------------------------------------------ f. spatio-temporal
+def run_spatiotemporal(args: argparse.Namespace) -> dict[str, Any]:
+    """Wan2.1-1.3B at 81x448x832 (latents 21x56x104; 480 rows do not divide by spatial stride 4 x patch 2), 30 steps,
+    batched CFG: vanilla, the temporal pyramid (2-2) and the spatio-temporal one (temporal 2-2, spatial 2-2, as
+    ``configs/wan_lora_flow_spatiotemporal.yaml``), each beside its FLOP prediction."""
+    from tpdiff_lightning.models.wan import WanBackbone
+
+    if args.dry_run:
+        sys.path.insert(0, str(ROOT))
+        from tests.tiny_wan import tiny_wan_config
+
+        config, (C, F, h, w), text_shape = tiny_wan_config(4, 32), (4, 5, 8, 8), (8, 32)
+    else:
+        config, (C, F, h, w), text_shape = WAN_1_3B, (16, 21, 56, 104), (512, 4096)
+    weights = dict(x.split("=", 1) for x in args.weights).get("wan")
+    torch.manual_seed(0)
+    device = args.device
+    net = WanBackbone(C, text_shape[1], **({"pretrained_path": weights} if weights else {"config": config}))
+    net = net.to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, *text_shape, generator=g).to(device)
+    empty = torch.zeros_like(text)
+    pyramids = {"vanilla": TemporalPyramid("flow", F, 1, anchor_first_frame=True, flow_velocity="global"),
+                "temporal": TemporalPyramid("flow", F, 3, [2, 2], anchor_first_frame=True, flow_velocity="global"),
+                "spatiotemporal": TemporalPyramid("flow", F, 3, [2, 2], anchor_first_frame=True,
+                                                  flow_velocity="global", spatial_reductions=[2, 2])}
+    fns = {}
+    for name, p in pyramids.items():
+        model = batched_cfg(net, text, empty, 5.0, p.schedule.timestep_scale)
+        with torch.no_grad(), autocast(device):  # warm-up: one step per stage
+            sample(model, p, 1, (C, h, w), p.num_stages, torch.Generator().manual_seed(0), device=device)
+
+        def run(model=model, p=p) -> None:
+            with torch.no_grad(), autocast(device):
+                sample(model, p, 1, (C, h, w), args.steps, torch.Generator().manual_seed(0), device=device)
+        fns[name] = run
+    times = interleaved(fns, args.repeats, warmup=0, device=device)["wall"]
+    med = {k: summary(v)["median_s"] for k, v in times.items()}
+    flops = {}
+    for name, p in pyramids.items():
+        per_stage = []
+        for stage in p.stages:
+            x = torch.zeros(2, C, stage.num_frames, h // stage.spatial_stride, w // stage.spatial_stride, device=device)
+            t = torch.full((2,), 500.0, device=device)
+            both = torch.cat([text, empty])
+            with torch.no_grad(), autocast(device):
+                per_stage.append(count_flops(lambda: net(x, t, both, None, **stage_strides(stage))))
+        flops[name] = sum(f * n for f, n in zip(per_stage, split_steps(args.steps, p.partition)))
+    return {"latent_shape": [C, F, h, w], "steps": args.steps,
+            "stage_shapes": {k: [[s.num_frames, h // s.spatial_stride, w // s.spatial_stride] for s in p.stages]
+                             for k, p in pyramids.items()},
+            "seconds": {k: summary(v) for k, v in times.items()},
+            "speedup": {k: med["vanilla"] / med[k] for k in med},
+            "flop_predicted_speedup": {k: flops["vanilla"] / flops[k] for k in flops}, "flops": flops}
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def table_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows: list[list[Any]] = []
@@ -464,6 +528,12 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
         beside = f" (step bench {step['dit']['speedup_samples_per_s']:.2f}x)" if step else ""
         rows.append(["real fit, clips/s", f"{fit['vanilla']['clips_per_s']:.1f}", f"{fit['tpdiff']['clips_per_s']:.1f}",
                      f"{fit['speedup']:.2f}x{beside}", ""])
+    st = result.get("spatiotemporal")
+    if st:
+        for k in ("temporal", "spatiotemporal"):
+            rows.append([f"Wan 1.3B 81x448x832 {k} (2-2{', spatial 2-2' if k == 'spatiotemporal' else ''})",
+                         f"{st['seconds']['vanilla']['median_s']:.2f} s", f"{st['seconds'][k]['median_s']:.2f} s",
+                         f"{st['speedup'][k]:.2f}x", f"{st['flop_predicted_speedup'][k]:.2f}x"])
     i3d = result.get("i3d")
     if i3d:
         rows.append([f"I3D clips/s ({i3d['weights']})", "", f"{i3d['clips_per_s']:.1f}", "", ""])
@@ -522,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["matmul_peak_tflops"] = peak
         runners = {"tests": lambda: run_gpu_tests(args), "table3": lambda: run_table3(args),
                    "train_step": lambda: run_train_step(args, peak), "fit": lambda: run_fit(args),
-                   "i3d": lambda: run_i3d(args)}
+                   "i3d": lambda: run_i3d(args), "spatiotemporal": lambda: run_spatiotemporal(args)}
         for part in parts:
             elapsed = time.perf_counter() - start
             if elapsed > args.budget_s:

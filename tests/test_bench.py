@@ -325,6 +325,9 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     assert len(saved["train_step"]["dit"]["stages"]) == 3 and saved["train_step"]["wan_lora"]["train_flops"]["vanilla"] > 0
     assert saved["fit"]["tpdiff"]["points"] > 0 and saved["fit"]["vanilla"]["points"] > 0
     assert saved["i3d"]["clips_per_s"] > 0 and len(saved["fvd_overhead"]) == 3
+    st = saved["spatiotemporal"]
+    assert st["stage_shapes"]["spatiotemporal"][0][1:] == [st["latent_shape"][2] // 4, st["latent_shape"][3] // 4]
+    assert st["flop_predicted_speedup"]["spatiotemporal"] > st["flop_predicted_speedup"]["temporal"] > 1
     printed = capsys.readouterr().out
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
 
