@@ -41,6 +41,7 @@ RUNS: dict[str, list[str]] = {
     "vanilla-ddim": ["configs/ddim_vanilla.yaml"],
     "tpdiff-flow-noalign": ["configs/ablations/no_alignment.yaml"],
     "tpdiff-flow-global": ["configs/flow_velocity_global.yaml"],
+    "tpdiff-flow-spatiotemporal": ["configs/spatiotemporal.yaml"],
 }
 RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
