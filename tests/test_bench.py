@@ -348,3 +348,18 @@ def test_flow_velocity_study_compares_the_two_targets_step_by_step(tmp_path):
     assert result["seeds"] == [0, 1] and [r["step"] for r in result["rows"]] == [150, 300]  # steps both reached
     first = result["rows"][0]
     assert first["mean_diff"] == 80 and first["flops_equal"] and first["sem_diff"] == 20
+
+
+def test_equal_compute_reads_every_curve_at_the_same_flops(tmp_path):
+    import equal_compute
+
+    def run(name, seed, flops, fvds):
+        return {"run": name, "seed": seed, "points": [{"train_flops": f * 1e12, "fvd": v} for f, v in zip(flops, fvds)]}
+
+    runs = [run("a", 0, [1, 3], [100, 80]), run("a", 1, [1, 3], [120, 100]),
+            run("b", 0, [2, 4], [50, 30]), run("b", 1, [2, 4], [70, 50])]
+    (tmp_path / "c.json").write_text(json.dumps({"runs": runs}))
+    result = equal_compute.main(["--runs", "a,b", "--seeds", "0,1", "--points", "2",
+                                 "--convergence", str(tmp_path / "c.json"), "--out", str(tmp_path / "e.json")])
+    assert result["train_tflops"] == [2.0, 3.0]  # the span both curves cover
+    assert result["mean_fvd"] == {"a": [100.0, 90.0], "b": [60.0, 50.0]}
