@@ -445,14 +445,19 @@ def _write_shard(path: Path, n: int, prefix: str) -> None:
             sink.write({"__key__": f"{prefix}{i:04d}", "mp4": encode_mp4(frames), "txt": f"clip {prefix}{i}"})
 
 
-def test_a_truncated_shard_counts_every_lost_sample_against_the_manifest(tmp_path):
-    from tpdiff_lightning.data.datamodule import CorruptSampleWarning, eval_pipeline
-
+def _cut_and_full_shards(tmp_path: Path) -> list[str]:
+    """An 8-sample shard cut in the middle (a truncated tar) and a whole 5-sample one; their URLs."""
     _write_shard(tmp_path / "cut.tar", 8, "a")
     _write_shard(tmp_path / "full.tar", 5, "b")
     data = (tmp_path / "cut.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
-    urls = [str(tmp_path / "cut.tar"), str(tmp_path / "full.tar")]
+    return [str(tmp_path / "cut.tar"), str(tmp_path / "full.tar")]
+
+
+def test_a_truncated_shard_counts_every_lost_sample_against_the_manifest(tmp_path):
+    from tpdiff_lightning.data.datamodule import CorruptSampleWarning, eval_pipeline
+
+    urls = _cut_and_full_shards(tmp_path)
     with pytest.warns(CorruptSampleWarning) as record:
         batches = list(eval_pipeline(urls, 8, 16, 4, shard_clips={urls[0]: 8, urls[1]: 5}))
     delivered = sum(len(b["caption"]) for b in batches)
@@ -467,11 +472,7 @@ def test_a_truncated_shard_counts_every_lost_sample_against_the_manifest(tmp_pat
 def test_two_ranks_together_account_for_a_truncated_shard_exactly_once(tmp_path):
     from tpdiff_lightning.data.datamodule import CorruptSampleWarning, eval_pipeline
 
-    _write_shard(tmp_path / "cut.tar", 8, "a")
-    _write_shard(tmp_path / "full.tar", 5, "b")
-    data = (tmp_path / "cut.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
-    urls = [str(tmp_path / "cut.tar"), str(tmp_path / "full.tar")]
+    urls = _cut_and_full_shards(tmp_path)
     delivered = skipped = 0
     for rank in range(2):  # every rank reads every shard and keeps its own share of the samples
         with pytest.warns(CorruptSampleWarning):
