@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import subprocess
 import sys
 import warnings
@@ -36,7 +37,7 @@ from tpdiff_lightning.data.synthetic import (
     synthetic_exists,
     write_synthetic_shards,
 )
-from tpdiff_lightning.data.video_io import decode_mp4, encode_mp4, write_mp4
+from tpdiff_lightning.data.video_io import ClipLengthError, decode_mp4, encode_mp4, write_mp4
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(num_train=32, num_eval=12, num_frames=8, size=16, seed=0, clips_per_shard=8)
@@ -87,6 +88,48 @@ def test_decode_mp4_stops_at_max_frames_and_write_mp4_writes_a_file(tmp_path):
     write_mp4(path, frames, fps=4)
     assert decode_mp4(path.read_bytes()).shape == (6, 16, 16, 3)
     assert decode_mp4(path.read_bytes(), max_frames=2).shape == (2, 16, 16, 3)
+
+
+def _decode_every_frame_alone(data: bytes) -> np.ndarray:
+    """Reference decode: each frame converted to RGB on its own, as PyAV's `to_ndarray(format=...)` does."""
+    import av
+    from io import BytesIO
+
+    with av.open(BytesIO(data)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_decode_mp4_converts_the_same_pixels_and_only_the_kept_frames():
+    frames = render_clip("red", "circle", "right", "fast", (8.0, 8.0), 12, 32)
+    data = encode_mp4(frames)
+    reference = _decode_every_frame_alone(data)
+    np.testing.assert_array_equal(decode_mp4(data), reference)
+    seen = []
+
+    def keep(count):
+        seen.append(count)
+        return range(3, 11, 2)
+
+    np.testing.assert_array_equal(decode_mp4(data, keep=keep), reference[3:11:2])
+    assert seen == [12]
+    np.testing.assert_array_equal(decode_mp4(data, max_frames=5, keep=lambda n: [n - 1]), reference[[4]])
+
+
+def test_training_decode_draws_the_same_start_as_decoding_every_frame():
+    """The random start is drawn from the decoded frame count before any RGB conversion; the clip and the
+    generator's state must be what decoding every frame and slicing gave."""
+    frames = render_clip("green", "square", "left", "slow", (8.0, 9.0), 20, 16)
+    sample = {"mp4": encode_mp4(frames), "txt": b"a green square"}
+    reference = _decode_every_frame_alone(sample["mp4"])
+    rng, expected_rng = random.Random(7), random.Random(7)
+    for _ in range(5):
+        clip = decode_clip(sample, 4, 3, 16, rng)
+        start = expected_rng.randint(0, len(reference) - 10)
+        torch.testing.assert_close(clip["video"], frames_to_tensor(reference[start : start + 10 : 3], 16))
+    assert rng.getstate() == expected_rng.getstate()
+    with pytest.raises(ClipLengthError, match="clip has 20 frames, needs 22"):
+        decode_clip(sample, 8, 3, 16, rng)
+    assert rng.getstate() == expected_rng.getstate()
 
 
 @pytest.mark.parametrize(

@@ -189,12 +189,15 @@ def decode_clip(
     if target_fps is not None:
         frame_stride = stride_for_fps(sample, target_fps)
     span = (num_frames - 1) * frame_stride + 1
-    frames = decode_mp4(sample["mp4"], max_frames=None if rng is not None else span)
-    if len(frames) < span:
-        raise ClipLengthError(f"clip has {len(frames)} frames, needs {span} (num_frames={num_frames}, "
-                              f"stride={frame_stride})", frames=len(frames), num_frames=num_frames, step=frame_stride)
-    start = 0 if rng is None else rng.randint(0, len(frames) - span)
-    clip = frames[start : start + span : frame_stride]  # (F, H, W, 3)
+
+    def choose(frames: int) -> range:  # the clip's frame indices, from the number of decoded frames
+        if frames < span:
+            raise ClipLengthError(f"clip has {frames} frames, needs {span} (num_frames={num_frames}, "
+                                  f"stride={frame_stride})", frames=frames, num_frames=num_frames, step=frame_stride)
+        start = 0 if rng is None else rng.randint(0, frames - span)
+        return range(start, start + span, frame_stride)
+
+    clip = decode_mp4(sample["mp4"], max_frames=None if rng is not None else span, keep=choose)  # (F, H, W, 3)
     return {"video": frames_to_tensor(clip, resolution), "caption": sample["txt"].decode("utf-8")}
 
 
