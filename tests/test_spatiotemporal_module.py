@@ -133,7 +133,7 @@ def test_bad_spatial_settings_are_one_clear_error_line(kwargs, match):
     assert "\n" not in str(info.value)
 
 
-def test_the_animatediff_adapter_refuses_spatial_reductions():
+def _animatediff_module(**kwargs):
     from tests.tiny_animatediff import tiny_animatediff_config
     from tpdiff_lightning.models.animatediff import AnimateDiffBackbone
     from tpdiff_lightning.models.codec import IdentityCodec
@@ -141,8 +141,29 @@ def test_the_animatediff_adapter_refuses_spatial_reductions():
     def factory(c, d):
         return AnimateDiffBackbone(c, d, config=tiny_animatediff_config(c, d))
 
-    with pytest.raises(ValueError, match=r"^spatial_reductions=\[1, 2\] needs a backbone .* AnimateDiffBackbone does not"):
-        _module(codec=IdentityCodec(), backbone=factory, schedule="ddim")
+    return _module(codec=IdentityCodec(), backbone=factory, schedule="ddim", beta_schedule="linear", **kwargs)
+
+
+def test_the_animatediff_unet_trains_and_samples_each_stage_at_its_latent_size():
+    m = _animatediff_module(resolution=16)
+    seen = []
+    original = m.backbone.model.forward
+    m.backbone.model.forward = lambda x, *a, **k: (seen.append(tuple(x.shape[2:])), original(x, *a, **k))[1]
+    batch = _batch(H=16)
+    x0 = m.encode_video(batch["video"])
+    text, mask = m.text_encoder(batch["caption"])
+    for i in range(3):
+        assert torch.isfinite(m.stage_loss(x0, text, mask, i))
+    assert seen == [(4, 8, 8), (8, 8, 8), (16, 16, 16)]
+    video = m.generate(["a red square"], [3])
+    assert video.shape == (1, 3, 16, 16, 16) and torch.isfinite(video).all()
+
+
+def test_animatediff_latents_must_divide_by_the_unets_down_sampling_at_every_stage():
+    with pytest.raises(ValueError, match=r"^spatial_reductions=\[1, 2\] shrinks the 10x10 latents by 2 at stage 0; "
+                                         r"expected height divisible by 4 and width by 4 \(spatial stride 2 x backbone "
+                                         r"down-sampling 2\)$"):
+        _animatediff_module(resolution=10)
 
 
 # ---- Wan and Flux: positions on the full-resolution grid ---------------------------------------------------
