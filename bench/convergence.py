@@ -9,7 +9,8 @@ Each run is ``python lightning_cli.py fit --config configs/default.yaml [--confi
 subprocess, with the FVD curve (real I3D, ``FVDCurve``) every ``--fvd-every`` steps and a stop once
 ``--budget-minutes`` of training time (evaluation excluded, as FVDCurve counts it) are spent. FVD points
 are read back from the TensorBoard event files. A finished run is appended to the JSON, so the study
-runs in pieces and resumes; a run stopped half-way resumes from its ``last.ckpt``.
+runs in pieces and resumes; a run stopped half-way resumes from its ``last.ckpt``, and ``--extend`` continues
+finished runs from theirs to a larger budget (the FVD points after that checkpoint are replaced).
 
 Compute has two axes: training seconds (wall clock, noisy on a shared machine) and backbone training
 FLOPs, counted per stage with torch's counter and summed over the stages the run actually drew (the
@@ -42,6 +43,7 @@ RUNS: dict[str, list[str]] = {
     "tpdiff-flow-noalign": ["configs/ablations/no_alignment.yaml"],
     "tpdiff-flow-global": ["configs/flow_velocity_global.yaml"],
     "tpdiff-flow-spatiotemporal": ["configs/spatiotemporal.yaml"],
+    "tpdiff-flow-spatiotemporal-centre": ["configs/spatiotemporal.yaml", "configs/spatiotemporal_centre.yaml"],
 }
 RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
@@ -300,10 +302,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="bench/results/convergence.json")
     parser.add_argument("--plot", default="docs/convergence.png")
     parser.add_argument("--force", action="store_true", help="rerun runs the JSON already holds")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue runs the JSON already holds from their last.ckpt, to this (larger) budget")
     parser.add_argument("--report", action="store_true", help="no training: analyse and plot the JSON")
     parser.add_argument("--quick", action="store_true", help="4 steps, one FVD on 2 clips at 3 steps (smoke test)")
     parser.add_argument("extra", nargs="*", help="more LightningCLI overrides, after --")
     args = parse_bench_args(parser, argv)
+    if args.force and args.extend:
+        parser.error("--force (start again) and --extend (continue) exclude each other")
     if args.quick:
         args.max_steps, args.fvd_every, args.fvd_videos, args.fvd_steps = 4, 4, 2, 3
         args.batch, args.workers, args.resolution = 2, 0, args.resolution or 16
@@ -315,11 +321,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = load(out)
     for run in ([] if args.report else args.runs.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
-            if any(r["run"] == run and r["seed"] == seed for r in result["runs"]) and not args.force:
-                print(f"{run} seed {seed}: already in {out}, skipped (--force reruns it)")
+            if any(r["run"] == run and r["seed"] == seed for r in result["runs"]) and not (args.force or args.extend):
+                print(f"{run} seed {seed}: already in {out}, skipped (--force reruns it, --extend continues it)")
                 continue
             if args.force:
                 shutil.rmtree(run_dir(args, run, seed), ignore_errors=True)  # no resume from the old run
+            elif args.extend and not (run_dir(args, run, seed) / "checkpoints" / "last.ckpt").is_file():
+                raise SystemExit(f"--extend: {run} seed {seed} has no {run_dir(args, run, seed)}/checkpoints/last.ckpt "
+                                 "to continue from; rerun it with --force")
             start = time.time()
             budget = f"{args.budget_tflops} TFLOPs" if args.budget_tflops else f"{args.budget_minutes} min"
             print(f"{run} seed {seed}: training for {budget} ...", flush=True)

@@ -363,3 +363,42 @@ def test_equal_compute_reads_every_curve_at_the_same_flops(tmp_path):
                                  "--convergence", str(tmp_path / "c.json"), "--out", str(tmp_path / "e.json")])
     assert result["train_tflops"] == [2.0, 3.0]  # the span both curves cover
     assert result["mean_fvd"] == {"a": [100.0, 90.0], "b": [60.0, 50.0]}
+
+
+def test_convergence_extend_refuses_a_finished_run_without_its_checkpoint(tmp_path):
+    import convergence
+
+    out = tmp_path / "c.json"
+    out.write_text(json.dumps({"runs": [{"run": "vanilla-flow", "seed": 0, "points": []}]}))
+    with pytest.raises(SystemExit, match=r"^--extend: vanilla-flow seed 0 has no .*last\.ckpt to continue from"):
+        convergence.main(["--runs", "vanilla-flow", "--extend", "--budget-tflops", "2", "--out", str(out),
+                          "--out-dir", str(tmp_path / "runs"), "--plot", ""])
+
+
+def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_path):
+    import lightning
+    import torch
+    from PIL import Image
+
+    import equal_compute_samples
+    from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE
+    from tpdiff_lightning.module import TPDiffModule
+
+    prompts = equal_compute_samples.captions(len(PALETTE) * len(DIRECTIONS))
+    assert {c for _, c, _ in prompts} == set(PALETTE) and {d for _, _, d in prompts} == set(DIRECTIONS)
+    torch.manual_seed(0)
+    model = TPDiffModule(num_frames=8, resolution=16, sample_steps=3, ema_decay=None)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 7,
+                "pytorch-lightning_version": lightning.__version__,
+                "callbacks": {"TrainingBudget": {"flops": 2.5e12}}}, path)
+    result = equal_compute_samples.main(["--checkpoint", f"a={path}", "--checkpoint", f"b={path}", "--captions", "3",
+                                         "--sheet-captions", "2", "--png", str(tmp_path / "s.png"),
+                                         "--out", str(tmp_path / "s.json")])
+    assert set(result["results"]) == {"a", "b"}
+    assert result["results"]["a"]["step"] == 7 and result["results"]["a"]["train_tflops"] == 2.5
+    assert result["results"]["a"]["clips"] == result["results"]["b"]["clips"]  # same seeds, same weights
+    assert len(result["results"]["a"]["clips"]) == 3
+    width, height = Image.open(tmp_path / "s.png").size
+    assert (width, height) == (8 * 32, 4 * (32 + 12))  # 2 captions x 2 checkpoints, 8 frames at scale 2
+    assert load_json(tmp_path / "s.json")["captions"] == [p for p, _, _ in equal_compute_samples.captions(3)]
