@@ -65,7 +65,7 @@ class TrainingBudget(L.Callback):
         self._per_stage: list[float] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"flops": self.flops}
+        return {"flops": self.flops, "tflops": self.tflops}  # flops are counted only under a TFLOPs budget
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flops = state_dict["flops"]
@@ -319,6 +319,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown runs {unknown}; expected names from {sorted(RUNS)}")
     out = Path(args.out)
     result = load(out)
+    if args.extend and not args.report:  # every finished run to continue must have its checkpoint, before any trains
+        done = {(r["run"], r["seed"]) for r in result["runs"]}
+        lost = [f"{run} seed {seed} ({run_dir(args, run, seed)}/checkpoints/last.ckpt)"
+                for run in args.runs.split(",") for seed in (int(s) for s in args.seeds.split(","))
+                if (run, seed) in done and not (run_dir(args, run, seed) / "checkpoints" / "last.ckpt").is_file()]
+        if lost:
+            raise SystemExit(f"--extend: no checkpoint to continue {', '.join(lost)}; rerun those with --force")
     for run in ([] if args.report else args.runs.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             if any(r["run"] == run and r["seed"] == seed for r in result["runs"]) and not (args.force or args.extend):
@@ -326,9 +333,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             if args.force:
                 shutil.rmtree(run_dir(args, run, seed), ignore_errors=True)  # no resume from the old run
-            elif args.extend and not (run_dir(args, run, seed) / "checkpoints" / "last.ckpt").is_file():
-                raise SystemExit(f"--extend: {run} seed {seed} has no {run_dir(args, run, seed)}/checkpoints/last.ckpt "
-                                 "to continue from; rerun it with --force")
             start = time.time()
             budget = f"{args.budget_tflops} TFLOPs" if args.budget_tflops else f"{args.budget_minutes} min"
             print(f"{run} seed {seed}: training for {budget} ...", flush=True)

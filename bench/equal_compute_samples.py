@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +25,27 @@ import torch
 
 from common import ROOT, finish_machine_info, machine_info, print_table, write_json
 from synthetic_caption_accuracy import clip_report
-from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, caption_for
+from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS, caption_for
 from tpdiff_lightning.module import TPDiffModule, to_uint8_video
 from tpdiff_lightning.visualize import save_contact_sheet
 
 
 def captions(count: int) -> list[tuple[str, str, str]]:
-    """``count`` (caption, colour, direction) triples cycling through every colour and direction."""
-    colours, directions = list(PALETTE), list(DIRECTIONS)
-    out = []
-    for i in itertools.islice(itertools.count(), count):
-        colour, direction = colours[i % len(colours)], directions[(i // len(colours) + i) % len(directions)]
-        shape, speed = SHAPES[(i // 2) % len(SHAPES)], ("slow", "fast")[i % 2]
-        out.append((caption_for(colour, shape, direction, speed), colour, direction))
-    return out
+    """``count`` distinct (caption, colour, direction) triples: every colour x direction x shape x speed
+    combination once, in a fixed shuffled order (cycling when ``count`` is larger)."""
+    combos = list(itertools.product(PALETTE, DIRECTIONS, SHAPES, SPEEDS))
+    random.Random(0).shuffle(combos)
+    return [(caption_for(colour, shape, direction, speed), colour, direction)
+            for colour, direction, shape, speed in itertools.islice(itertools.cycle(combos), count)]
 
 
 def trained_flops(checkpoint: dict[str, Any]) -> float | None:
-    """Backbone training TFLOPs the convergence study's budget callback counted, if it ran."""
+    """Backbone training TFLOPs the convergence study's budget callback counted; ``None`` where it did not count
+    them (no such callback, or a budget in minutes)."""
     state = (checkpoint.get("callbacks") or {}).get("TrainingBudget")
-    return state["flops"] / 1e12 if state else None
+    if not state or state.get("tflops", 0.0 if state["flops"] else None) is None:
+        return None
+    return state["flops"] / 1e12
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

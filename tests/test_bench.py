@@ -365,14 +365,15 @@ def test_equal_compute_reads_every_curve_at_the_same_flops(tmp_path):
     assert result["mean_fvd"] == {"a": [100.0, 90.0], "b": [60.0, 50.0]}
 
 
-def test_convergence_extend_refuses_a_finished_run_without_its_checkpoint(tmp_path):
+def test_convergence_extend_refuses_a_finished_run_without_its_checkpoint_before_training_any(tmp_path):
     import convergence
 
     out = tmp_path / "c.json"
-    out.write_text(json.dumps({"runs": [{"run": "vanilla-flow", "seed": 0, "points": []}]}))
-    with pytest.raises(SystemExit, match=r"^--extend: vanilla-flow seed 0 has no .*last\.ckpt to continue from"):
-        convergence.main(["--runs", "vanilla-flow", "--extend", "--budget-tflops", "2", "--out", str(out),
-                          "--out-dir", str(tmp_path / "runs"), "--plot", ""])
+    out.write_text(json.dumps({"runs": [{"run": "vanilla-flow", "seed": 1, "points": []}]}))
+    with pytest.raises(SystemExit, match=r"^--extend: no checkpoint to continue vanilla-flow seed 1 \(.*last\.ckpt\)"):
+        convergence.main(["--runs", "tpdiff-flow,vanilla-flow", "--seeds", "0,1", "--extend", "--budget-tflops", "2",
+                          "--out", str(out), "--out-dir", str(tmp_path / "runs"), "--plot", ""])
+    assert not (tmp_path / "runs").exists()  # tpdiff-flow seed 0, listed first, did not start
 
 
 def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_path):
@@ -381,17 +382,19 @@ def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_pa
     from PIL import Image
 
     import equal_compute_samples
-    from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE
+    from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS
     from tpdiff_lightning.module import TPDiffModule
 
-    prompts = equal_compute_samples.captions(len(PALETTE) * len(DIRECTIONS))
-    assert {c for _, c, _ in prompts} == set(PALETTE) and {d for _, _, d in prompts} == set(DIRECTIONS)
+    every = len(PALETTE) * len(DIRECTIONS) * len(SHAPES) * len(SPEEDS)
+    prompts = equal_compute_samples.captions(every)
+    assert len({p for p, _, _ in prompts}) == every  # each combination once, shape and speed included
+    assert equal_compute_samples.trained_flops({"callbacks": {"TrainingBudget": {"flops": 0.0, "tflops": None}}}) is None
     torch.manual_seed(0)
     model = TPDiffModule(num_frames=8, resolution=16, sample_steps=3, ema_decay=None)
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 7,
                 "pytorch-lightning_version": lightning.__version__,
-                "callbacks": {"TrainingBudget": {"flops": 2.5e12}}}, path)
+                "callbacks": {"TrainingBudget": {"flops": 2.5e12, "tflops": 3.0}}}, path)
     result = equal_compute_samples.main(["--checkpoint", f"a={path}", "--checkpoint", f"b={path}", "--captions", "3",
                                          "--sheet-captions", "2", "--png", str(tmp_path / "s.png"),
                                          "--out", str(tmp_path / "s.json")])

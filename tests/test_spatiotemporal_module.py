@@ -159,11 +159,18 @@ def test_the_animatediff_unet_trains_and_samples_each_stage_at_its_latent_size()
     assert video.shape == (1, 3, 16, 16, 16) and torch.isfinite(video).all()
 
 
-def test_animatediff_latents_must_divide_by_the_unets_down_sampling_at_every_stage():
-    with pytest.raises(ValueError, match=r"^spatial_reductions=\[1, 2\] shrinks the 10x10 latents by 2 at stage 0; "
-                                         r"expected height divisible by 4 and width by 4 \(spatial stride 2 x backbone "
-                                         r"down-sampling 2\)$"):
-        _animatediff_module(resolution=10)
+def test_animatediff_takes_latent_sizes_its_down_sampling_does_not_divide():
+    """The tiny UNet halves once: a 5x5 stage-0 latent does not halve evenly, and the UNet still returns 5x5."""
+    m = _animatediff_module(resolution=10)
+    batch = _batch(H=10)
+    x0 = m.encode_video(batch["video"])
+    text, mask = m.text_encoder(batch["caption"])
+    for i, size in enumerate([(4, 5, 5), (8, 5, 5), (16, 10, 10)]):
+        stage = m.pyramid.stages[i]
+        x = torch.randn(2, 3, *size)
+        out = m.backbone(x, torch.full((2,), 500.0), text, mask, **m.stage_strides(stage))
+        assert out.shape == x.shape
+        assert torch.isfinite(m.stage_loss(x0, text, mask, i))
 
 
 # ---- Wan and Flux: positions on the full-resolution grid ---------------------------------------------------

@@ -86,8 +86,8 @@ class TPDiffModule(L.LightningModule):
         spatial_reductions: spatio-temporal pyramid. ``num_stages - 1`` spatial factors per side between
             consecutive stages (default all 1: the temporal pyramid); stage i holds ``H / P_i x W / P_i`` latents
             with ``P_i = q_i ⋯ q_{K-2}``. The latent size must divide by ``P_0`` times the backbone's
-            patch (a UNet's down-sampling); the backbone's forward must take ``spatial_stride`` (``VideoDiT``,
-            Wan, Flux-style and AnimateDiff do).
+            patch; the backbone's forward must take ``spatial_stride`` (``VideoDiT``, Wan, Flux-style and
+            AnimateDiff do).
             A transition with ``q_i > 1`` may keep the frame rate (``reductions`` entry 1). Stored in the checkpoint.
     """
 
@@ -191,14 +191,12 @@ class TPDiffModule(L.LightningModule):
                              "AnimateDiff)")
         H, W = self.latent_size()
         P = self.pyramid.stages[0].spatial_stride
-        patch, what = getattr(self.backbone, "patch_size", None), "patch_size"
-        if patch is None:  # a UNet: no patches, but its down-sampling needs whole multiples
-            patch, what = getattr(self.backbone, "latent_size_multiple", 1), "down-sampling"
+        patch = getattr(self.backbone, "patch_size", 1)  # a UNet has none: any size
         p_h, p_w = tuple(patch)[-2:] if isinstance(patch, (tuple, list)) else (patch, patch)  # Wan: (p_t, p_h, p_w)
         if H % (P * p_h) or W % (P * p_w):
             raise ValueError(f"spatial_reductions={q} shrinks the {H}x{W} latents by {P} at stage 0; expected height "
                              f"divisible by {P * p_h} and width by {P * p_w} (spatial stride {P} x backbone "
-                             f"{what} {patch})")
+                             f"patch_size {patch})")
 
     def stage_strides(self, stage: Stage) -> dict[str, int]:
         """The backbone's position keywords for a stage: ``stride``, and ``spatial_stride`` where it is above 1."""

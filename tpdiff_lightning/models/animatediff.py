@@ -222,12 +222,6 @@ class AnimateDiffBackbone(nn.Module):
         if t.ndim > 1 or t.numel() not in (1, B):
             raise ValueError(f"AnimateDiff: expected t of shape ({B},), got {tuple(t.shape)}")
 
-    @property
-    def latent_size_multiple(self) -> int:
-        """The UNet halves the latents at every down block but the last, so a stage's latent height and width
-        must divide by ``2^(blocks − 1)`` (8 for SD1.5) to come back at their own size."""
-        return 2 ** (len(self.model.config.down_block_types) - 1)
-
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None, stride: int = 1,
                 spatial_stride: int = 1) -> Tensor:
         """Predict the noise ε for latents ``x (B, C, F, H, W)`` at DDIM timesteps ``t (B,)`` (``t·999``, floats),
@@ -236,14 +230,11 @@ class AnimateDiffBackbone(nn.Module):
 
         ``spatial_stride`` P (a spatio-temporal pyramid's early stages, ``H`` and ``W`` already ``1/P`` of full)
         changes nothing inside: the UNet has no spatial position table to read at ``a·P`` (its convolutions
-        place features by their neighbours), so a stage at stride P is a smaller image to it."""
+        place features by their neighbours), so a stage at stride P is a smaller image to it. Any latent size
+        works: the UNet hands each up-sampler the size to return to when a size does not halve evenly."""
         if isinstance(spatial_stride, bool) or int(spatial_stride) != spatial_stride or spatial_stride < 1:
             raise ValueError(f"AnimateDiff: spatial_stride={spatial_stride!r} is invalid; expected a positive int")
         self._check_inputs(x, t, text)
-        multiple = self.latent_size_multiple
-        if x.shape[-2] % multiple or x.shape[-1] % multiple:
-            raise ValueError(f"AnimateDiff: latents of {x.shape[-2]}x{x.shape[-1]} (spatial stride {spatial_stride}) "
-                             f"do not divide by the UNet's down-sampling {multiple}; expected multiples of {multiple}")
         num_frames = x.shape[2]
         set_temporal_stride(self.model, stride)
         context = text.repeat_interleave(num_frames, dim=0)  # (B·F, L, D), one caption copy per frame
