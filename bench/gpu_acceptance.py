@@ -22,7 +22,8 @@ d. ``fit``: the real ``lightning_cli.py fit`` loop, TPDiff against vanilla (dit-
 e. ``i3d``: I3D clips/s (16 frames, 224x224); with (b) it gives the FVD-evaluation cost of each paper config's
    FVD curve directly (its N clips sampled at its step count, plus their I3D features).
 f. ``spatiotemporal``: Wan2.1-1.3B at 81x448x832, 30 steps, batched CFG: vanilla against the temporal pyramid and
-   the spatio-temporal one (temporal 2-2 and spatial 2-2), each beside its FLOP prediction. It runs last, so on
+   the spatio-temporal one (temporal 2-2 and spatial 2-2), with steps split by the partition (10-10-10) and as
+   its config splits them (``sample_step_weights`` 2:2:1, 12-12-6), each beside its FLOP prediction. It runs last, so on
    one GPU the 8-minute budget may skip it: run it on its own with ``--parts spatiotemporal``.
 
 Ratios are taken side by side in one process (variants alternate). ``--dry-run`` runs the same code at tiny
@@ -461,19 +462,23 @@ def run_spatiotemporal(args: argparse.Namespace) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     text = torch.randn(1, *text_shape, generator=g).to(device)
     empty = torch.zeros_like(text)
+    spatiotemporal = TemporalPyramid("flow", F, 3, [2, 2], anchor_first_frame=True, flow_velocity="global",
+                                     spatial_reductions=[2, 2])
     pyramids = {"vanilla": TemporalPyramid("flow", F, 1, anchor_first_frame=True, flow_velocity="global"),
                 "temporal": TemporalPyramid("flow", F, 3, [2, 2], anchor_first_frame=True, flow_velocity="global"),
-                "spatiotemporal": TemporalPyramid("flow", F, 3, [2, 2], anchor_first_frame=True,
-                                                  flow_velocity="global", spatial_reductions=[2, 2])}
+                "spatiotemporal": spatiotemporal, "spatiotemporal_221": spatiotemporal}
+    # The config's own split: sample_step_weights [2, 2, 1] (12-12-6 of 30 steps); the others split by partition.
+    step_weights = {name: [2, 2, 1] if name == "spatiotemporal_221" else None for name in pyramids}
     fns = {}
     for name, p in pyramids.items():
         model = batched_cfg(net, text, empty, 5.0, p.schedule.timestep_scale)
         with torch.no_grad(), autocast(device):  # warm-up: one step per stage
             sample(model, p, 1, (C, h, w), p.num_stages, torch.Generator().manual_seed(0), device=device)
 
-        def run(model=model, p=p) -> None:
+        def run(model=model, p=p, weights=step_weights[name]) -> None:
             with torch.no_grad(), autocast(device):
-                sample(model, p, 1, (C, h, w), args.steps, torch.Generator().manual_seed(0), device=device)
+                sample(model, p, 1, (C, h, w), args.steps, torch.Generator().manual_seed(0), device=device,
+                       step_weights=weights)
         fns[name] = run
     times = interleaved(fns, args.repeats, warmup=0, device=device)["wall"]
     med = {k: summary(v)["median_s"] for k, v in times.items()}
@@ -486,7 +491,8 @@ def run_spatiotemporal(args: argparse.Namespace) -> dict[str, Any]:
             both = torch.cat([text, empty])
             with torch.no_grad(), autocast(device):
                 per_stage.append(count_flops(lambda: net(x, t, both, None, **stage_strides(stage))))
-        flops[name] = sum(f * n for f, n in zip(per_stage, split_steps(args.steps, p.partition)))
+        split = split_steps(args.steps, p.partition if step_weights[name] is None else step_weights[name])
+        flops[name] = sum(f * n for f, n in zip(per_stage, split))
     return {"latent_shape": [C, F, h, w], "steps": args.steps,
             "stage_shapes": {k: [[s.num_frames, h // s.spatial_stride, w // s.spatial_stride] for s in p.stages]
                              for k, p in pyramids.items()},
@@ -530,8 +536,10 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
                      f"{fit['speedup']:.2f}x{beside}", ""])
     st = result.get("spatiotemporal")
     if st:
-        for k in ("temporal", "spatiotemporal"):
-            rows.append([f"Wan 1.3B 81x448x832 {k} (2-2{', spatial 2-2' if k == 'spatiotemporal' else ''})",
+        labels = {"temporal": "temporal (2-2)", "spatiotemporal": "spatio-temporal (2-2, spatial 2-2)",
+                  "spatiotemporal_221": "spatio-temporal, steps 2:2:1 (the config's)"}
+        for k in (k for k in labels if k in st["seconds"]):
+            rows.append([f"Wan 1.3B 81x448x832 {labels[k]}",
                          f"{st['seconds']['vanilla']['median_s']:.2f} s", f"{st['seconds'][k]['median_s']:.2f} s",
                          f"{st['speedup'][k]:.2f}x", f"{st['flop_predicted_speedup'][k]:.2f}x"])
     i3d = result.get("i3d")
@@ -578,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("no CUDA device: run with --dry-run for the tiny CPU check")
     args.warmup = 0 if args.dry_run else 1
     if args.dry_run:
-        args.steps, args.repeats = 3, 1  # one step per stage
+        args.steps, args.repeats = 6, 1  # two steps per stage (or 3-2-1 split 2:2:1)
         if args.out == parser.get_default("out"):
             args.out = str(ROOT / "bench" / "results" / "quick" / "gpu_acceptance.json")
     info = machine_info(args.device)

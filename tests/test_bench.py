@@ -328,6 +328,8 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     st = saved["spatiotemporal"]
     assert st["stage_shapes"]["spatiotemporal"][0][1:] == [st["latent_shape"][2] // 4, st["latent_shape"][3] // 4]
     assert st["flop_predicted_speedup"]["spatiotemporal"] > st["flop_predicted_speedup"]["temporal"] > 1
+    assert st["flop_predicted_speedup"]["spatiotemporal_221"] > st["flop_predicted_speedup"]["spatiotemporal"]
+    assert "steps 2:2:1" in result["table"]
     printed = capsys.readouterr().out
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
 

@@ -364,6 +364,16 @@ def test_beta_schedule_and_timestep_shift_reach_the_pyramid_and_the_sampler():
     assert told == pytest.approx(expected, abs=1e-6)
 
 
+def test_sample_step_weights_reach_the_sampler():
+    m = _module(sample_steps=10, guidance_scale=1.0, sample_step_weights=[3, 1, 1])
+    frames = []
+    original = m.backbone.forward
+    m.backbone.forward = lambda x, *a, **k: (frames.append(x.shape[2]), original(x, *a, **k))[1]
+    m.generate(["a"], [0])
+    sizes = [s.num_frames for s in m.pyramid.stages]
+    assert [frames.count(f) for f in sizes] == [6, 2, 2]
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(flow_velocity="x"), r"flow_velocity='x' is invalid; expected one of \['stage', 'global'\]"),
     (dict(schedule="ddim", flow_velocity="global"), r"flow_velocity='global' is set for schedule='ddim'"),
@@ -373,6 +383,7 @@ def test_beta_schedule_and_timestep_shift_reach_the_pyramid_and_the_sampler():
     (dict(timestep_shift=-1.5), r"timestep_shift=-1.5 is invalid; expected a number > 0"),
     (dict(schedule="ddim", timestep_shift=5.0), r"timestep_shift=5.0 is set for schedule='ddim'; expected 1"),
     (dict(sample_batch_size=0), r"sample_batch_size=0 is invalid; expected an integer >= 1"),
+    (dict(sample_step_weights=[1, 1]), r"sample_step_weights=\[1, 1\] is invalid; expected 3 positive numbers"),
 ])
 def test_bad_new_module_arguments_name_the_key_and_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -52,6 +52,21 @@ def test_every_configuration_samples(schedule, cfg):
     assert calls == sorted(calls)
 
 
+@pytest.mark.parametrize("schedule", ["flow", "ddim"])
+def test_step_weights_move_steps_between_stages_and_each_stage_keeps_its_window(schedule):
+    p = TemporalPyramid(schedule, 16, 3)
+    calls = []
+    sample(_recording_model(p, calls), p, 1, (3, 4, 4), num_steps=30, generator=torch.Generator().manual_seed(0),
+           step_weights=[2, 2, 1])  # the recording model checks every t lies in its stage's window
+    assert [calls.count(i) for i in range(3)] == [12, 12, 6]
+    plain = sample(lambda x, t, s: 0.1 * x, p, 1, (3, 4, 4), 9, torch.Generator().manual_seed(0))
+    same = sample(lambda x, t, s: 0.1 * x, p, 1, (3, 4, 4), 9, torch.Generator().manual_seed(0), step_weights=None)
+    assert torch.equal(plain, same)
+    for bad in ([1, 1], [1, 0, 1], [1, -2, 1]):
+        with pytest.raises(ValueError, match=r"^sample_step_weights=\[.*\] is invalid; expected 3 positive numbers"):
+            sample(lambda x, t, s: x, p, 1, (3, 4, 4), 9, torch.Generator().manual_seed(0), step_weights=bad)
+
+
 def test_guidance_and_renoise_switch_and_seed():
     p = TemporalPyramid("flow", 16, 3)
     cond = lambda x, t, s: 0.5 * x + 1.0

@@ -31,7 +31,8 @@ from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after, resumed
 
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
-INFERENCE_KEYS = ("sample_steps", "guidance_scale", "renoise", "sample_num_frames", "timestep_shift", "sample_batch_size")
+INFERENCE_KEYS = ("sample_steps", "guidance_scale", "renoise", "sample_num_frames", "timestep_shift", "sample_batch_size",
+                  "sample_step_weights")
 
 
 def replaced_settings_message(ckpt_path: str, replaced: dict[str, tuple]) -> str:

@@ -26,7 +26,7 @@ from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
 from tpdiff_lightning.optimizer import make_adamw
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
-from tpdiff_lightning.sampling import guided_one_pass, sample
+from tpdiff_lightning.sampling import check_step_weights, guided_one_pass, sample
 from tpdiff_lightning.schedules import make_schedule
 
 BackboneFactory = Callable[[int, int], nn.Module]
@@ -65,7 +65,10 @@ class TPDiffModule(L.LightningModule):
         fused_optimizer: use torch's fused AdamW kernel; ``None`` (default) uses it wherever it is safe (not under
             fp16 precision, DeepSpeed or sharded DTensor parameters), see ``tpdiff_lightning.optimizer``.
         ema_decay: decay of the weight EMA used for sampling; ``None`` disables it.
-        sample_steps: total sampling steps, split over stages by ``partition``.
+        sample_steps: total sampling steps, split over stages by ``partition`` (or ``sample_step_weights``).
+        sample_step_weights: relative sampling steps per stage (default null: by ``partition``, one step size
+            throughout). ``[2, 2, 1]`` is PyramidalWan's 20-20-10 allocation: more steps in the cheap early
+            stages, fewer at full size; each stage still covers its own time window.
         guidance_scale: classifier-free guidance weight; 1 means none.
         renoise: add the corrective noise between stages when sampling (False is the paper's ablation).
         sample_num_frames: frames to generate at predict time (default ``num_frames``; more is zero-shot long video).
@@ -125,6 +128,7 @@ class TPDiffModule(L.LightningModule):
         timestep_shift: float = 1.0,
         sample_batch_size: int = 8,
         spatial_reductions: Sequence[int] | None = None,
+        sample_step_weights: Sequence[float] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -155,6 +159,7 @@ class TPDiffModule(L.LightningModule):
             raise ValueError(f"num_frames={num_frames} video frames are {latent_frames} latent frames under the "
                              f"codec, which the pyramid cannot take: {error}. Causal video VAEs (1 + 4k frames) "
                              "need anchor_first_frame: true") from error
+        check_step_weights(sample_step_weights, self.pyramid.num_stages)
         self.text_encoder = text_encoder if text_encoder is not None else T5TextEncoder()
         backbone = backbone if backbone is not None else VideoDiT
         self.backbone = backbone(self.codec.latent_channels, self.text_encoder.dim)
@@ -440,7 +445,8 @@ class TPDiffModule(L.LightningModule):
                     latents = sample(model, pyramid, B, (self.codec.latent_channels, H, W),
                                      num_steps or hp.sample_steps, generators, renoise, device=self.device,
                                      dtype=torch.float32,  # the sampler's state; the backbone casts
-                                     timestep_shift=hp.get("timestep_shift", 1.0))
+                                     timestep_shift=hp.get("timestep_shift", 1.0),
+                                     step_weights=hp.get("sample_step_weights"))
                     clips.append(self.codec.decode(latents))
         finally:
             self.train(was_training)

@@ -19,6 +19,16 @@ Denoiser = Callable[[Tensor, Tensor, Stage], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
 
 
+def check_step_weights(weights: Sequence[float] | None, num_stages: int) -> None:
+    """``sample_step_weights`` must be ``None`` (follow the partition) or one positive number per stage."""
+    if weights is None:
+        return
+    values = list(weights)
+    if len(values) != num_stages or not all(isinstance(w, (int, float)) and w > 0 for w in values):
+        raise ValueError(f"sample_step_weights={values} is invalid; expected {num_stages} positive numbers "
+                         "(one per stage), or null to split the steps by the partition")
+
+
 def split_steps(total: int, partition: Sequence[float]) -> list[int]:
     """Split ``total`` steps over stages in proportion to ``partition``, at least one each (largest remainder)."""
     K = len(partition)
@@ -138,6 +148,7 @@ def sample(
     dtype: torch.dtype = torch.float32,
     callback: StepCallback | None = None,
     timestep_shift: float = 1.0,
+    step_weights: Sequence[float] | None = None,
 ) -> Tensor:
     """Sample full-rate clips through every stage of the pyramid.
 
@@ -153,6 +164,9 @@ def sample(
         renoise: False gives the paper's ablation (upsample and scale only).
         timestep_shift: flow only; ``k`` reshapes the step grid inside each stage by ``t -> k t / (1 + (k-1) t)``
             without moving the stage windows (1 = uniform grid).
+        step_weights: the steps' split over stages (relative, one per stage); default the partition, i.e. the
+            same step size in every stage. Stage i still covers its own window ``[s_i, e_i]``, in its share of
+            steps: ``[2, 2, 1]`` spends 2/5 of the steps in each cheap early stage and 1/5 at full size.
     Returns:
         ``(B, C, F, H, W)`` samples at the schedule's data end.
     """
@@ -161,12 +175,14 @@ def sample(
     if timestep_shift != 1.0 and pyramid.schedule.name != "flow":
         raise ValueError(f"timestep_shift={timestep_shift!r} is set for schedule={pyramid.schedule.name!r}; "
                          "expected 1 (the shift applies to flow sampling only)")
+    check_step_weights(step_weights, pyramid.num_stages)
     C, H, W = sample_shape
     first = pyramid.stages[0]
     _, sigma_start = pyramid.schedule.scalar(first.t_start)
     z = randn((batch_size, C, first.num_frames, *pyramid.stage_size(H, W, 0)), generator, device, dtype)
     x = sigma_start * z  # (B, C, F_0, H / P_0, W / P_0)
-    for stage, steps in zip(pyramid.stages, split_steps(num_steps, pyramid.partition)):
+    split = split_steps(num_steps, pyramid.partition if step_weights is None else step_weights)
+    for stage, steps in zip(pyramid.stages, split):
         if pyramid.schedule.name == "flow":
             x = euler_stage(model, pyramid, x, stage, steps, callback, timestep_shift)
         else:
