@@ -407,3 +407,25 @@ def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_pa
     width, height = Image.open(tmp_path / "s.png").size
     assert (width, height) == (8 * 32, 4 * (32 + 12))  # 2 captions x 2 checkpoints, 8 frames at scale 2
     assert load_json(tmp_path / "s.json")["captions"] == [p for p, _, _ in equal_compute_samples.captions(3)]
+
+
+def test_step_split_quality_samples_every_split_with_the_same_prompts(tmp_path, tiny_data_root):
+    import lightning
+    import torch
+
+    import step_split_quality
+    from tpdiff_lightning.module import TPDiffModule
+
+    torch.manual_seed(0)
+    model = TPDiffModule(num_frames=16, resolution=16, sample_steps=3, ema_decay=None)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 0,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    result = step_split_quality.main(["--checkpoint", str(path), "--videos", "2", "--steps", "6",
+                                      "--splits", "1,1,1;2,1,1", "--eval-root", str(tiny_data_root),
+                                      "--out", str(tmp_path / "q.json")])
+    uniform, early = result["results"]
+    assert uniform["steps"] == [2, 2, 2] and early["steps"] == [3, 2, 1]
+    assert uniform["flops_relative"] == 1.0 and early["flops_relative"] < 1.0  # steps moved where they are cheap
+    assert all(r["fvd"] >= 0 and 0 <= r["colour_ok"] <= 1 for r in result["results"])
+    assert load_json(tmp_path / "q.json")["num_videos"] == 2
