@@ -407,12 +407,13 @@ def test_loss_explosion_is_measured_against_the_running_median():
         DivergenceGuard(loss_factor=1)
 
 
-def test_non_finite_input_names_step_stage_and_sample_key():
+@pytest.mark.parametrize("alignment", [True, False])  # alignment sees the bad cost first; without it, the loss
+def test_non_finite_input_names_step_stage_and_sample_key(alignment):
     from tpdiff_lightning.finite_input import NonFiniteInputError
     from tpdiff_lightning.module import TPDiffModule
 
     torch.manual_seed(0)
-    module = TPDiffModule(num_frames=16, resolution=16, ema_decay=None, alignment=True)
+    module = TPDiffModule(num_frames=16, resolution=16, ema_decay=None, alignment=alignment)
     module.log = lambda *args, **kwargs: None
     video = torch.zeros(3, 3, 16, 16, 16)
     video[1, 0, 5, 2, 2] = float("inf")

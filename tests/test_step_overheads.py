@@ -69,3 +69,26 @@ def test_the_ema_count_follows_a_loaded_state_dict():
     assert ema.current_decay() == pytest.approx(501 / 510)
     ema.update(model)
     assert int(ema.num_updates) == 501 and ema.current_decay() == pytest.approx(502 / 511)
+
+
+def test_the_training_steps_own_checks_read_the_device_once(monkeypatch):
+    """The finite-input and finite-loss checks share one host read (each read is a device sync on a GPU)."""
+    import sys
+
+    torch.manual_seed(0)
+    m = TPDiffModule(num_frames=16, resolution=16, ema_decay=None, alignment=False, sample_steps=6)
+    m.log = lambda *a, **k: None
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.rand(4, 3, 16, 16, 16, generator=g) * 2 - 1, "caption": ["a red square", "b", "c", "d"]}
+    reads = []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if caller in ("training_step", "check_finite_input"):
+                reads.append(caller)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    m.training_step(batch, 0)
+    assert reads == ["training_step"]

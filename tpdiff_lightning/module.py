@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tpdiff_lightning.alignment import align_noise
 from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
 from tpdiff_lightning.ema import EMA
-from tpdiff_lightning.finite_input import check_finite_input
+from tpdiff_lightning.finite_input import check_finite_input, finite_rows
 from tpdiff_lightning.fit_checks import check_fit_setup
 from tpdiff_lightning.frame_size import frame_size
 from tpdiff_lightning.gradient_clipping import clip_gradients
@@ -328,9 +328,16 @@ class TPDiffModule(L.LightningModule):
         captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
         text, text_mask = self.batch_text(batch, captions)  # (B, L, D)
         i = self.pyramid.sample_stage(self.stage_generator(step))
-        check_finite_input(x0, batch.get("key"), self.global_step, i)
-        loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
-        if not torch.isfinite(loss):
+        finite = finite_rows(x0).all()  # read from the device together with the loss: one host sync, not two
+        try:
+            loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
+        except ValueError:  # e.g. alignment refusing a non-finite cost: when the input is to blame, name its samples
+            check_finite_input(x0, batch.get("key"), self.global_step, i)
+            raise
+        input_ok, loss_ok = torch.stack([finite, torch.isfinite(loss.detach())]).tolist()
+        if not input_ok:
+            check_finite_input(x0, batch.get("key"), self.global_step, i)
+        if not loss_ok:
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global_step={self.global_step} in stage {i} "
                 f"({self.pyramid.stages[i].num_frames} frames); expected a finite value. "
