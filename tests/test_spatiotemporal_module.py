@@ -58,6 +58,25 @@ def test_dit_takes_a_2x2_token_grid_and_is_unchanged_at_spatial_stride_1():
         VideoDiT(3, TEXT_DIM, spatial_positions="middle")
 
 
+@pytest.mark.parametrize("H,P", [(16, 2), (32, 4)])
+def test_centred_positions_give_the_dits_output_of_corner_positions(H, P):
+    """RoPE attention sees only position differences, and "centre" moves every token of a stage by the same
+    (P - 1)/2: the DiT's output is the same (the measured training curves were too). The stride still matters."""
+    torch.manual_seed(0)
+    corner = VideoDiT(3, TEXT_DIM).double()
+    with torch.no_grad():
+        for p in corner.parameters():
+            p.normal_(0, 0.05)
+    centre = VideoDiT(3, TEXT_DIM, spatial_positions="centre").double()
+    centre.load_state_dict(corner.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, H, H, generator=g, dtype=torch.float64)
+    t, text = torch.full((2,), 500.0, dtype=torch.float64), torch.randn(2, 5, TEXT_DIM, generator=g, dtype=torch.float64)
+    out = corner(x, t, text, stride=4, spatial_stride=P)
+    assert_close(centre(x, t, text, stride=4, spatial_stride=P), out, rtol=0, atol=1e-7)
+    assert (out - corner(x, t, text, stride=4, spatial_stride=1)).abs().max() > 1e-3  # the spacing P does matter
+
+
 # ---- The module: training, sampling, checkpoints -----------------------------------------------------------
 
 def test_each_stage_trains_at_its_size_and_tells_the_backbone_both_strides():
