@@ -27,13 +27,17 @@ class ColourFeatures:
         return x.flatten(1)[:, : self.proj.shape[0]] @ self.proj
 
 
-def _fit(tmp_path, data_root, steps, ckpt_path=None, callback=None):
+def _fit(tmp_path, data_root, steps, ckpt_path=None, callback=None, purge_step=None):
     cli = main(["--config", str(DEFAULT), *shrink_args(tmp_path / "out", data_root, max_steps=steps,
                                                        steps_per_epoch=50)], run=False)
     callback = callback or FVDCurve(eval_root=str(data_root), num_videos=4, every_n_steps=2,
                                     cache_dir=str(tmp_path / "cache"), feature_extractor=ColourFeatures(),
                                     extractor_name="colour-test", num_steps=3)
     cli.trainer.callbacks.append(callback)
+    if purge_step is not None:  # what the CLI does on a resume
+        from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after
+
+        purge_tensorboard_after(cli.trainer, purge_step)
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
     return cli, callback
 
@@ -49,7 +53,7 @@ def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_d
     run_dir = tmp_path / "out" / "synthetic" / "tpdiff-flow"
     by_step = _scalars(run_dir, "fvd/synthetic-4")
     assert [s for s, _ in by_step] == [2, 4] and all(v >= 0 for _, v in by_step)
-    by_hours = _scalars(run_dir, "fvd/synthetic-4@mGPUh")
+    by_hours = _scalars(run_dir / "gpu_hours", "fvd/synthetic-4@mGPUh")
     assert len(by_hours) == 2 and [v for _, v in by_hours] == [v for _, v in by_step]
     hours = [v for _, v in _scalars(run_dir, "compute/gpu_hours")]
     assert len(hours) == 2 and 0 < hours[0] < hours[1]
@@ -66,8 +70,28 @@ def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_d
     assert hours == sorted(hours) and len(hours) == 3
     # The curve continues: one point per evaluation, none repeated or missing, on both x-axes.
     assert [s for s, _ in _scalars(run_dir, "fvd/synthetic-4")] == [2, 4, 6]
-    mgpuh = [s for s, _ in _scalars(run_dir, "fvd/synthetic-4@mGPUh")]
+    mgpuh = [s for s, _ in _scalars(run_dir / "gpu_hours", "fvd/synthetic-4@mGPUh")]
     assert len(mgpuh) == 3 and mgpuh == sorted(mgpuh)
+
+
+def test_a_resume_keeps_the_gpu_hours_curve_and_the_checkpoint_steps_point(tmp_path, tiny_data_root):
+    """On 8 GPUs the milli-GPU-hours soon exceed the step count; the step axis's purge on resume (events at
+    >= the resumed step) must not wipe the GPU-hours curve, nor the evaluation logged at the checkpoint's step."""
+    def curve(seconds=0.0):
+        cb = FVDCurve(eval_root=str(tiny_data_root), num_videos=4, every_n_steps=2, cache_dir=str(tmp_path / "cache"),
+                      feature_extractor=ColourFeatures(), extractor_name="colour-test", num_steps=3)
+        cb.train_seconds = seconds
+        return cb
+
+    _fit(tmp_path, tiny_data_root, 4, callback=curve(3600.0))  # as if an hour had been trained: x >= 1000 mGPUh
+    run_dir = tmp_path / "out" / "synthetic" / "tpdiff-flow"
+    before = _scalars(run_dir / "gpu_hours", "fvd/synthetic-4@mGPUh")
+    assert len(before) == 2 and before[0][0] >= 1000
+    _fit(tmp_path, tiny_data_root, 6, ckpt_path="last", callback=curve(), purge_step=4)
+    after = _scalars(run_dir / "gpu_hours", "fvd/synthetic-4@mGPUh")
+    assert after[:2] == before and len(after) == 3 and after[2][0] >= before[1][0]
+    by_step = _scalars(run_dir, "fvd/synthetic-4")
+    assert [s for s, _ in by_step] == [2, 4, 6] and by_step[1][1] == pytest.approx(before[1][1])
 
 
 def test_fvd_curve_rejects_too_few_videos():
@@ -110,14 +134,15 @@ def test_tensorboard_serves_both_fvd_axes_over_http(tmp_path, tiny_data_root):
             try:
                 with urllib.request.urlopen(f"{base}/data/plugin/scalars/tags", timeout=5) as r:
                     tags = json.load(r)
-                if tags.get("tpdiff-flow", {}).get("fvd/synthetic-4@mGPUh"):
+                if tags.get("tpdiff-flow/gpu_hours", {}).get("fvd/synthetic-4@mGPUh"):
                     break
             except OSError:
                 pass
             time.sleep(1)
-        assert {"fvd/synthetic-4", "fvd/synthetic-4@mGPUh", "compute/gpu_hours"} <= set(tags["tpdiff-flow"])
-        for tag in ("fvd/synthetic-4", "fvd/synthetic-4@mGPUh"):
-            query = urllib.parse.urlencode({"run": "tpdiff-flow", "tag": tag})
+        assert {"fvd/synthetic-4", "compute/gpu_hours"} <= set(tags["tpdiff-flow"])
+        assert "fvd/synthetic-4@mGPUh" in tags["tpdiff-flow/gpu_hours"]
+        for run, tag in (("tpdiff-flow", "fvd/synthetic-4"), ("tpdiff-flow/gpu_hours", "fvd/synthetic-4@mGPUh")):
+            query = urllib.parse.urlencode({"run": run, "tag": tag})
             with urllib.request.urlopen(f"{base}/data/plugin/scalars/scalars?{query}", timeout=10) as r:
                 points = json.load(r)  # [[wall_time, step, value], ...]
             assert len(points) == 2 and all(p[2] >= 0 for p in points)

@@ -30,7 +30,8 @@ class FVDCurve(L.Callback):
     datamodule), the frame rate the model generates at.
 
     Logged to TensorBoard: ``fvd/<name>-<N>`` against the global step, the same value at
-    x = milli-GPU-hours in ``fvd/<name>-<N>@mGPUh``, ``compute/gpu_hours`` (training wall clock × devices,
+    x = milli-GPU-hours in ``fvd/<name>-<N>@mGPUh`` (in the run folder's ``gpu_hours`` sub-run, which resumes on
+    its own axis), ``compute/gpu_hours`` (training wall clock × devices,
     FVD evaluation excluded) and ``compute/fvd_eval_hours``. The GPU-hours live in the callback state, so a
     resumed run continues the x-axis.
 
@@ -61,6 +62,9 @@ class FVDCurve(L.Callback):
         self.eval_seconds = 0.0
         self._clock: float | None = None
         self._last_eval_step = -1
+        self._last_value: float | None = None
+        self._hours_writer = None  # the GPU-hours axis, a sub-run of its own (see `hours_writer`)
+        self._hours_purge: int | None = None
         self._real: tuple | None = None
         self._captions: list[str] | None = None
 
@@ -70,12 +74,13 @@ class FVDCurve(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-                "last_eval_step": self._last_eval_step}
+                "last_eval_step": self._last_eval_step, "last_value": self._last_value}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_seconds = state_dict["train_seconds"]
         self.eval_seconds = state_dict["eval_seconds"]
         self._last_eval_step = state_dict.get("last_eval_step", -1)
+        self._last_value = state_dict.get("last_value")
 
     def gpu_hours(self, trainer: L.Trainer) -> float:
         return self.train_seconds * trainer.num_devices * trainer.num_nodes / 3600
@@ -106,6 +111,30 @@ class FVDCurve(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._clock = time.perf_counter()
+        if trainer.global_step > 0:  # resumed: the GPU-hours axis drops the points past this checkpoint's hours
+            self._hours_purge = int(round(self.gpu_hours(trainer) * 1000)) + 1
+            logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+            purged = getattr(logger, "_kwargs", {}).get("purge_step")  # set by the CLI's resume (tensorboard_resume)
+            if (purged is not None and purged <= trainer.global_step == self._last_eval_step
+                    and self._last_value is not None):
+                # The evaluation at the checkpoint's own step was logged before the save, and the step axis's
+                # purge on resume (events at >= that step) removed it; it is not evaluated again, so log it again.
+                self._log(trainer, self._last_value, None, hours_axis=False)
+
+    def hours_writer(self, logger: TensorBoardLogger):
+        """The writer of ``fvd/...@mGPUh``: the run folder's ``gpu_hours`` sub-run. Its x-axis is GPU-hours, not
+        steps, so it needs a purge of its own on resume: the step axis's (events at >= the resumed step) would
+        wipe every earlier point whose milli-GPU-hours exceed the step count, as on 8 GPUs they soon do."""
+        if self._hours_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._hours_writer = SummaryWriter(str(Path(logger.log_dir) / "gpu_hours"), purge_step=self._hours_purge)
+        return self._hours_writer
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._hours_writer is not None:
+            self._hours_writer.close()
+            self._hours_writer = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -183,22 +212,26 @@ class FVDCurve(L.Callback):
         if len(frames):
             metric.update(frames, real=False)
         value = float(metric.compute())
+        self._last_value = value
         self.eval_seconds += time.perf_counter() - start
         self._log(trainer, value, frames)
         self._clock = time.perf_counter()  # evaluation time is not training time
         return value
 
-    def _log(self, trainer: L.Trainer, value: float, frames: torch.Tensor) -> None:
+    def _log(self, trainer: L.Trainer, value: float, frames: torch.Tensor | None, hours_axis: bool = True) -> None:
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is None or trainer.global_rank != 0:
             return
         writer, step = logger.experiment, trainer.global_step
         hours = self.gpu_hours(trainer)
         writer.add_scalar(self.tag, value, step)
-        writer.add_scalar(f"{self.tag}@mGPUh", value, int(round(hours * 1000)))
+        if hours_axis:
+            by_hours = self.hours_writer(logger)
+            by_hours.add_scalar(f"{self.tag}@mGPUh", value, int(round(hours * 1000)))
+            by_hours.flush()
         writer.add_scalar("compute/gpu_hours", hours, step)
         writer.add_scalar("compute/fvd_eval_hours", self.eval_seconds / 3600, step)
-        shown = frames[: self.num_sample_videos].numpy()
+        shown = frames[: self.num_sample_videos].numpy() if frames is not None else []
         if len(shown):
             tiled = side_by_side(list(shown))
             writer.file_writer.add_summary(
