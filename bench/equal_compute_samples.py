@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,9 +42,10 @@ def trained_flops(checkpoint: dict[str, Any]) -> float | None:
     """Backbone training TFLOPs the convergence study's budget callback counted; ``None`` where it did not count
     them (no such callback, or a budget in minutes)."""
     state = (checkpoint.get("callbacks") or {}).get("TrainingBudget")
-    if not state or state.get("tflops", 0.0 if state["flops"] else None) is None:
+    if not state:
         return None
-    return state["flops"] / 1e12
+    counted = state["tflops"] is not None if "tflops" in state else state["flops"] > 0  # older states lack the mode
+    return state["flops"] / 1e12 if counted else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
