@@ -611,9 +611,11 @@ def test_predict_without_a_checkpoint_needs_the_untrained_flag(tmp_path, tiny_da
 @pytest.mark.slow
 def test_tensorboard_steps_stay_strictly_increasing_after_a_sigkill_and_resume(tmp_path, tiny_data_root):
     out = tmp_path / "out"
-    every_4 = [{"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
-                "init_args": {"every_n_train_steps": 4, "save_top_k": -1}}]
-    args = [*shrink_args(out, tiny_data_root, max_steps=10_000, steps_per_epoch=10_000, callbacks=every_4),
+    # Checkpoints far enough apart (25 steps) that none lands between seeing events past the last one and the
+    # kill: with every 4 steps the run sometimes saved again first, and then nothing past the checkpoint was on disk.
+    every_25 = [{"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
+                 "init_args": {"every_n_train_steps": 25, "save_top_k": -1}}]
+    args = [*shrink_args(out, tiny_data_root, max_steps=10_000, steps_per_epoch=10_000, callbacks=every_25),
             "--trainer.logger.init_args.flush_secs=1"]  # the killed run's events past its checkpoint reach disk
     proc = subprocess.Popen([sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT), *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
@@ -628,7 +630,7 @@ def test_tensorboard_steps_stay_strictly_increasing_after_a_sigkill_and_resume(t
                 logged = max(_scalar_steps(_run_dir(out), "train/loss"))
             except Exception:  # nothing saved or flushed yet
                 continue
-            if saved >= 4 and logged >= saved + 1:
+            if saved >= 25 and logged >= saved + 1:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
     finally:
@@ -638,7 +640,7 @@ def test_tensorboard_steps_stay_strictly_increasing_after_a_sigkill_and_resume(t
     killed_steps = _scalar_steps(_run_dir(out), "train/loss")
     resumed_from = _step(last)
     assert max(killed_steps) >= resumed_from, proc.stderr.read().decode()[-3000:]  # steps past the checkpoint
-    _fit(out, tiny_data_root, resumed_from + 3, "--ckpt_path", "last", callbacks=every_4)
+    _fit(out, tiny_data_root, resumed_from + 3, "--ckpt_path", "last", callbacks=every_25)
     steps = _scalar_steps(_run_dir(out), "train/loss")
     assert steps == sorted(set(steps)), steps  # strictly increasing: no duplicates, nothing going backwards
     assert steps == list(range(resumed_from + 3)), steps
