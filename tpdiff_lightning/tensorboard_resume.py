@@ -33,3 +33,8 @@ def purge_tensorboard_after(trainer, step: int) -> list[TensorBoardLogger]:
             logger._kwargs["purge_step"] = step
             purged.append(logger)
     return purged
+
+
+def purge_step_of(logger) -> int | None:
+    """The step from which ``purge_tensorboard_after`` makes this logger's writer purge, or ``None``."""
+    return getattr(logger, "_kwargs", {}).get("purge_step")

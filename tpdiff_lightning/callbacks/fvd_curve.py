@@ -17,6 +17,7 @@ from tpdiff_lightning.data.datamodule import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.module import to_uint8_video
+from tpdiff_lightning.tensorboard_resume import purge_step_of
 from tpdiff_lightning.visualize import gif_bytes, side_by_side
 
 
@@ -114,7 +115,7 @@ class FVDCurve(L.Callback):
         if trainer.global_step > 0:  # resumed: the GPU-hours axis drops the points past this checkpoint's hours
             self._hours_purge = int(round(self.gpu_hours(trainer) * 1000)) + 1
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-            purged = getattr(logger, "_kwargs", {}).get("purge_step")  # set by the CLI's resume (tensorboard_resume)
+            purged = purge_step_of(logger)  # set by the CLI's resume
             if (purged is not None and purged <= trainer.global_step == self._last_eval_step
                     and self._last_value is not None):
                 # The evaluation at the checkpoint's own step was logged before the save, and the step axis's
