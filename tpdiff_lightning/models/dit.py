@@ -38,6 +38,7 @@ class DiTSize:
 
 
 DIT_SIZES: dict[str, DiTSize] = {
+    "dit-nano": DiTSize(hidden=32, depth=1, heads=2, patch=8, mlp_ratio=2.0),  # test fixtures: a few hundred KB
     "dit-tiny": DiTSize(hidden=128, depth=4, heads=4, patch=8, mlp_ratio=4.0),
     "dit-s": DiTSize(hidden=384, depth=12, heads=6, patch=2),
     "dit-b": DiTSize(hidden=768, depth=12, heads=12, patch=2),
