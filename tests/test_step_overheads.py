@@ -92,3 +92,59 @@ def test_the_training_steps_own_checks_read_the_device_once(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     m.training_step(batch, 0)
     assert reads == ["training_step"]
+
+
+# --- Host-device traffic, counted on the meta device (tests/device_traffic.py) -------------------------------
+
+def _meta_module(schedule: str = "flow", **kwargs) -> TPDiffModule:
+    torch.manual_seed(0)
+    return TPDiffModule(num_frames=16, resolution=16, ema_decay=None, alignment=False, schedule=schedule,
+                        **kwargs).to("meta")
+
+
+@pytest.mark.parametrize("schedule, velocity", [("flow", "stage"), ("flow", "global"), ("ddim", "stage")])
+def test_a_training_steps_targets_copy_nothing_to_the_device(schedule, velocity):
+    """Stage windows, coefficients and the DDIM tables reach the device once, not on every step."""
+    from tests.device_traffic import device_traffic
+
+    m = _meta_module(schedule, flow_velocity=velocity)
+    x0 = torch.zeros(2, 3, 16, 16, 16, device="meta")
+    text, mask = torch.zeros(2, 5, 128, device="meta"), torch.ones(2, 5, dtype=torch.bool, device="meta")
+    for i in range(3):
+        m.stage_loss(x0, text, mask, i)  # first use: a DDIM schedule copies its tables to the device once
+    for i in range(3):
+        traffic = device_traffic(lambda: m.stage_loss(x0, text, mask, i).backward())
+        assert traffic.to_device == [] and traffic.reads == [], (i, traffic)
+
+
+@pytest.mark.parametrize("schedule", ["flow", "ddim"])
+def test_sampling_copies_per_stage_not_per_step_and_reads_nothing(schedule):
+    """The initial noise, each renoise draw and each stage's time grid are copied once per stage; doubling the
+    steps adds no copy, and nothing is read back."""
+    from tests.device_traffic import device_traffic
+    from tpdiff_lightning.sampling import sample
+
+    m = _meta_module(schedule)
+    text, mask = torch.zeros(1, 5, 128, device="meta"), torch.ones(1, 5, dtype=torch.bool, device="meta")
+    model = m.denoiser(m.backbone, text, mask)
+
+    def run(steps):
+        return lambda: sample(model, m.pyramid, 2, (3, 16, 16), steps, torch.Generator().manual_seed(0),
+                              device="meta")
+    run(6)()
+    short, long = device_traffic(run(6)), device_traffic(run(12))
+    assert short.reads == [] and long.reads == []
+    assert len(long.to_device) == len(short.to_device) <= 3 * m.pyramid.num_stages, long.to_device
+
+
+def test_the_flux_style_forward_reads_nothing_back():
+    """The caption mask is applied whatever its values: branching on them would read it back every forward."""
+    from tests.device_traffic import device_traffic
+    from tests.tiny_flux import tiny_flux_config
+    from tpdiff_lightning.models.flux_video import FluxVideoBackbone
+
+    net = FluxVideoBackbone(4, 32, config=tiny_flux_config(4, 32)).to("meta")
+    x, t = torch.zeros(2, 4, 4, 8, 8, device="meta"), torch.zeros(2, device="meta")
+    text, mask = torch.zeros(2, 6, 32, device="meta"), torch.ones(2, 6, dtype=torch.bool, device="meta")
+    traffic = device_traffic(lambda: net(x, t, text, mask, stride=2))
+    assert traffic.reads == [], traffic.reads

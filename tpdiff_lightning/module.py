@@ -461,10 +461,16 @@ class TPDiffModule(L.LightningModule):
 
     def denoiser(self, backbone: nn.Module, text: Tensor, text_mask: Tensor) -> Callable[[Tensor, Tensor, Stage], Tensor]:
         """Close over the captions: the sampler's ``(x, t, stage) -> prediction``."""
+        # The sampler's state stays float32; a backbone held in another dtype (bf16-true precision, a bf16 base
+        # under LoRA) gets it cast to its weights' dtype here, and answers back in float32. The time is not cast:
+        # each backbone embeds it in float32 (bf16 would round t*1000 to 3 digits).
+        dtype = next((p.dtype for p in backbone.parameters() if p.is_floating_point()), torch.float32)
+
         def model(x: Tensor, t: Tensor, stage: Stage) -> Tensor:
             B = x.shape[0]
-            return backbone(x, self.model_time(t), text.expand(B, -1, -1), text_mask.expand(B, -1),
-                            **self.stage_strides(stage))
+            out = backbone(x.to(dtype), self.model_time(t), text.expand(B, -1, -1).to(dtype), text_mask.expand(B, -1),
+                           **self.stage_strides(stage))
+            return out.to(x.dtype)
         return model
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -180,6 +180,7 @@ class TemporalPyramid:
         self.anchor_first_frame = anchor_first_frame
         self.stage_weights = stage_weights
         self.spatial_reductions = spatial_reductions
+        self._boundary_coefficients: dict[float, tuple[float, float]] = {}
         self.stages = self._build_stages()
 
     def _build_stages(self) -> list[Stage]:
@@ -244,9 +245,12 @@ class TemporalPyramid:
         rest = x[:, :, 1:].repeat_interleave(factor, dim=2)  # (B, C, (F - 1) * r, H, W)
         return spatial_up(torch.cat([x[:, :, :1], rest], dim=2), spatial_factor)  # (B, C, 1 + (F - 1) r, H q, W q)
 
-    def _coefficients(self, t: float, like: Tensor) -> tuple[Tensor, Tensor]:
-        gamma, sigma = self.schedule.scalar(t)
-        return torch.tensor(gamma, dtype=like.dtype, device=like.device), torch.tensor(sigma, dtype=like.dtype, device=like.device)
+    def _coefficients(self, t: float) -> tuple[float, float]:
+        """``(gamma_t, sigma_t)`` at a stage boundary as Python numbers: scaling a tensor by them copies nothing to
+        the device (a ``torch.tensor(..., device=...)`` per call would, several times a step)."""
+        if t not in self._boundary_coefficients:
+            self._boundary_coefficients[t] = self.schedule.scalar(t)
+        return self._boundary_coefficients[t]
 
     def start_content(self, x0: Tensor, i: int) -> Tensor:
         """The clean content of stage i's start: ``Up(Down(x0, S_{i-1}, P_{i-1}), r_{i-1}, q_{i-1})``, or
@@ -274,8 +278,8 @@ class TemporalPyramid:
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; expected stage {i}'s shape {expected}")
         stage = self.stages[i]
-        gamma_s, sigma_s = self._coefficients(stage.t_start, x0)
-        gamma_e, sigma_e = self._coefficients(stage.t_end, x0)
+        gamma_s, sigma_s = self._coefficients(stage.t_start)
+        gamma_e, sigma_e = self._coefficients(stage.t_end)
         x_start = gamma_s * self.start_content(x0, i) + sigma_s * noise
         x_end = gamma_e * self.downsample(x0, stage.stride, stage.spatial_stride) + sigma_e * noise
         return x_start, x_end
@@ -301,7 +305,7 @@ class TemporalPyramid:
             return (1 - ub) * x_end + ub * x_start, t, (x_start - x_end) / self.velocity_span(i)
         eps_k = self.stage_noise(x_start, x_end, i)
         gamma_t, sigma_t = (_bcast(c, x0) for c in self.schedule.gamma_sigma(t))
-        gamma_s, sigma_s = self._coefficients(self.stages[i].t_start, x0)
+        gamma_s, sigma_s = self._coefficients(self.stages[i].t_start)
         x_t = (gamma_t / gamma_s) * x_start + gamma_t * eps_k * (sigma_t / gamma_t - sigma_s / gamma_s)
         return x_t, t, eps_k
 
@@ -313,8 +317,8 @@ class TemporalPyramid:
     def stage_noise(self, x_start: Tensor, x_end: Tensor, i: int) -> Tensor:
         """``eps_k = (x_end / gamma_e - x_start / gamma_s) / (sigma_e / gamma_e - sigma_s / gamma_s)`` (Eq. 11)."""
         stage = self.stages[i]
-        gamma_s, sigma_s = self._coefficients(stage.t_start, x_start)
-        gamma_e, sigma_e = self._coefficients(stage.t_end, x_start)
+        gamma_s, sigma_s = self._coefficients(stage.t_start)
+        gamma_e, sigma_e = self._coefficients(stage.t_end)
         return (x_end / gamma_e - x_start / gamma_s) / (sigma_e / gamma_e - sigma_s / gamma_s)
 
     def renoise_noise(self, shape: Sequence[int], reduction: int, generator: Generators = None,
@@ -363,8 +367,8 @@ class TemporalPyramid:
         if i >= self.num_stages - 1:
             raise ValueError(f"stage {i} is the last stage; renoise needs a stage below {self.num_stages - 1}")
         stage, nxt = self.stages[i], self.stages[i + 1]
-        gamma_e, _ = self._coefficients(stage.t_end, x_end)
-        gamma_s, sigma_s = self._coefficients(nxt.t_start, x_end)
+        gamma_e, _ = self._coefficients(stage.t_end)
+        gamma_s, sigma_s = self._coefficients(nxt.t_start)
         x = (gamma_s / gamma_e) * self.upsample(x_end, stage.reduction, stage.spatial_reduction)  # stage i+1's shape
         if not enabled:
             return x

@@ -112,8 +112,9 @@ def euler_stage(model: Denoiser, pyramid: TemporalPyramid, x: Tensor, stage: Sta
         ts = stage_time_grid(stage, num_steps, shift)
         us = (ts - stage.t_end) / (stage.t_start - stage.t_end)
     span = pyramid.velocity_span(stage.index)  # dt/du for the global-time velocity, else 1
+    ts = pyramid.stage_time(stage.index, us).to(x.device, time_dtype(x))  # (N + 1,): one copy per stage, not per step
     for n in range(num_steps):
-        t = pyramid.stage_time(stage.index, us[n]).to(x.device, time_dtype(x)).expand(x.shape[0])  # (B,)
+        t = ts[n].expand(x.shape[0])  # (B,)
         v = model(x, t, stage)
         x = x + float((us[n + 1] - us[n]) * span) * v
         if callback is not None:
@@ -126,8 +127,9 @@ def ddim_stage(model: Denoiser, pyramid: TemporalPyramid, x: Tensor, stage: Stag
     """Deterministic DDIM inside one stage, from ``s_i`` to ``e_i``: ``x' = gamma' x_bar + sigma' eps``."""
     ts = torch.linspace(stage.t_start, stage.t_end, num_steps + 1, dtype=torch.float64)
     gammas, sigmas = pyramid.schedule.gamma_sigma(ts)
+    ts_device = ts.to(x.device, time_dtype(x))  # (N + 1,): one copy per stage, not per step
     for n in range(num_steps):
-        t = ts[n].to(x.device, time_dtype(x)).expand(x.shape[0])  # (B,)
+        t = ts_device[n].expand(x.shape[0])  # (B,)
         eps = model(x, t, stage)
         x_bar = (x - float(sigmas[n]) * eps) / float(gammas[n])
         x = float(gammas[n + 1]) * x_bar + float(sigmas[n + 1]) * eps

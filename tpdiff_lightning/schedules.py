@@ -104,6 +104,14 @@ class DDIMSchedule(Schedule):
         self.lam_table = torch.log(self.gamma_table) - torch.log(self.sigma_table)  # decreasing
         self.last_step = steps - 1
         self.timestep_scale = float(self.last_step)
+        self._tables_on: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """``(lam, gamma, sigma)`` tables on ``device``, copied there once (not on every call of a training step)."""
+        if device not in self._tables_on:
+            self._tables_on[device] = tuple(table.to(device) for table in
+                                            (self.lam_table, self.gamma_table, self.sigma_table))
+        return self._tables_on[device]
 
     def _step(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Integer step below ``n = t * last_step``, the fraction above it, and the step above."""
@@ -116,7 +124,7 @@ class DDIMSchedule(Schedule):
         return lo.long(), frac, hi.long()
 
     def log_snr(self, t: Tensor) -> Tensor:
-        table = self.lam_table.to(t.device)
+        table = self.tables(t.device)[0]
         lo, frac, hi = self._step(t)
         lam = table[lo] + frac * (table[hi] - table[lo])
         return lam.to(t.dtype) if t.is_floating_point() else lam
@@ -128,13 +136,14 @@ class DDIMSchedule(Schedule):
         sigma = torch.sigmoid(-2 * lam).sqrt()
         # Integer steps read the table itself so they match the discrete schedule bit for bit.
         on_step = frac == 0
-        gamma = torch.where(on_step, self.gamma_table.to(t.device)[lo], gamma)
-        sigma = torch.where(on_step, self.sigma_table.to(t.device)[lo], sigma)
+        _, gamma_table, sigma_table = self.tables(t.device)
+        gamma = torch.where(on_step, gamma_table[lo], gamma)
+        sigma = torch.where(on_step, sigma_table[lo], sigma)
         dtype = t.dtype if t.is_floating_point() else torch.float64
         return GammaSigma(gamma.to(dtype), sigma.to(dtype))
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:
-        table = self.lam_table.to(lam.device)
+        table = self.tables(lam.device)[0]
         lam64 = lam.to(torch.float64)
         # The table decreases, so search in its negation; hi is the first step with lam_n <= lam.
         hi = torch.searchsorted(-table, -lam64).clamp(1, self.last_step)

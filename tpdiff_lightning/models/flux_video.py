@@ -179,14 +179,14 @@ class FluxVideoBackbone(nn.Module):
         self._check_inputs(x, t, text, stride, spatial_stride)
         B, _, F, H, W = x.shape
         L = text.shape[1]
-        if text_mask is None:
-            text_mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
-        text_mask = text_mask.bool()
         tokens = pack_frames(x)  # (B, N, C·4)
         img_ids = image_ids(F, H // PACK, W // PACK, int(stride), x.device, int(spatial_stride))  # (N, 3)
         txt_ids = torch.zeros(L, 3, device=x.device)  # (L, 3)
         kwargs = None
-        if not bool(text_mask.all()):
+        if text_mask is None:
+            text_mask = torch.ones(B, L, dtype=torch.bool, device=text.device)
+        else:  # masked whatever its values: deciding from them would read the mask back from the device every step
+            text_mask = text_mask.bool()
             keep = torch.cat([text_mask, text_mask.new_ones(B, tokens.shape[1])], dim=1)  # (B, L + N), text first
             kwargs = {"attention_mask": keep[:, None, None, :]}  # (B, 1, 1, L + N): masks keys only
         timestep = (t / 1000).expand(B)  # (B,) in [0, 1]; Flux multiplies by 1000 itself
