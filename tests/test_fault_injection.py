@@ -254,6 +254,76 @@ def test_an_explicit_torn_checkpoint_is_named_in_one_line(run_with_checkpoints, 
     assert _folder_state(out) == before
 
 
+def _last_target(folder: Path) -> str:
+    return os.readlink(folder / "last.ckpt")
+
+
+def test_last_checkpoint_names_the_newest_state_after_every_resume(tmp_path, tiny_data_root, one_thread):
+    """Resuming from a run's first checkpoint (saved before last.ckpt first pointed anywhere) used to write the
+    newer states to last-v1.ckpt and leave last.ckpt on the old step; a run stopping between saves lost its
+    last steps."""
+    out = tmp_path / "out"
+    folder = _run_dir(out) / "checkpoints"
+    _fit(out, tiny_data_root, max_steps=2)
+    _fit(out, tiny_data_root, 5, "--ckpt_path", "last")
+    _fit(out, tiny_data_root, 8, "--ckpt_path", "last")
+    assert sorted(p.name for p in folder.glob("last*")) == ["last.ckpt"]
+    assert _step(folder / "last.ckpt") == 8  # the final state, though 8 is past the last save at 6
+    assert _step(folder / _last_target(folder)) == 8
+
+
+def test_a_resume_past_a_torn_newest_checkpoint_repoints_last_at_once(run_with_checkpoints, tiny_data_root):
+    out, folder = run_with_checkpoints
+    _tear(folder / "epoch=0-step=4.ckpt")  # last.ckpt links to it
+    with pytest.warns(UserWarning, match=r"epoch=0-step=4\.ckpt is unreadable"):
+        cli = _fit(out, tiny_data_root, 2, "--ckpt_path", "last")  # resumes at 2 and has nothing left to train
+    assert cli.trainer.global_step == 2
+    assert _last_target(folder) == "epoch=0-step=2.ckpt"
+
+
+def _wait_for_logged_step(out: Path, proc, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            if max(_scalar_steps(_run_dir(out), "train/loss")) >= step:
+                return
+        except Exception:  # no event file yet
+            continue
+    raise AssertionError(f"the run did not reach step {step}: {proc.poll()=}")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_reached_exits_143_and_resumes_there(tmp_path, tiny_data_root):
+    """What a cluster's preemption or scancel sends: the run saves where it is, says so in one line, and exits
+    non-zero; --ckpt_path last then continues from that step."""
+    out = tmp_path / "out"
+    every_1000 = [{"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
+                   "init_args": {"every_n_train_steps": 1000, "save_top_k": -1}}]  # no scheduled save before the signal
+    args = [*shrink_args(out, tiny_data_root, max_steps=10_000, steps_per_epoch=10_000, callbacks=every_1000),
+            "--trainer.logger.init_args.flush_secs=1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT), *args],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True)
+    try:
+        _wait_for_logged_step(out, proc, 3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "stopped by SIGTERM at global step" in lines[0], err[-2000:]
+    step = int(re.search(r"global step (\d+)", lines[0]).group(1))
+    folder = _run_dir(out) / "checkpoints"
+    assert step >= 3 and _step(folder / "last.ckpt") == step and f"step={step}.ckpt" in lines[0]
+    cli = _fit(out, tiny_data_root, step + 2, "--ckpt_path", "last", callbacks=every_1000)
+    assert cli.trainer.global_step == step + 2
+    assert int(cli.model.ema.num_updates) == step + 2  # continued from the saved step, not restarted
+
+
 def test_find_resume_point_prefers_a_newer_step_checkpoint_over_an_older_last(tmp_path):
     from tpdiff_lightning.resume import find_resume_point
 
@@ -282,8 +352,11 @@ def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
 
 def test_tensorboard_steps_stay_strictly_increasing_after_a_resume(tmp_path, tiny_data_root, one_thread):
     out = tmp_path / "out"
-    _fit(out, tiny_data_root, max_steps=5)  # stopped past its last checkpoint (step 4): step 5 was logged
+    _fit(out, tiny_data_root, max_steps=5)  # logged steps 0..4; its final state (step 5) was saved at the end
     assert _scalar_steps(_run_dir(out), "train/loss") == [0, 1, 2, 3, 4]
+    folder = _run_dir(out) / "checkpoints"
+    for final in (folder / _last_target(folder), folder / "last.ckpt"):  # as a kill before that save leaves it
+        final.unlink()
     _fit(out, tiny_data_root, 8, "--ckpt_path", "last")  # resumes at 4 and logs steps 4.. again
     steps = _scalar_steps(_run_dir(out), "train/loss")
     assert steps == list(range(8)), steps

@@ -8,9 +8,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from tpdiff_lightning.callbacks.checkpoint import link_last_checkpoint
 from tpdiff_lightning.callbacks.divergence import DivergenceGuard
 from tpdiff_lightning.callbacks.eval_accounting import EvalAccounting
+from tpdiff_lightning.callbacks.preemption import SIGTERM_EXIT_CODE, PreemptedError, PreemptionCheckpoint
 from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
 from tpdiff_lightning.checkpoint_match import check_model_matches_checkpoint
 from tpdiff_lightning.cli_errors import TRACEBACK_FLAG, check_config_files, report_and_exit, wants_traceback
@@ -105,7 +108,7 @@ class TPDiffCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)  # checkpoints are written whole or not at all
-        for default in (DivergenceGuard, EvalAccounting):  # every run has them, with defaults unless configured
+        for default in (DivergenceGuard, EvalAccounting, PreemptionCheckpoint):  # every run has them
             if not any(isinstance(callback, default) for callback in trainer.callbacks):
                 trainer.callbacks.insert(0, default())  # first: before any ModelCheckpoint
         return trainer
@@ -114,6 +117,9 @@ class TPDiffCLI(LightningCLI):
         self.run_lock = None
         try:
             super()._run_subcommand(subcommand)
+        except SIGTERMException:  # a SystemExit(None), which would end the process with status 0
+            preemption = next(cb for cb in self.trainer.callbacks if isinstance(cb, PreemptionCheckpoint))
+            raise PreemptedError(preemption.message(self.trainer.global_step), preemption.saved) from None
         finally:
             if self.run_lock is not None:
                 self.run_lock.release()
@@ -127,8 +133,9 @@ class TPDiffCLI(LightningCLI):
         if subcommand == "fit" and not kwargs.get("ckpt_path") and not requeued:
             # Every rank checks (the folder is shared), so no rank goes on to wait for one that stopped here.
             refuse_fresh_fit_over_checkpoints(checkpoint_folders(self.trainer))  # never mix two runs' checkpoints
+        resume_point = None
         if kwargs.get("ckpt_path") == "last":
-            point = find_resume_point(checkpoint_folders(self.trainer))
+            point = resume_point = find_resume_point(checkpoint_folders(self.trainer))
             if point is None:
                 folders = ", ".join(str(f) for f in checkpoint_folders(self.trainer))
                 rank_zero_warn(f"ckpt_path=last: no checkpoint in {folders}; starting from step 0")
@@ -149,6 +156,9 @@ class TPDiffCLI(LightningCLI):
         if subcommand == "fit" and self.trainer.is_global_zero and self.trainer.log_dir is not None:
             self.run_lock = RunFolderLock(self.trainer.log_dir)  # one run per folder: refuse a second live one
             self.run_lock.acquire()  # the run's first write, after every check above
+            if resume_point is not None and resume_point.reason is not None:
+                # last.ckpt named a missing, torn or older state: from now on it names the one the run resumes from
+                link_last_checkpoint(resume_point.path, resume_point.path.parent / "last.ckpt")
         return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -190,4 +200,4 @@ def command_line(argv: list[str] | None = None) -> TPDiffCLI:
     except Exception as error:  # one line for every error; --traceback shows the rest
         if show_traceback:
             raise
-        report_and_exit(error)
+        report_and_exit(error, SIGTERM_EXIT_CODE if isinstance(error, PreemptedError) else 1)

@@ -9,9 +9,13 @@ Velocity convention. Wan2.1 is trained by flow matching with ``x_t = (1 − σ)�
 timestep ``σ·1000``. This project uses the same path (``x_t = (1 − t)·x0 + t·ε``, SPEC "Conventions"), and
 its flow target ``x̂_s − x̂_e`` is the derivative towards the noisier end, which at one stage is ``ε − x0``;
 the sampler steps ``x ← x + (u' − u)·v`` the same way. The signs agree, so the adapter returns Wan's
-output unchanged (pinned by a test against diffusers' scheduler). Inside a stage of a pyramid the target
-is the velocity in the stage's own time u, i.e. ``(s_i − e_i)`` times the velocity in global time, so a
-pretrained Wan starts off by that factor on the shorter stages; the LoRA fine-tuning learns it.
+output unchanged (pinned by a test against diffusers' scheduler).
+
+Inside a stage of a pyramid, the module's ``flow_velocity`` chooses the target (docs/method.md):
+``"global"`` (what ``configs/wan_lora_flow.yaml`` uses) is the velocity in global time,
+``(x̂_s − x̂_e)/(s_i − e_i) = ε_k − x̄``, the ordinary flow target of the stage's virtual pair, so a pretrained Wan
+predicts it from its first step; ``"stage"`` (the paper's Eq. 13) is the velocity in the stage's own time u,
+``(s_i − e_i)`` times larger, which a pretrained Wan would have to learn by that factor on the shorter stages.
 
 FSDP: the repeated block class is ``diffusers.models.transformers.transformer_wan.WanTransformerBlock``, one of
 ``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``; name it in ``auto_wrap_policy`` / ``activation_checkpointing_policy``.
