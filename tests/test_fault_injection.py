@@ -324,6 +324,55 @@ def test_sigterm_saves_the_step_reached_exits_143_and_resumes_there(tmp_path, ti
     assert int(cli.model.ema.num_updates) == step + 2  # continued from the saved step, not restarted
 
 
+def _folder_state(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.lstat().st_mtime for p in folder.rglob("*")}
+
+
+def test_a_changed_learning_rate_and_batch_size_on_resume_are_applied_and_said(tmp_path, tiny_data_root, one_thread):
+    out = tmp_path / "out"
+    _fit(out, tiny_data_root, max_steps=2)
+    with pytest.warns(UserWarning, match=r"applied from this step on: model\.init_args\.lr: 0\.001 -> 0\.0005"
+                                         r".*data\.init_args\.batch_size: 2 -> 3"):
+        cli = _fit(out, tiny_data_root, 3, "--ckpt_path", "last", "--model.init_args.lr=0.0005",
+                   "--data.init_args.batch_size=3")
+    optimizer = cli.trainer.optimizers[0]
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0005, 0.0005]  # not the checkpoint's 0.001
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [0.0005, 0.0005]
+    assert cli.model.hparams.lr == 0.0005 and cli.trainer.global_step == 3
+    assert torch.load(_run_dir(out) / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]["lr"] == 0.0005
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--model.init_args.num_stages=2", "--model.init_args.reductions=[2]", "--model.init_args.partition=[1, 1]"],
+     r"num_stages=2 \(the checkpoint has 3\)"),
+    (["--model.init_args.schedule=ddim"], r"schedule='ddim' \(the checkpoint has 'flow'\)"),
+    (["--model.init_args.ema_decay=null"], r"ema_decay=None \(the checkpoint has 0\.995\)"),
+])
+def test_a_resume_that_changes_what_is_trained_is_refused_in_one_line_before_writing(
+        tmp_path, tiny_data_root, capsys, one_thread, change, named):
+    out = tmp_path / "out"
+    _fit(out, tiny_data_root, max_steps=2)
+    before = _folder_state(_run_dir(out))
+    args = shrink_args(out, tiny_data_root, max_steps=4, callbacks=CHECKPOINT_EVERY_2)
+    line = _command_line_error(capsys, ["fit", "--config", str(DEFAULT), *args, "--ckpt_path", "last", *change])
+    assert re.search(named, line) and "--weights_from" in line, line
+    assert _folder_state(_run_dir(out)) == before  # nothing written
+
+
+def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, tiny_data_root, one_thread):
+    """The way a refused resume points to: another pyramid (2 stages) trained from the 3-stage run's weights."""
+    out = tmp_path / "out"
+    first = _fit(out, tiny_data_root, max_steps=2)
+    source = _run_dir(out) / "checkpoints" / "last.ckpt"
+    cli = _fit(out, tiny_data_root, 0, "--weights_from", str(source), "--trainer.logger.init_args.version=two-stage",
+               "--model.init_args.num_stages=2", "--model.init_args.reductions=[2]",
+               "--model.init_args.partition=[1, 1]")
+    assert cli.trainer.global_step == 0 and cli.model.pyramid.num_stages == 2
+    stored = torch.load(source, weights_only=False)["state_dict"]
+    assert all(torch.equal(stored[k], v) for k, v in cli.model.state_dict().items())
+    assert set(stored) == set(first.model.state_dict())
+
+
 def test_find_resume_point_prefers_a_newer_step_checkpoint_over_an_older_last(tmp_path):
     from tpdiff_lightning.resume import find_resume_point
 

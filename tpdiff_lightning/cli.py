@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -22,14 +23,16 @@ from tpdiff_lightning.fit_checks import check_fit_setup
 from tpdiff_lightning.module import TPDiffModule
 from tpdiff_lightning.resume import (
     UnusableCheckpointError,
+    sharded_checkpoint_file,
     checkpoint_folders,
     find_resume_point,
     load_problem,
     refuse_fresh_fit_over_checkpoints,
     resume_message,
 )
+from tpdiff_lightning.resume_settings import check_resume_settings, resumed_settings_message
 from tpdiff_lightning.run_lock import RunFolderLock
-from tpdiff_lightning.run_settings import check_data_settings, check_run_settings
+from tpdiff_lightning.run_settings import RunSettingError, check_data_settings, check_run_settings
 from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after, resumed_step
 
 
@@ -68,9 +71,11 @@ class TPDiffCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning lets a checkpoint's hyperparameters override the whole model config, command line
         # included; the network must match the checkpoint, but sampling settings are the user's to choose.
+        # A resumed fit keeps the config's settings instead: each difference is applied and said, or refused
+        # (tpdiff_lightning.resume_settings), the same for a file and for `--ckpt_path last`.
         subcommand = self.config.get("subcommand")
-        if not subcommand or not self.config[subcommand].get("ckpt_path"):
-            return super()._parse_ckpt_path()
+        if not subcommand or not self.config[subcommand].get("ckpt_path") or subcommand == "fit":
+            return None if subcommand == "fit" else super()._parse_ckpt_path()
         ckpt = Path(str(self.config[subcommand].ckpt_path))
         if ckpt.is_file() and (problem := load_problem(ckpt)[1]) is not None:
             raise UnusableCheckpointError(f"ckpt_path={ckpt} {problem}; pass a checkpoint that loads "
@@ -147,6 +152,11 @@ class TPDiffCLI(LightningCLI):
         ckpt_file = kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_file()
         if ckpt_file:  # before anything is written: the configured network must be the checkpoint's
             check_model_matches_checkpoint(self.model, self.model.hparams, kwargs["ckpt_path"], INFERENCE_KEYS)
+        if subcommand == "fit" and kwargs.get("ckpt_path"):
+            self.check_resumed_settings(str(kwargs["ckpt_path"]))
+        weights_from = self.config[subcommand].get("weights_from")
+        if weights_from:
+            self.load_start_weights(subcommand, str(weights_from), kwargs.get("ckpt_path"))
         if subcommand == "fit" and ckpt_file:
             purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
         elif subcommand == "fit" and kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_dir():
@@ -161,9 +171,38 @@ class TPDiffCLI(LightningCLI):
                 link_last_checkpoint(resume_point.path, resume_point.path.parent / "last.ckpt")
         return kwargs
 
+    def check_resumed_settings(self, ckpt_path: str) -> None:
+        """Refuse a resume that changes what the checkpoint trains; say which other settings change."""
+        path = Path(ckpt_path)
+        state_file = sharded_checkpoint_file(path)[0] if path.is_dir() else path
+        if state_file is None or not state_file.is_file():
+            return
+        checkpoint = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)
+        data_hparams = getattr(self.datamodule, "hparams", None)
+        applied = check_resume_settings(ckpt_path, checkpoint.get("hyper_parameters") or {}, dict(self.model.hparams),
+                                        checkpoint.get("datamodule_hyper_parameters"),
+                                        dict(data_hparams) if data_hparams is not None else None)
+        if applied:
+            rank_zero_warn(resumed_settings_message(ckpt_path, applied))
+
+    def load_start_weights(self, subcommand: str, path: str, ckpt_path: str | None) -> None:
+        """``--weights_from``: a new run that starts from a checkpoint's weights (and EMA), at step 0."""
+        if subcommand != "fit" or ckpt_path:
+            raise RunSettingError(f"weights_from={path} starts a new fit from a checkpoint's weights; expected it "
+                                  "with fit and without --ckpt_path (which resumes, or for validate and predict "
+                                  "loads, the checkpoint itself)")
+        if not Path(path).is_file() or (problem := load_problem(Path(path))[1]) is not None:
+            raise RunSettingError(f"weights_from={path} {problem if Path(path).is_file() else 'is no file'}; "
+                                  "expected a checkpoint file that loads")
+        check_model_matches_checkpoint(self.model, self.model.hparams, path, INFERENCE_KEYS)
+        self.model.load_weights(path)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--untrained", type=bool, default=False,
                             help="predict: sample from the network without a checkpoint (on purpose)")
+        parser.add_argument("--weights_from", type=Optional[str], default=None,
+                            help="fit: start a new run (step 0, fresh optimizer) from this checkpoint's weights and "
+                                 "EMA, with the settings of the config; e.g. to change the pyramid of a trained model")
         # Only top-level model arguments are linked: links into nested init_args are lost by load_from_checkpoint.
         parser.link_arguments("data.init_args.num_frames", "model.init_args.num_frames")
         parser.link_arguments("data.init_args.resolution", "model.init_args.resolution")

@@ -24,7 +24,7 @@ from tpdiff_lightning.gradient_clipping import clip_gradients
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
-from tpdiff_lightning.optimizer import make_adamw
+from tpdiff_lightning.optimizer import apply_optimizer_settings, make_adamw
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
 from tpdiff_lightning.sampling import check_step_weights, guided_one_pass, sample
 from tpdiff_lightning.schedules import make_schedule
@@ -384,6 +384,29 @@ class TPDiffModule(L.LightningModule):
         if message is not None and self.global_rank == 0:
             warnings.warn(message, UserWarning, stacklevel=2)
 
+    def load_weights(self, path: str) -> None:
+        """Load a checkpoint's trained weights (and EMA, where both have one) into this module, nothing else: the
+        start of a new run from a trained model (``--weights_from``)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        self.on_load_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        if self.ema is None:
+            state = {k: v for k, v in state.items() if not k.startswith("ema.")}
+        result = self.load_state_dict(state, strict=False)
+        wrong = [k for k in [*result.missing_keys, *result.unexpected_keys] if not k.startswith("ema.")]
+        if wrong:
+            raise ValueError(f"weights_from={path} does not hold this network's weights: {wrong[:3]} "
+                             f"({len(wrong)} keys differ)")
+        if self.ema is not None and any(k.startswith("ema.") for k in result.missing_keys):
+            self.ema.reset(self.denoiser_modules())  # a checkpoint without an EMA: it starts from the weights
+
+    def on_train_start(self) -> None:
+        # After a resume the optimizer and schedule come back as they were saved; the config's optimization settings
+        # (which the CLI said it applies) replace theirs from here on. Without a resume this changes nothing.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups()]
+        schedulers = self.trainer.lr_scheduler_configs
+        apply_optimizer_settings(self.trainer.optimizers[0], schedulers[0].scheduler if schedulers else None, settings)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.global_step_at_load = int(checkpoint.get("global_step", -1))
         state = checkpoint.get("state_dict")
@@ -482,13 +505,19 @@ class TPDiffModule(L.LightningModule):
         return {"video": to_uint8_video(video[keep]).cpu(), "caption": [captions[i] for i in keep],
                 "seed": [seeds[i] for i in keep], "index": [indices[i] for i in keep]}
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the denoiser's, then a trainable text encoder's (at
+        ``lr * text_lr_scale``); only the groups that hold parameters."""
         hp = self.hparams
         text_ids = {id(p) for p in self.text_encoder.parameters()}
         params = [p for p in self.denoiser_modules().parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if id(p) not in text_ids], "lr": hp.lr},
                   {"params": [p for p in params if id(p) in text_ids], "lr": hp.lr * hp.text_lr_scale}]
-        groups = [g for g in groups if g["params"]]
+        return [dict(g, weight_decay=hp.weight_decay, betas=tuple(hp.betas)) for g in groups if g["params"]]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.param_groups()
         trainer = self._trainer
         optimizer = make_adamw(groups, hp.lr, hp.weight_decay, hp.betas, hp.get("fused_optimizer"),
                                precision=str(trainer.precision) if trainer is not None else "32-true",

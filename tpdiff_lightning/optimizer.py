@@ -43,3 +43,19 @@ def make_adamw(groups: Sequence[dict[str, Any]], lr: float, weight_decay: float 
         fused = fused_adamw_supported((p for g in groups for p in g["params"]), precision, strategy)
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), **kwargs)
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any, groups: Sequence[dict[str, Any]]) -> None:
+    """Give each parameter group of a (restored) optimizer the base learning rate, weight decay and betas of
+    ``groups``, and its current learning rate from the ``LambdaLR`` schedule at the position it reached."""
+    if len(optimizer.param_groups) != len(groups):
+        raise ValueError(f"the optimizer has {len(optimizer.param_groups)} parameter groups; the settings name "
+                         f"{len(groups)}")
+    for group, setting in zip(optimizer.param_groups, groups):
+        group["initial_lr"] = setting["lr"]
+        group["weight_decay"] = setting["weight_decay"]
+        group["betas"] = tuple(setting["betas"])
+    if scheduler is not None and hasattr(scheduler, "lr_lambdas"):
+        scheduler.base_lrs = [setting["lr"] for setting in groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
