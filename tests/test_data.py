@@ -348,19 +348,36 @@ def test_set_resume_step_and_trainer_global_step_reseed_the_training_stream(tiny
 def test_missing_shards_raise_file_not_found_with_a_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"manifest\.json.*make_synthetic\.py"):
         VideoDataModule(root=str(tmp_path), build_synthetic=False).train_dataloader()
-    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar.*make_synthetic\.py"):
+    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar.*check the train_shards pattern"):
         VideoDataModule(root=str(tmp_path), train_shards="train-{000001..000002}.tar").train_dataloader()
 
 
 def test_prepare_data_builds_missing_synthetic_data_once(tmp_path):
     dm = VideoDataModule(root=str(tmp_path / "s"), num_frames=4, resolution=16, synthetic_num_train=8,
-                         synthetic_num_eval=4, num_workers=0, batch_size=4)  # fmt: skip
+                         synthetic_num_eval=4, num_workers=0, batch_size=4, build_synthetic=True)  # fmt: skip
     dm.prepare_data()
     manifest_path = tmp_path / "s" / "manifest.json"
     built = manifest_path.stat().st_mtime_ns
     dm.prepare_data()
     assert manifest_path.stat().st_mtime_ns == built
     assert len(_captions(dm.val_dataloader())) == 4
+
+
+def test_synthetic_data_is_built_only_where_build_synthetic_names(tmp_path, monkeypatch):
+    """A mistyped root beside the default config's build_synthetic: data/synthetic is an error, not a synthetic run."""
+    monkeypatch.chdir(tmp_path)
+    small = dict(num_frames=4, resolution=16, synthetic_num_train=8, synthetic_num_eval=4, num_workers=0)
+    typo = VideoDataModule(root="data/nodata", build_synthetic="data/synthetic", **small)
+    assert not typo.will_build_synthetic()
+    typo.prepare_data()
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(FileNotFoundError, match=r"no such folder.*built only at build_synthetic=data/synthetic"):
+        typo.shard_urls("train")
+    named = VideoDataModule(root="data/synthetic", build_synthetic="data/synthetic", **small)
+    assert named.will_build_synthetic()
+    named.prepare_data()
+    assert (tmp_path / "data" / "synthetic" / "manifest.json").is_file()
+    assert not VideoDataModule(root="data/other", **small).will_build_synthetic()  # the default: never build
 
 
 def test_prepare_data_leaves_a_foreign_dataset_alone(tmp_path):
@@ -523,14 +540,16 @@ def test_synthetic_build_is_long_enough_for_the_frame_step(target_fps, step):
 def test_target_fps_trains_on_the_synthetic_build_it_makes(tmp_path, monkeypatch):
     monkeypatch.setattr(datamodule, "MAX_SHORT_BEFORE_FIRST_CLIP", 4)
     dm = VideoDataModule(root=str(tmp_path / "s"), num_frames=4, target_fps=4, resolution=16, batch_size=2,
-                         num_workers=0, synthetic_num_train=4, synthetic_num_eval=2, train_steps_per_epoch=1)
+                         num_workers=0, synthetic_num_train=4, synthetic_num_eval=2, train_steps_per_epoch=1,
+                         build_synthetic=True)
     dm.prepare_data()
     assert synthetic.read_manifest(tmp_path / "s")["args"]["num_frames"] == 7  # 8 fps clips, step 2
     assert next(iter(dm.train_dataloader()))["video"].shape == (2, 3, 4, 16, 16)
 
 
 def test_rebuilding_outdated_synthetic_data_logs_which_arguments_differ(tmp_path, caplog):
-    kwargs = dict(root=str(tmp_path), num_frames=2, resolution=16, synthetic_num_train=2, synthetic_num_eval=2)
+    kwargs = dict(root=str(tmp_path), num_frames=2, resolution=16, synthetic_num_train=2, synthetic_num_eval=2,
+                  build_synthetic=True)
     with caplog.at_level(logging.WARNING, logger=datamodule.__name__):
         VideoDataModule(**kwargs).prepare_data()  # a first build has nothing to explain
         VideoDataModule(**kwargs).prepare_data()  # a matching build is kept
@@ -559,7 +578,7 @@ def test_make_synthetic_says_why_it_rebuilds_and_refuses_a_real_dataset(tmp_path
 
 def test_odd_resolution_for_synthetic_data_names_resolution(tmp_path):
     with pytest.raises(ValueError, match=r"resolution=31 .*expected an even frame side >= 4.*got 31"):
-        VideoDataModule(root=str(tmp_path), resolution=31).prepare_data()
+        VideoDataModule(root=str(tmp_path), resolution=31, build_synthetic=True).prepare_data()
     assert not (tmp_path / "manifest.json").exists()
 
 

@@ -384,6 +384,13 @@ def test_sample_step_weights_reach_the_sampler():
     (dict(schedule="ddim", timestep_shift=5.0), r"timestep_shift=5.0 is set for schedule='ddim'; expected 1"),
     (dict(sample_batch_size=0), r"sample_batch_size=0 is invalid; expected an integer >= 1"),
     (dict(sample_step_weights=[1, 1]), r"sample_step_weights=\[1, 1\] is invalid; expected 3 positive numbers"),
+    # YAML's true is a Python bool, which is an int: not a number of steps, a shift or a weight
+    (dict(timestep_shift=True), r"timestep_shift=True is invalid; expected a number > 0"),
+    (dict(sample_step_weights=[True, True, True]), r"sample_step_weights=\[True, True, True\] is invalid"),
+    (dict(sample_batch_size=True), r"sample_batch_size=True is invalid; expected an integer >= 1"),
+    (dict(num_stages=True), r"num_stages=True is invalid; expected an integer >= 1"),
+    (dict(reductions=[True, 2]), r"reductions=\[True, 2\] is invalid"),
+    (dict(partition=[1, True, 1]), r"partition=\[1, True, 1\] is invalid"),
 ])
 def test_bad_new_module_arguments_name_the_key_and_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):

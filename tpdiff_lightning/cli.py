@@ -132,8 +132,8 @@ class TPDiffCLI(LightningCLI):
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         check_run_settings(subcommand, self.model, kwargs.get("ckpt_path"),
-                           untrained=bool(self.config[subcommand].get("untrained")))
-        check_data_settings(subcommand, self.datamodule)
+                           untrained=bool(self.config[subcommand].get("untrained")), trainer=self.trainer)
+        check_data_settings(subcommand, self.datamodule, self.trainer)
         requeued = getattr(self.trainer._checkpoint_connector, "_hpc_resume_path", None) is not None
         if subcommand == "fit" and not kwargs.get("ckpt_path") and not requeued:
             # Every rank checks (the folder is shared), so no rank goes on to wait for one that stopped here.

@@ -28,6 +28,7 @@ from tpdiff_lightning.optimizer import apply_optimizer_settings, make_adamw
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid, randn
 from tpdiff_lightning.sampling import check_step_weights, guided_one_pass, sample
 from tpdiff_lightning.schedules import make_schedule
+from tpdiff_lightning.values import is_integer, is_number
 
 BackboneFactory = Callable[[int, int], nn.Module]
 
@@ -132,12 +133,12 @@ class TPDiffModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if not (isinstance(timestep_shift, (int, float)) and timestep_shift > 0):
+        if not (is_number(timestep_shift) and timestep_shift > 0):
             raise ValueError(f"timestep_shift={timestep_shift!r} is invalid; expected a number > 0 (1 = no shift)")
         if timestep_shift != 1 and schedule != "flow":
             raise ValueError(f"timestep_shift={timestep_shift!r} is set for schedule={schedule!r}; expected 1 "
                              "(the shift applies to flow sampling only)")
-        if not (isinstance(sample_batch_size, int) and sample_batch_size >= 1):
+        if not (is_integer(sample_batch_size) and sample_batch_size >= 1):
             raise ValueError(f"sample_batch_size={sample_batch_size!r} is invalid; expected an integer >= 1")
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout={caption_dropout} is invalid; expected 0 <= p < 1")

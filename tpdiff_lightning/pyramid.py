@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tpdiff_lightning.schedules import Schedule, make_schedule
+from tpdiff_lightning.values import is_integer, is_number
 
 
 FLOW_VELOCITIES = ("stage", "global")
@@ -142,7 +143,7 @@ class TemporalPyramid:
         flow_velocity: str = "stage",
         spatial_reductions: Sequence[int] | None = None,
     ):
-        if not isinstance(num_stages, int) or num_stages < 1:
+        if not is_integer(num_stages) or num_stages < 1:
             raise ValueError(f"num_stages={num_stages!r} is invalid; expected an integer >= 1")
         K = num_stages
         reductions = tuple(reductions) if reductions is not None else (2,) * (K - 1)
@@ -153,17 +154,17 @@ class TemporalPyramid:
         if len(spatial_reductions) != K - 1:
             raise ValueError(f"spatial_reductions={list(spatial_reductions)} has length {len(spatial_reductions)}; "
                              f"expected num_stages - 1 = {K - 1}")
-        if any(not isinstance(q, int) or isinstance(q, bool) or q < 1 for q in spatial_reductions):
+        if any(not is_integer(q) or q < 1 for q in spatial_reductions):
             raise ValueError(f"spatial_reductions={list(spatial_reductions)} is invalid; expected integers >= 1")
-        if any(not isinstance(r, int) or r < 1 or (r == 1 and q == 1) for r, q in zip(reductions, spatial_reductions)):
+        if any(not is_integer(r) or r < 1 or (r == 1 and q == 1) for r, q in zip(reductions, spatial_reductions)):
             raise ValueError(f"reductions={list(reductions)} is invalid; expected integers >= 2 "
                              "(1 only where spatial_reductions is above 1)")
         if len(partition) != K:
             raise ValueError(f"partition={list(partition)} has length {len(partition)}; expected num_stages = {K}")
-        if any(not (w > 0) for w in partition):
+        if any(not (is_number(w) and w > 0) for w in partition):
             raise ValueError(f"partition={list(partition)} is invalid; expected positive weights")
         stage_weights = tuple(stage_weights) if stage_weights is not None else partition
-        if len(stage_weights) != K or any(not (w >= 0) for w in stage_weights) or sum(stage_weights) <= 0:
+        if len(stage_weights) != K or any(not (is_number(w) and w >= 0) for w in stage_weights) or sum(stage_weights) <= 0:
             raise ValueError(f"stage_weights={list(stage_weights)} is invalid; expected {K} non-negative weights with a positive sum")
 
         self.schedule = make_schedule(schedule)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tpdiff_lightning.pyramid import Generators, Stage, TemporalPyramid, randn, time_dtype
+from tpdiff_lightning.values import is_number
 
 Denoiser = Callable[[Tensor, Tensor, Stage], Tensor]
 StepCallback = Callable[[int, int, Tensor], None]
@@ -24,7 +25,7 @@ def check_step_weights(weights: Sequence[float] | None, num_stages: int) -> None
     if weights is None:
         return
     values = list(weights)
-    if len(values) != num_stages or not all(isinstance(w, (int, float)) and w > 0 for w in values):
+    if len(values) != num_stages or not all(is_number(w) and w > 0 for w in values):
         raise ValueError(f"sample_step_weights={values} is invalid; expected {num_stages} positive numbers "
                          "(one per stage), or null to split the steps by the partition")
 
@@ -172,7 +173,7 @@ def sample(
     Returns:
         ``(B, C, F, H, W)`` samples at the schedule's data end.
     """
-    if not timestep_shift > 0:
+    if not (is_number(timestep_shift) and timestep_shift > 0):
         raise ValueError(f"timestep_shift={timestep_shift!r} is invalid; expected a number > 0 (1 = no shift)")
     if timestep_shift != 1.0 and pyramid.schedule.name != "flow":
         raise ValueError(f"timestep_shift={timestep_shift!r} is set for schedule={pyramid.schedule.name!r}; "

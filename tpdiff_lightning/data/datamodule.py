@@ -464,9 +464,11 @@ class VideoDataModule(L.LightningDataModule):
         sample_format: "video" (mp4 shards), "latent" (shards from `data/encode_latents.py`; `num_frames` still
             counts video frames, and the clips are not resized), or "auto": the manifest's `format`, else video.
         shuffle_buffer: Raw samples held by the training shuffle buffer.
-        build_synthetic: When no patterns are given and `root` has no manifest (or an outdated synthetic one),
-            `prepare_data` writes synthetic moving-shape shards there; rebuilding an outdated one logs a warning
-            naming the arguments that changed.
+        build_synthetic: Where `prepare_data` may write synthetic moving-shape shards when no patterns are
+            given: a folder (``configs/default.yaml``: ``data/synthetic``), built only when `root` is that folder
+            and has no manifest, so a mistyped `root` stops with an error instead of training on synthetic data;
+            ``true`` builds at any `root` without a manifest; ``false`` never builds. An outdated synthetic build
+            in `root` is rebuilt (unless ``false``), with a warning naming the arguments that changed.
         synthetic_num_train: Training clips of the synthetic build.
         synthetic_num_eval: Evaluation clips of the synthetic build.
         predict_prompts: Captions to sample in `predict`; None uses a few synthetic captions.
@@ -488,7 +490,7 @@ class VideoDataModule(L.LightningDataModule):
         target_fps: float | None = None,
         sample_format: str = "auto",
         shuffle_buffer: int = 256,
-        build_synthetic: bool = True,
+        build_synthetic: bool | str = False,
         synthetic_num_train: int = 2048,
         synthetic_num_eval: int = 128,
         predict_prompts: list[str] | None = None,
@@ -562,11 +564,9 @@ class VideoDataModule(L.LightningDataModule):
 
         An existing synthetic build made with other arguments is rebuilt, with a warning naming the differences.
         """
-        if not self.build_synthetic or self.train_shards or self.eval_shards:
+        if not self.will_build_synthetic():
             return
         manifest = read_manifest(self.root)
-        if manifest is not None and manifest.get("generator") != GENERATOR_NAME:
-            return  # a real dataset: never overwritten
         args = self._synthetic_args()
         reason = synthetic_mismatch(self.root, **args)
         if reason is None:
@@ -575,21 +575,38 @@ class VideoDataModule(L.LightningDataModule):
             log.warning("rebuilding the synthetic data in %s: %s", self.root, reason)
         write_synthetic_shards(self.root, **args)
 
+    def will_build_synthetic(self) -> bool:
+        """Whether `prepare_data` may write synthetic shards into `root`: an outdated synthetic build there is
+        rebuilt unless `build_synthetic` is false; a root without a manifest is built into only where
+        `build_synthetic` names it (or is true)."""
+        if self.build_synthetic is False or self.train_shards or self.eval_shards:
+            return False
+        manifest = read_manifest(self.root)
+        if manifest is not None:
+            return manifest.get("generator") == GENERATOR_NAME  # a real dataset is never overwritten
+        return self.build_synthetic is True or Path(self.build_synthetic).resolve() == self.root.resolve()
+
     def _how_to_fix(self, manifest: dict | None) -> str:
         """How to get the missing shards: build synthetic data for a synthetic (or empty) root, else rebuild."""
+        if manifest is None and isinstance(self.build_synthetic, str):
+            return (f"expected webdataset shards listed by a manifest.json there, or shard patterns "
+                    f"(train_shards, eval_shards); synthetic data is built only at "
+                    f"build_synthetic={self.build_synthetic} (or wherever build_synthetic is true)")
         if manifest is None or manifest.get("generator") == GENERATOR_NAME:
             return (f"build synthetic data with `python data/make_synthetic.py --out {self.root}` "
-                    "or set build_synthetic=True")
+                    "or set build_synthetic=true")
         return f"rebuild the dataset with the builder that wrote it ({manifest.get('generator')})"
 
     def shard_urls(self, split: str) -> list[str]:
         """Return the existing shard paths of `split` ("train" or "eval"), or raise FileNotFoundError saying how to fix it."""
         pattern = self.train_shards if split == "train" else self.eval_shards
         manifest = read_manifest(self.root) if pattern is None else None
-        how = self._how_to_fix(manifest)
+        how = (self._how_to_fix(manifest) if pattern is None else
+               f"check the {split}_shards pattern (shard names relative to root, or absolute)")
         if pattern is None:
             if manifest is None:
-                raise FileNotFoundError(f"no manifest.json in {self.root} and no {split}_shards pattern given; {how}")
+                where = "no such folder" if not self.root.exists() else f"no manifest.json in {self.root}"
+                raise FileNotFoundError(f"{where} and no {split}_shards pattern given; {how}")
             if split not in manifest.get("splits", {}):
                 raise FileNotFoundError(self._missing_split_message(manifest, split))
             names = manifest["splits"][split]["shards"]
