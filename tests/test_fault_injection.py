@@ -144,7 +144,10 @@ def test_full_disk_mid_write_keeps_the_previous_checkpoint_and_no_temp_file(tmp_
     io = _cli_checkpoint_io(tmp_path, tiny_data_root)
     target = small_disk / "last.ckpt"
     io.save_checkpoint({"global_step": 1, "state_dict": {"w": torch.zeros(500_000)}}, target)  # 2 MB
-    with pytest.raises((OSError, RuntimeError)):
+    from tpdiff_lightning.checkpoint_io import DiskFullError
+
+    with pytest.raises(DiskFullError, match=f"no space left on the disk holding {small_disk} while writing the "
+                                            r"checkpoint last\.ckpt .*the previous checkpoint is kept"):
         io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(2_000_000)}}, target)  # 8 MB
     assert _step(target) == 1
     assert sorted(p.name for p in small_disk.iterdir()) == ["last.ckpt"]
@@ -399,6 +402,21 @@ def _scalar_steps(run_dir: Path, tag: str) -> list[int]:
     return [event.step for event in accumulator.Scalars(tag)]
 
 
+def test_validate_after_fit_keeps_the_runs_validation_curve(tmp_path, tiny_data_root, one_thread):
+    """Run after fit as the README says, validate used to log at step 0 into the run's own event files, and
+    TensorBoard, reading a step that goes backwards as a restart, dropped every validation point of the fit."""
+    out = tmp_path / "out"
+    args = shrink_args(out, tiny_data_root, max_steps=4, steps_per_epoch=2, callbacks=CHECKPOINT_EVERY_2)  # val at 2, 4
+    main(["fit", "--config", str(DEFAULT), *args])
+    fit_points = _scalar_steps(_run_dir(out), "val/loss")
+    assert len(fit_points) == 2
+    main(["validate", "--config", str(DEFAULT), *args, "--ckpt_path",
+          str(_run_dir(out) / "checkpoints" / "epoch=0-step=2.ckpt")])  # an older checkpoint too
+    assert _scalar_steps(_run_dir(out), "val/loss") == fit_points
+    assert _scalar_steps(_run_dir(out) / "validate", "val/loss") == [fit_points[0]]  # its own sub-run, where the
+    # fit logged the validation of that same checkpoint
+
+
 def test_tensorboard_steps_stay_strictly_increasing_after_a_resume(tmp_path, tiny_data_root, one_thread):
     out = tmp_path / "out"
     _fit(out, tiny_data_root, max_steps=5)  # logged steps 0..4; its final state (step 5) was saved at the end
@@ -439,6 +457,11 @@ BAD_SETTINGS = [
                                                                    r"missing"),
     ("--data.init_args.root=TMP/nodata", r"data\.init_args\.root=\S+/nodata: no such folder.*synthetic data is built "
                                           r"only at build_synthetic=data/synthetic"),  # a typo: no synthetic run
+    ("--trainer.precision=17-mixed", r"trainer\.precision: expected one of .*16-mixed.*bf16-mixed.*32-true.*Got "
+                                      r"value: 17-mixed"),
+    ("--trainer.precision=fp8", r"trainer\.precision: expected one of .*bf16-true.*Got value: fp8"),
+    ("--trainer.max_step=10", r"unrecognized arguments: --trainer\.max_step=10; did you mean --trainer\.max_steps\?"),
+    ("--model.init_args.lrr=1", r"'lrr' is not accepted; did you mean 'lr'\?"),
     # Accepted silently:
     ("--model.init_args.sample_steps=2", r"model\.init_args\.sample_steps=2 is invalid; expected .* >= 3"),
     ("--model.init_args.sample_steps=0", r"model\.init_args\.sample_steps=0 is invalid"),
@@ -482,6 +505,37 @@ def test_a_corrupt_yaml_config_names_its_file(tmp_path, capsys):
     assert f"--config {bad}: not valid YAML at line 3" in line
     line = _command_line_error(capsys, ["fit", "--config", str(tmp_path / "missing.yaml")])
     assert f"--config {tmp_path / 'missing.yaml'}: no such file" in line
+
+
+def test_an_overlay_alone_names_the_base_it_goes_on(capsys):
+    line = _command_line_error(capsys, ["fit", "--config", str(ROOT / "configs" / "ddim.yaml")])
+    assert "configs/ddim.yaml is an overlay" in line
+    assert "python lightning_cli.py fit --config configs/default.yaml --config configs/ddim.yaml" in line, line
+
+
+def test_the_progress_bar_counts_steps_against_max_steps_across_a_resume(tmp_path, tiny_data_root, one_thread):
+    """Lightning's bar read "Epoch 3/-2 ... 700/99" on an endless stream cut into epochs."""
+    from tpdiff_lightning.callbacks.progress import StepProgressBar
+
+    out = tmp_path / "out"
+    bars = []
+    for max_steps, extra in ((3, []), (5, ["--ckpt_path", "last"])):
+        cli = _fit(out, tiny_data_root, max_steps, "--trainer.enable_progress_bar=true", *extra)
+        bar = cli.trainer.progress_bar_callback
+        assert isinstance(bar, StepProgressBar)
+        bars.append((bar.train_progress_bar.total, bar.train_progress_bar.n, bar.train_progress_bar.desc.rstrip(": ")))
+    assert bars == [(3, 3, "step"), (5, 5, "step")]
+
+
+def test_predict_says_where_it_wrote_the_clips(tmp_path, tiny_data_root, caplog, one_thread):
+    import logging
+
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        main(["predict", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root), "--untrained=true",
+              "--return_predictions=false"])
+    folder = _run_dir(out) / "predictions"
+    assert any(f"predict: wrote 1 clip to {folder} and a contact sheet" in r.getMessage() for r in caplog.records)
 
 
 def test_traceback_flag_and_environment_variable_show_the_full_error(tmp_path, tiny_data_root, monkeypatch):

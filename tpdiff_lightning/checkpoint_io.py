@@ -9,7 +9,9 @@ next save into that folder.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,6 +61,20 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """A checkpoint did not fit on its disk; the previous checkpoint of that name is kept."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    """torch's zip writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] . unexpected
+    pos ...`` or ``PytorchStreamWriter failed writing file``, not as the ``OSError`` (ENOSPC) underneath."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("unexpected pos" in text or "failed writing file" in text
+                                                or "No space left" in text)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` so that ``path`` holds either its old content or the whole new one."""
     path = Path(path)
@@ -71,8 +87,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
+        written = temp.stat().st_size if temp.exists() else 0
         temp.unlink(missing_ok=True)
+        if _disk_full(error):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(errno.ENOSPC, f"no space left on the disk holding {path.parent} while writing the "
+                                f"checkpoint {path.name} ({written / 2**20:.1f} MiB written, {free / 2**20:.1f} MiB "
+                                "free after removing the partial file); the previous checkpoint is kept. Free space "
+                                "there, or save elsewhere (--trainer.logger.init_args.save_dir)") from error
         raise
     _fsync_folder(path.parent)
 

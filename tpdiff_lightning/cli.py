@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tpdiff_lightning.callbacks.checkpoint import link_last_checkpoint
 from tpdiff_lightning.callbacks.divergence import DivergenceGuard
 from tpdiff_lightning.callbacks.eval_accounting import EvalAccounting
+from tpdiff_lightning.callbacks.progress import StepProgressBar
 from tpdiff_lightning.callbacks.preemption import SIGTERM_EXIT_CODE, PreemptedError, PreemptionCheckpoint
 from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
 from tpdiff_lightning.checkpoint_match import check_model_matches_checkpoint
@@ -33,7 +35,7 @@ from tpdiff_lightning.resume import (
 from tpdiff_lightning.resume_settings import check_resume_settings, resumed_settings_message
 from tpdiff_lightning.run_lock import RunFolderLock
 from tpdiff_lightning.run_settings import RunSettingError, check_data_settings, check_run_settings
-from tpdiff_lightning.tensorboard_resume import purge_tensorboard_after, resumed_step
+from tpdiff_lightning.tensorboard_resume import log_into_subrun, purge_tensorboard_after, resumed_step
 
 
 # Sampling settings that a `validate`/`predict` command may change for an existing checkpoint.
@@ -113,6 +115,10 @@ class TPDiffCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         install_atomic_checkpoint_io(trainer)  # checkpoints are written whole or not at all
+        configured = str(self.config.get(self.config.get("subcommand") or "", self.config).get("trainer", {}))
+        for i, callback in enumerate(trainer.callbacks):  # Lightning's default bar counts epochs of an endless stream
+            if type(callback) in (TQDMProgressBar, RichProgressBar) and "ProgressBar" not in configured:
+                trainer.callbacks[i] = StepProgressBar()
         for default in (DivergenceGuard, EvalAccounting, PreemptionCheckpoint):  # every run has them
             if not any(isinstance(callback, default) for callback in trainer.callbacks):
                 trainer.callbacks.insert(0, default())  # first: before any ModelCheckpoint
@@ -157,6 +163,8 @@ class TPDiffCLI(LightningCLI):
         weights_from = self.config[subcommand].get("weights_from")
         if weights_from:
             self.load_start_weights(subcommand, str(weights_from), kwargs.get("ckpt_path"))
+        if subcommand != "fit":
+            log_into_subrun(self.trainer, subcommand)  # never into the training run's own curves
         if subcommand == "fit" and ckpt_file:
             purge_tensorboard_after(self.trainer, resumed_step(kwargs["ckpt_path"]))
         elif subcommand == "fit" and kwargs.get("ckpt_path") and Path(str(kwargs["ckpt_path"])).is_dir():
@@ -210,6 +218,7 @@ class TPDiffCLI(LightningCLI):
 
 def main(args=None, run: bool = True, parser_kwargs: dict | None = None) -> TPDiffCLI:
     """Run the CLI (``args`` as a list or dict for tests; ``None`` reads ``sys.argv``); errors raise."""
+    parser_kwargs = {"allow_abbrev": False, **(parser_kwargs or {})}  # `--trainer.max_step` must not set max_steps
     return TPDiffCLI(
         TPDiffModule,
         VideoDataModule,
@@ -219,7 +228,7 @@ def main(args=None, run: bool = True, parser_kwargs: dict | None = None) -> TPDi
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
-        parser_kwargs=parser_kwargs or {},
+        parser_kwargs=parser_kwargs,
     )
 
 

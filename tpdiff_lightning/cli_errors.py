@@ -32,6 +32,70 @@ def wants_traceback(argv: list[str]) -> bool:
     return TRACEBACK_FLAG in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
+_SUBTYPE = re.compile(r"typing\.Literal\[([^\]]*)\]|<class '(\w+)'>")
+_NOT_ACCEPTED = re.compile(r"Option '([\w.]+)' is not accepted")
+_CLASS_PATH = re.compile(r"Problem with given class_path '([\w.]+)'")
+_UNRECOGNIZED = re.compile(r"unrecognized arguments: --([\w.]+)")
+
+
+def literal_choices(message: str) -> list[str] | None:
+    """The values a union of ``Literal`` types accepts (``trainer.precision``), from jsonargparse's ``Subtypes:``
+    line; ``None`` when a subtype is anything but a literal or ``None``."""
+    line = next((raw for raw in message.splitlines() if raw.strip().startswith("Subtypes:")), None)
+    if line is None:
+        return None
+    choices: list[str] = []
+    for literal, name in _SUBTYPE.findall(line):
+        if name and name != "NoneType":
+            return None
+        for value in (v.strip().strip("'\"") for v in literal.split(",") if literal):
+            if value not in choices:
+                choices.append(value)
+    strings = [c for c in choices if not c.isdigit()]
+    return strings + [c for c in choices if c.isdigit() and c not in strings] if choices else None
+
+
+def _parameters(class_path: str) -> list[str]:
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def _known_keys(prefix: str) -> list[str]:
+    """Settings under a top-level group of the command line, for suggestions."""
+    if prefix == "trainer":
+        return _parameters("lightning.pytorch.Trainer")
+    return []
+
+
+def nearest(name: str, candidates: list[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def suggestion(message: str) -> str:
+    """`` (did you mean ...?)`` for an option that is not accepted, or ``""``."""
+    option = _NOT_ACCEPTED.search(message)
+    class_path = _CLASS_PATH.search(message)
+    if option and class_path:
+        close = nearest(option.group(1), _parameters(class_path.group(1)))
+        return f"; did you mean {close!r}?" if close else ""
+    unknown = _UNRECOGNIZED.search(message)
+    if unknown and "." in unknown.group(1):
+        prefix, _, name = unknown.group(1).partition(".")
+        close = nearest(name, _known_keys(prefix))
+        return f"; did you mean --{prefix}.{close}?" if close else ""
+    return ""
+
+
 def condense_argument_error(message: str) -> str:
     """The useful line of a jsonargparse error, prefixed by the dotted key it is about.
 
@@ -61,6 +125,12 @@ def condense_argument_error(message: str) -> str:
         detail = message.strip().splitlines()[0] if message.strip() else "invalid arguments"
     detail = _CLASS.sub(lambda m: m.group(1), detail).replace("a int", "an int")
     detail = detail[0].lower() + detail[1:] if detail.startswith("Expected") else detail
+    choices = literal_choices(message)
+    given = next((raw.strip()[len("Given value:"):].strip() for raw in message.splitlines()
+                  if raw.strip().startswith("Given value:")), None)
+    if choices is not None:
+        detail = f"expected one of {', '.join(choices)}" + (f". Got value: {given}" if given is not None else "")
+    detail += suggestion(message)
     key = ".".join(keys)
     return f"{key}: {detail}" if key and not detail.startswith(keys[-1]) else detail
 
@@ -76,18 +146,44 @@ def config_paths(argv: list[str]) -> list[Path]:
     return paths
 
 
+def usage_line(path: Path) -> str | None:
+    """The command a config file's comment shows it is used with (its first line naming ``lightning_cli.py``)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and "lightning_cli.py" in line and "--config" in line:
+            return line.lstrip("# ").strip()
+    return None
+
+
+def check_overlays_stand_on_a_base(argv: list[str], configs: list[tuple[Path, dict]]) -> None:
+    """An overlay (a config that changes a few keys of another, with no model of its own) given alone fails deep in
+    the parser ("trainer.logger: Not a valid subclass of Logger"); say which base it goes on instead."""
+    if any(arg == "--model" or arg.startswith(("--model=", "--model.class_path")) for arg in argv):
+        return
+    if not configs or any("class_path" in ((config or {}).get("model") or {}) for _, config in configs):
+        return
+    path = configs[0][0]
+    usage = usage_line(path)
+    shown = f"; use it as its usage line says: {usage}" if usage else "; give its base config first"
+    raise ConfigFileError(f"--config {path} is an overlay (it changes a few settings of a base config and names no "
+                          f"model){shown}")
+
+
 def check_config_files(argv: list[str]) -> None:
-    """Raise ``ConfigFileError`` naming the file when a ``--config`` file is missing or not valid YAML."""
+    """Raise ``ConfigFileError`` naming the file when a ``--config`` file is missing or not valid YAML, or is an
+    overlay given without the base config it goes on."""
+    configs = []
     for path in config_paths(argv):
         if not path.is_file():
             raise ConfigFileError(f"--config {path}: no such file")
         try:
-            yaml.safe_load(path.read_text())
+            config = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             raise ConfigFileError(f"--config {path}: not valid YAML{where}: {problem}") from error
+        configs.append((path, config))
+    check_overlays_stand_on_a_base(argv, configs)
 
 
 def one_line(error: BaseException) -> str:

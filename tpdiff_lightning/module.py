@@ -425,6 +425,12 @@ class TPDiffModule(L.LightningModule):
         if self.ema is not None:
             self.ema.update(self.denoiser_modules())
 
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate" and getattr(self, "global_step_at_load", -1) >= 0:
+            # A `validate` on a checkpoint logs where the training run logged that checkpoint's own validation
+            # (its last step, global_step - 1), in its own TensorBoard sub-run: beside the run's curve, not at 0.
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = max(0, self.global_step_at_load - 1)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x0 = self.batch_latents(batch)
         text, text_mask = self.batch_text(batch, batch["caption"])

@@ -38,3 +38,18 @@ def purge_tensorboard_after(trainer, step: int) -> list[TensorBoardLogger]:
 def purge_step_of(logger) -> int | None:
     """The step from which ``purge_tensorboard_after`` makes this logger's writer purge, or ``None``."""
     return getattr(logger, "_kwargs", {}).get("purge_step")
+
+
+def log_into_subrun(trainer, name: str) -> list[TensorBoardLogger]:
+    """Open each TensorBoard logger's writer in the sub-run ``<run folder>/<name>`` (``validate``): a ``validate`` on
+    a checkpoint then never writes a step below the training run's last into the run's own event files, which
+    TensorBoard would read as a restart and answer by dropping every training-time point past that step. The run
+    folder itself (``trainer.log_dir``: configs, predictions) stays where it is."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    opened = []
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and logger._experiment is None:
+            logger._experiment = SummaryWriter(log_dir=str(Path(logger.log_dir) / name), **logger._kwargs)
+            opened.append(logger)
+    return opened

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +12,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from tpdiff_lightning.data.video_io import write_mp4
 from tpdiff_lightning.visualize import save_contact_sheet
+
+log = logging.getLogger("lightning.pytorch.callbacks.prediction_writer")  # shown on the console, as Lightning's own
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -55,8 +58,13 @@ class VideoPredictionWriter(BasePredictionWriter):
                 self._captions.append(caption)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sheet = None
         if self.contact_sheet and self._videos:
-            path = save_contact_sheet(self.output_dir / f"contact_sheet_rank{trainer.global_rank}.png",
-                                      self._videos, self._captions)
-            self.written.append(path)
+            sheet = save_contact_sheet(self.output_dir / f"contact_sheet_rank{trainer.global_rank}.png",
+                                       self._videos, self._captions)
+            self.written.append(sheet)
+        clips = sum(path.suffix == ".mp4" for path in self.written)
+        rank = f"rank {trainer.global_rank} " if trainer.world_size > 1 else ""
+        log.info(f"predict: {rank}wrote {clips} clip{'s' if clips != 1 else ''} to {self.output_dir}"
+                 + (f" and a contact sheet, {sheet.name}" if sheet is not None else ""))
         self._videos, self._captions = [], []
