@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -662,7 +663,7 @@ def test_a_truncated_shard_counts_every_lost_sample_against_the_manifest(tmp_pat
     assert 5 <= delivered < 13
     assert delivered + skipped == 13  # every sample accounted for: delivered or counted as lost
     messages = [str(w.message) for w in record]
-    assert any(re.search(rf"shard {re.escape(urls[0])} ended early after \d+ samples; manifest says 8", m)
+    assert any(re.search(rf"shard {re.escape(urls[0])} ended early after \d+ samples; its length is 8", m)
                for m in messages), messages
 
 
@@ -678,6 +679,72 @@ def test_two_ranks_together_account_for_a_truncated_shard_exactly_once(tmp_path)
         delivered += sum(len(b["caption"]) for b in batches)
         skipped += sum(int(b["num_skipped"]) for b in batches)
     assert delivered + skipped == 13  # not 13 plus the lost samples counted once per rank
+
+
+def _two_shards_one_cut(tmp_path: Path) -> tuple[Path, list[str]]:
+    """Synthetic data, 2 training shards of 16 clips with their .done records; the first tar cut at 40%."""
+    from tpdiff_lightning.data.synthetic import read_manifest, write_synthetic_shards
+
+    root = tmp_path / "data"
+    write_synthetic_shards(root, num_train=32, num_eval=4, num_frames=8, size=16, seed=0, clips_per_shard=16,
+                           progress=False)
+    names = read_manifest(root)["splits"]["train"]["shards"]
+    data = (root / names[0]).read_bytes()
+    (root / names[0]).write_bytes(data[: int(len(data) * 0.4)])
+    return root, names
+
+
+def test_a_truncated_shard_read_through_a_pattern_counts_every_lost_clip(tmp_path):
+    """With shard patterns the manifest is not read; the builder's record beside each shard gives its length."""
+    from tpdiff_lightning.data.datamodule import CorruptSampleWarning, VideoDataModule, eval_pipeline
+
+    root, names = _two_shards_one_cut(tmp_path)
+    (root / "manifest.json").unlink()
+    dm = VideoDataModule(root=str(root), eval_shards="train-{000000..000001}.tar", num_frames=8, resolution=16)
+    urls = dm.shard_urls("eval")
+    with pytest.warns(CorruptSampleWarning, match=r"ended early after \d+ samples; its length is 16"):
+        batches = list(eval_pipeline(urls, 8, 16, 4, shard_clips=dm.shard_clip_counts("eval")))
+    delivered = sum(len(b["caption"]) for b in batches)
+    skipped = sum(int(b["num_skipped"]) for b in batches)
+    assert delivered < 32 and delivered + skipped == 32  # every clip delivered or counted
+
+
+def test_the_training_stream_counts_each_lost_clip_once_however_often_it_reads_the_shard(tmp_path):
+    from tpdiff_lightning.data.datamodule import VideoDataModule, train_pipeline
+
+    root, names = _two_shards_one_cut(tmp_path)
+    dm = VideoDataModule(root=str(root), num_frames=8, resolution=16)
+    urls = dm.shard_urls("train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eval_delivered = sum(len(b["caption"]) for b in __import__("tpdiff_lightning.data.datamodule", fromlist=["x"])
+                             .eval_pipeline(urls[:1], 8, 16, 4))  # what one read of the cut shard gives
+        batches = list(train_pipeline(urls, 8, 16, 4, shuffle_buffer=4, shard_clips=dm.shard_clip_counts("train"))
+                       .with_epoch(40))  # 160 clips: the cut shard is read several times
+    lost = [clip for b in batches for clip in b["skipped"]]
+    assert len(lost) == len(set(lost)) == 16 - eval_delivered  # each lost clip once, not once per read
+    assert sum(int(b["num_skipped"]) for b in batches) == len(lost)
+
+
+def test_a_fit_logs_the_distinct_clips_it_lost(tmp_path, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tpdiff_lightning.data.datamodule import VideoDataModule, eval_pipeline
+
+    root, names = _two_shards_one_cut(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        delivered = sum(len(b["caption"]) for b in eval_pipeline([str(root / names[0])], 8, 16, 4))
+        cli = main(["fit", "--config", str(DEFAULT), *shrink_args(tmp_path / "out", root, max_steps=30,
+                                                                   steps_per_epoch=15),
+                    "--data.init_args.num_frames=8", "--data.init_args.batch_size=4",
+                    "--data.init_args.build_synthetic=false", "--trainer.limit_val_batches=0"])  # keep the damage
+    accumulator = EventAccumulator(str(_run_dir(tmp_path / "out")), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    values = [e.value for e in accumulator.Scalars("data/skipped")]
+    assert values and values[-1] == 16 - delivered and values == sorted(values), values  # cumulative, distinct
+    assert len(cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("ClipAccounting")]
+               .lost_training_clips) == 16 - delivered
 
 
 def test_synthetic_manifest_records_each_shards_sample_count(tmp_path):
@@ -706,8 +773,8 @@ def test_validation_with_a_truncated_eval_shard_logs_and_warns_the_skipped_clips
     with pytest.warns(UserWarning, match=r"evaluation skipped [1-5] of 6 clips") as record:
         main(["validate", "--config", str(DEFAULT), *args, "--data.init_args.synthetic_num_train=4",
               "--data.init_args.synthetic_num_eval=6"])
-    assert any("ended early" in str(w.message) and "manifest says 6" in str(w.message) for w in record)
-    accumulator = EventAccumulator(str(_run_dir(out)), size_guidance={"scalars": 0})
+    assert any("ended early" in str(w.message) and "its length is 6" in str(w.message) for w in record)
+    accumulator = EventAccumulator(str(_run_dir(out) / "validate"), size_guidance={"scalars": 0})  # its sub-run
     accumulator.Reload()
     [event] = accumulator.Scalars("data/eval_skipped")
     assert 1 <= event.value <= 5

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tpdiff_lightning.callbacks.checkpoint import link_last_checkpoint
 from tpdiff_lightning.callbacks.divergence import DivergenceGuard
-from tpdiff_lightning.callbacks.eval_accounting import EvalAccounting
+from tpdiff_lightning.callbacks.clip_accounting import ClipAccounting
 from tpdiff_lightning.callbacks.progress import StepProgressBar
 from tpdiff_lightning.callbacks.preemption import SIGTERM_EXIT_CODE, PreemptedError, PreemptionCheckpoint
 from tpdiff_lightning.checkpoint_io import install_atomic_checkpoint_io
@@ -119,7 +119,7 @@ class TPDiffCLI(LightningCLI):
         for i, callback in enumerate(trainer.callbacks):  # Lightning's default bar counts epochs of an endless stream
             if type(callback) in (TQDMProgressBar, RichProgressBar) and "ProgressBar" not in configured:
                 trainer.callbacks[i] = StepProgressBar()
-        for default in (DivergenceGuard, EvalAccounting, PreemptionCheckpoint):  # every run has them
+        for default in (DivergenceGuard, ClipAccounting, PreemptionCheckpoint):  # every run has them
             if not any(isinstance(callback, default) for callback in trainer.callbacks):
                 trainer.callbacks.insert(0, default())  # first: before any ModelCheckpoint
         return trainer

@@ -347,9 +347,6 @@ class TPDiffModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log(f"train/loss_stage{i}", loss, batch_size=B)
         self.log("train/stage", float(i), batch_size=B)
-        if "num_skipped" in batch:
-            skipped = batch["num_skipped"].sum().float()
-            self.log("data/skipped", skipped, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=B)
         return loss
 
     def alignment_warning(self, batch_size: int, world_size: int) -> str | None:

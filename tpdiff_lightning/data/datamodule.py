@@ -1,9 +1,9 @@
 """Webdataset video pipelines and the Lightning DataModule that serves them.
 
 Every batch of clips is a dict `{"video": (B, 3, F, H, W) float32 in [-1, 1], "caption": list[str],
-"key": list[str], "num_skipped": LongTensor ()}`, where `key` names each clip as "<shard url>:<sample key>" and
-`num_skipped` counts the samples that the producing worker dropped (corrupt mp4, too few frames, unreadable tar
-member) since its previous batch.
+"key": list[str], "num_skipped": LongTensor (), "skipped": list[str]}`, where `key` names each clip as
+"<shard url>:<sample key>" and `skipped` names the clips the producing worker could not use (corrupt mp4, too few
+frames, lost to a truncated tar) for the first time since its previous batch; `num_skipped` is their number.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from tpdiff_lightning.data.synthetic import (
     write_synthetic_shards,
 )
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, decode_latent, pad_text
+from tpdiff_lightning.data.shard_records import recorded_clip_count
 from tpdiff_lightning.data.video_io import ClipLengthError, decode_mp4, mp4_fps
 from tpdiff_lightning.frame_size import frame_size
 
@@ -79,41 +80,58 @@ class NoUsableClipsError(ValueError):
 
 
 class SkipCounter:
-    """Counts the samples one worker's pipeline dropped; the collate reads and resets it once per batch."""
+    """The clips one worker's pipeline could not use, each counted once however often a resampled stream reads
+    it again; the collate reads and resets the new ones once per batch.
+
+    A clip is named by ``<shard url>:<sample key>`` when its sample was read (a corrupt mp4, too few frames), by
+    ``<shard url>#<position>`` when a shard ended before it (a truncated tar whose sample count is known), and by
+    ``<shard url>#<n>+`` when a shard of unknown length ended early after ``n`` samples (at least one clip lost).
+    """
 
     def __init__(self) -> None:
-        self.count = 0
+        self.seen: set[str] = set()
+        self.new: list[str] = []
 
-    def skip(self, what: str, exn: BaseException) -> None:
-        """Record one dropped sample and warn with its name and the error."""
-        self.count += 1
-        warnings.warn(f"skipping {what}: {type(exn).__name__}: {exn}", CorruptSampleWarning, stacklevel=2)
-
-    def handler(self, exn: BaseException) -> bool:
-        """Webdataset exception handler for tar-level errors: count, warn and continue."""
-        self.skip("unreadable shard data", exn)
+    def _add(self, clip_id: str) -> bool:
+        if clip_id in self.seen:
+            return False
+        self.seen.add(clip_id)
+        self.new.append(clip_id)
         return True
 
-    def lose(self, url: str, delivered: int, expected: int, errors: list[BaseException], rank: int = 0,
-             world_size: int = 1) -> None:
-        """Record the samples a shard never delivered: it ended after ``delivered`` of ``expected``. Where every
-        rank reads the shard and keeps every ``world_size``-th sample, this rank counts only its own share."""
-        self.count += sum(1 for i in range(delivered, expected) if i % world_size == rank)
-        why = f" ({type(errors[0]).__name__}: {errors[0]})" if errors else ""
-        warnings.warn(f"shard {url} ended early after {delivered} samples; manifest says {expected}: "
-                      f"{expected - delivered} lost{why}", CorruptSampleWarning, stacklevel=2)
+    def skip(self, what: str, exn: BaseException, clip_id: str | None = None) -> None:
+        """Record one unusable sample (first time only) and warn with its name and the error."""
+        if self._add(clip_id or f"{what}#{len(self.seen)}"):
+            warnings.warn(f"skipping {what}: {type(exn).__name__}: {exn}", CorruptSampleWarning, stacklevel=2)
 
-    def take(self) -> int:
-        """Return the count since the last call and reset it."""
-        count, self.count = self.count, 0
-        return count
+    def lose(self, url: str, delivered: int, expected: int | None, errors: list[BaseException], rank: int = 0,
+             world_size: int = 1) -> None:
+        """Record the samples a shard never delivered: it ended after ``delivered`` of ``expected`` (``None``: its
+        length is unknown, so at least one). Where every rank reads the shard and keeps every ``world_size``-th
+        sample, this rank counts only its own share."""
+        why = f" ({type(errors[0]).__name__}: {errors[0]})" if errors else ""
+        if expected is None:
+            if self._add(f"{url}#{delivered}+"):
+                warnings.warn(f"shard {url} ended early after {delivered} samples{why}; its length is unknown (no "
+                              "manifest or .done sidecar lists it), so at least one clip is lost",
+                              CorruptSampleWarning, stacklevel=2)
+            return
+        fresh = [self._add(f"{url}#{i}") for i in range(delivered, expected) if i % world_size == rank]
+        if any(fresh):
+            warnings.warn(f"shard {url} ended early after {delivered} samples; its length is {expected}: "
+                          f"{expected - delivered} lost{why}", CorruptSampleWarning, stacklevel=2)
+
+    def take(self) -> list[str]:
+        """The clips first recorded since the last call."""
+        new, self.new = self.new, []
+        return new
 
 
 class CountedShardSamples:
     """Pipeline stage that expands shard URLs into raw samples (like ``wds.tarfile_to_samples``) and checks each
-    shard's sample count against the manifest's: a shard cut short (a truncated tar) has its missing samples
-    counted as skipped and named in a warning. Shards without a known count fall back to counting each tar-level
-    error as one skipped sample.
+    shard's sample count against its known length (``shard_clips``: from the manifest or the shards' ``.done``
+    sidecars): the samples a shard cut short (a truncated tar) never delivered are counted as lost and named in a
+    warning. A shard of unknown length that ends in an error counts as at least one lost clip.
     """
 
     def __init__(self, counter: SkipCounter, shard_clips: dict[str, int] | None = None, rank: int = 0,
@@ -126,19 +144,16 @@ class CountedShardSamples:
         for source in sources:
             url = source.get("url")
             expected = self.shard_clips.get(url)
-            if expected is None:
-                yield from wds.tarfile_to_samples(handler=self.counter.handler)(iter([source]))
-                continue
             errors: list[BaseException] = []
             delivered = 0
             for sample in wds.tarfile_to_samples(handler=lambda exn: errors.append(exn) or True)(iter([source])):
                 delivered += 1
                 yield sample
-            if delivered < expected:
+            if (expected is not None and delivered < expected) or (expected is None and errors):
                 self.counter.lose(url, delivered, expected, errors, self.rank, self.world_size)
             elif errors:  # a damaged member that did not shorten the shard's sample count
                 for exn in errors:
-                    self.counter.handler(exn)
+                    self.counter.skip(f"unreadable data in shard {url}", exn, f"{url}#{type(exn).__name__}")
 
 
 def worker_seed(seed: int, rank: int, resume_step: int, salt: int) -> int:
@@ -294,7 +309,8 @@ class DecodeClips:
                 else:
                     clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
             except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised
-                self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn,
+                                  f"{sample.get('__url__')}:{sample.get('__key__')}")
                 if self.max_short is not None and isinstance(exn, ClipLengthError) and not self.yielded:
                     self.short.add(exn, sample.get("__url__"))
                     if len(self.short) >= self.max_short and len(self.short.shards) >= self.min_short_shards:
@@ -329,17 +345,20 @@ class BufferShuffle:
 
 
 def collate_clips(samples: list[dict], counter: SkipCounter) -> dict:
-    """Stack clips into `{"video": (B, 3, F, H, W), "caption": list[str], "num_skipped": LongTensor ()}`.
+    """Stack clips into `{"video": (B, 3, F, H, W), "caption": list[str], "num_skipped": LongTensor (),
+    "skipped": list[str]}` (the clips the worker could not use, first seen since its previous batch).
 
     Latent samples give `"latent": (B, C, F, H', W')` and `"codec"` instead of `"video"`, plus padded
     `"text_emb": (B, L, D)`, `"text_mask": (B, L)` when the shards hold caption embeddings.
     """
     key = "latent" if "latent" in samples[0] else "video"
+    skipped = counter.take()
     batch = {
         key: torch.stack([s[key] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s.get("key") for s in samples],
-        "num_skipped": torch.tensor(counter.take(), dtype=torch.long),
+        "num_skipped": torch.tensor(len(skipped), dtype=torch.long),
+        "skipped": skipped,
     }
     if key == "latent":
         codecs = {s["codec"] for s in samples}
@@ -622,16 +641,19 @@ class VideoDataModule(L.LightningDataModule):
         return paths
 
     def shard_clip_counts(self, split: str) -> dict[str, int]:
-        """Shard url -> number of samples, from the manifest's ``shard_clips`` (empty when it has none, or when
-        the shards come from a pattern instead of the manifest)."""
-        pattern = self.train_shards if split == "train" else self.eval_shards
-        manifest = read_manifest(self.root) if pattern is None else None
+        """Shard url -> number of samples, from the manifest's ``shard_clips`` (also for the shards of a pattern
+        that the manifest in `root` lists), else from the record a builder wrote beside each shard (``.done``).
+        Shards with neither are left out: one that ends early counts as at least one lost clip."""
+        manifest = read_manifest(self.root)
         info = (manifest or {}).get("splits", {}).get(split, {})
-        counts = info.get("shard_clips")
-        if not counts or len(counts) != len(info.get("shards", [])):
-            return {}
-        urls = [name if is_remote(name) else str(self.root / name) for name in info["shards"]]
-        return dict(zip(urls, counts))
+        names, listed = info.get("shards", []), info.get("shard_clips")
+        counts: dict[str, int] = {}
+        if listed and len(listed) == len(names):
+            counts = {name if is_remote(name) else str(self.root / name): count for name, count in zip(names, listed)}
+        for url in self.shard_urls(split):
+            if url not in counts and not is_remote(url) and (count := recorded_clip_count(url)) is not None:
+                counts[url] = count
+        return counts
 
     def num_clips(self, split: str) -> int | None:
         """The manifest's clip count of ``split`` (None without a manifest or with a shard pattern)."""

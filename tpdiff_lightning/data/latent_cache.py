@@ -20,6 +20,7 @@ import webdataset as wds
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tpdiff_lightning.data.shard_records import remove_shard, write_json_atomic, write_split_records
 from tpdiff_lightning.data.video_io import ClipLengthError
 
 LATENT_FORMAT = "latent"
@@ -153,6 +154,7 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
         num_shards = sink.shard  # shards opened by this writer, numbered from 0
     shards = [Path(pattern % index).name for index in range(num_shards)]
     shard_clips = [min(clips_per_shard, count - index * clips_per_shard) for index in range(num_shards)]
+    write_split_records(out_dir, shards, shard_clips)
     return {"shards": shards, "num_clips": count, "shard_clips": shard_clips, "skipped": skipped}
 
 
@@ -161,7 +163,7 @@ def remove_split_shards(out_dir: Path, split: str) -> list[str]:
     removed = []
     for path in sorted(out_dir.glob(f"{split}-*.tar")):
         if re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", path.name):
-            path.unlink()
+            remove_shard(path)
             removed.append(path.name)
     return removed
 
@@ -173,7 +175,5 @@ def write_latent_manifest(out_dir: Path, splits: dict, codec: nn.Module, text_en
                 "codec": module_identity(codec),
                 "text_encoder": module_identity(text_encoder) if text_encoder is not None else None,
                 "splits": splits}
-    tmp = out_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out_dir / "manifest.json")
+    write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest

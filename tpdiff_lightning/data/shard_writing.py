@@ -24,9 +24,8 @@ import av
 import webdataset as wds
 from tqdm import tqdm
 
+from tpdiff_lightning.data.shard_records import read_shard_record, write_json_atomic, write_shard_record
 from tpdiff_lightning.data.synthetic import MANIFEST
-
-DONE_SUFFIX = ".done"
 
 
 @dataclass(frozen=True)
@@ -160,21 +159,10 @@ def shard_fingerprint(sources: list[ClipSource], options: Reencode) -> str:
     return hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def read_done(shard: Path, fingerprint: str) -> dict | None:
     """The `.done` record of a finished shard written from the same plan, or None when it must be (re)written."""
-    done = shard.with_name(shard.name + DONE_SUFFIX)
-    if not done.is_file() or not shard.is_file():
-        return None
-    try:
-        record = json.loads(done.read_text())
-    except (OSError, ValueError):
+    record = read_shard_record(shard)
+    if record is None or not shard.is_file():
         return None
     # A size mismatch means the tar was replaced or truncated after its sidecar was written.
     if record.get("fingerprint") != fingerprint or record.get("bytes") != shard.stat().st_size:
@@ -196,7 +184,7 @@ def write_shard(shard: Path, sources: list[ClipSource], options: Reencode, finge
                 skipped.append({"file": Path(source.path).name, "reason": skip.reason, "detail": skip.detail})
     tmp.replace(shard)
     record = {"fingerprint": fingerprint, "num_clips": num_clips, "bytes": shard.stat().st_size, "skipped": skipped}
-    _write_json_atomic(shard.with_name(shard.name + DONE_SUFFIX), record)
+    write_shard_record(shard, record)
     return record
 
 
@@ -300,7 +288,7 @@ def build_shards(
         "skipped": [skip for r in results.values() for skip in r["skipped"]],
         "filter_stats": filter_stats,
     }
-    _write_json_atomic(out_dir / MANIFEST, manifest)
+    write_json_atomic(out_dir / MANIFEST, manifest)
     # Written after the manifest is on disk and kept out of it, so a resumed build's manifest equals a fresh one.
     manifest["build"] = {name: {k: r[k] for k in ("shards_written", "shards_reused")} for name, r in results.items()}
     return manifest

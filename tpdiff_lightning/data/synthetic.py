@@ -20,6 +20,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from tpdiff_lightning.data.shard_records import remove_shard, write_split_records
 from tpdiff_lightning.data.video_io import encode_mp4
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -123,7 +124,7 @@ def _remove_old_shards(out_dir: Path, split: str) -> None:
     """Delete `split` shards of an earlier build, so a smaller rebuild leaves no stale shards behind."""
     for path in out_dir.glob(f"{split}-*.tar"):
         if re.fullmatch(rf"{split}-\d{{6}}\.tar", path.name):
-            path.unlink()
+            remove_shard(path)
 
 
 def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqdm) -> list[str]:
@@ -138,7 +139,9 @@ def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqd
             sink.write({"__key__": key, "mp4": encode_mp4(frames, fps=args["fps"]), "txt": caption, "json": meta})
             bar.update(1)
     num_shards = -(-num_clips // args["clips_per_shard"])
-    return [f"{split}-{shard:06d}.tar" for shard in range(num_shards)]
+    shards = [f"{split}-{shard:06d}.tar" for shard in range(num_shards)]
+    write_split_records(out_dir, shards, _shard_clips(num_clips, args["clips_per_shard"]))
+    return shards
 
 
 def _shard_clips(num_clips: int, clips_per_shard: int) -> list[int]:

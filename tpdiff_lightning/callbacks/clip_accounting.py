@@ -1,4 +1,5 @@
-"""Checks that an evaluation pass saw every clip of the eval split, and logs the clips it skipped."""
+"""Every clip a run could not use is counted once: training clips lost to damaged or truncated shards, and each
+evaluation pass's skipped clips against the eval split's size."""
 
 from __future__ import annotations
 
@@ -12,14 +13,39 @@ class EvalClipsMissingWarning(UserWarning):
     """An evaluation pass covered fewer clips than the eval split holds."""
 
 
-class EvalAccounting(L.Callback):
-    """Counts the clips each validation pass delivered and skipped (summed over ranks), logs the skipped ones as
-    ``data/eval_skipped`` (TensorBoard), and warns when clips were skipped or when delivered plus skipped differs
-    from the manifest's ``num_clips`` of the eval split (a full pass only: not with ``limit_val_batches``)."""
+class ClipAccounting(L.Callback):
+    """Counts the clips the data could not deliver.
+
+    Training: the distinct clips (``batch["skipped"]`` names them) that the run has lost so far, however often the
+    resampled stream reads a damaged shard again and whichever workers and ranks read it, logged as
+    ``data/skipped`` at the end of every epoch and kept in the checkpoint. Evaluation: the clips each validation
+    pass delivered and skipped (summed over ranks), logged as ``data/eval_skipped``, with a warning when clips were
+    skipped or when delivered plus skipped differs from the manifest's ``num_clips`` of the eval split (a full pass
+    only: not with ``limit_val_batches``)."""
 
     def __init__(self) -> None:
         self.delivered = 0
         self.skipped = 0
+        self.lost_training_clips: set[str] = set()
+
+    def state_dict(self) -> dict:
+        return {"lost_training_clips": sorted(self.lost_training_clips)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.lost_training_clips = set(state_dict.get("lost_training_clips", []))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, dict):
+            self.lost_training_clips.update(batch.get("skipped") or [])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        lost = self.lost_training_clips
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            everyone: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(everyone, sorted(lost))  # ranks can lose the same clip
+            lost = set().union(*everyone)
+        pl_module.log("data/skipped", float(len(lost)), on_step=False, on_epoch=True, sync_dist=False,
+                      rank_zero_only=True)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.delivered, self.skipped = 0, 0
