@@ -33,12 +33,14 @@ sizes on the CPU in about a minute; its numbers mean nothing, it checks that the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from common import (ROOT, count_flops, finish_machine_info, interleaved, machine_info, print_table, summary,
-                    write_json)
+                    train_step_flops, write_json)
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.pyramid import Stage, TemporalPyramid
 from tpdiff_lightning.sampling import sample, split_steps
@@ -111,6 +113,35 @@ class LatentCodec(IdentityCodec):
         self.latent_channels = channels
 
 
+class Budget:
+    """The run's time budget: every part, model and subprocess is started only with time left, and a subprocess
+    is given no more than what is left, so the whole command ends inside ``--budget-s`` (plus one in-process step
+    that was already running)."""
+
+    def __init__(self, seconds: float, reserve: float):
+        self.seconds, self.reserve = seconds, reserve
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def remaining(self) -> float:
+        return self.seconds - self.elapsed()
+
+    def timeout(self, limit: float) -> float:
+        """A subprocess's timeout: its own limit, or what is left of the budget if that is less."""
+        return max(1.0, min(limit, self.remaining()))
+
+    def why(self) -> str:
+        return f"over the {self.seconds:.0f} s budget ({self.elapsed():.0f} s spent)"
+
+
+def error_text(error: BaseException) -> str:
+    """What a failed part records: the error and where it came from (the traceback's last lines)."""
+    where = "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])
+    return f"{type(error).__name__}: {str(error)[:1500]}\n{where[-1500:]}"
+
+
 def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
@@ -122,7 +153,7 @@ def run_gpu_tests(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_strategies.py", "-p", "no:cacheprovider"]
     if not torch.cuda.is_available():
         cmd.append("--collect-only")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.tests_timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.budget.timeout(args.tests_timeout))
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected|selected)", tail)}
     ids = re.findall(r"test_gpu_\w+\[[\w-]+\]", proc.stdout)
@@ -131,16 +162,15 @@ def run_gpu_tests(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- b. table 3
-def table3_subjects(args: argparse.Namespace, tmp: str) -> list[Subject]:
-    """Full-size models (``--dry-run``: the tests' tiny ones), loaded from ``--weights`` folders when given."""
+def table3_builders(args: argparse.Namespace) -> list[tuple[str, Callable[[], Subject]]]:
+    """One builder per chosen model, so only one full-size model (about 1.3B parameters) is alive at a time:
+    the full-size architectures (``--dry-run``: the tests' tiny ones), from ``--weights`` folders when given."""
     from tpdiff_lightning.models.animatediff import AnimateDiffBackbone
     from tpdiff_lightning.models.flux_video import FluxVideoBackbone
     from tpdiff_lightning.models.vae import SDVAECodec, WanVAECodec
     from tpdiff_lightning.models.wan import WanBackbone
 
     weights = dict(w.split("=", 1) for w in args.weights)
-    chosen = args.models.split(",")
-    out = []
     if args.dry_run:
         sys.path.insert(0, str(ROOT))
         from tests.tiny_animatediff import tiny_animatediff_config
@@ -155,29 +185,30 @@ def table3_subjects(args: argparse.Namespace, tmp: str) -> list[Subject]:
         specs = {"wan": (WAN_1_3B, {}, (16, 21, 60, 104), (512, 4096)),
                  "animatediff": (SD15_MOTION_UNET, SD_VAE, (4, 16, 64, 64), (77, 768)),
                  "flux": (FLUX_STYLE, FLUX_VAE, (16, 16, 48, 80), (512, 4096))}
-    torch.manual_seed(0)
-    for name in chosen:
-        config, vae_config, shape, text = specs[name]
-        C, D = shape[0], text[1]
-        folder = weights.get(name)
-        source = {"pretrained_path": folder} if folder else {"config": config}
-        vae_source = {"pretrained_path": folder} if folder else {"config": vae_config}
-        if name == "wan":
-            net = WanBackbone(C, D, **source)
-            codec = WanVAECodec(**vae_source)
-            out.append(Subject("Wan2.1-1.3B" + (" (weights)" if folder else ""), net, "flow", shape, text, True,
-                               codec, 5.0))
-        elif name == "animatediff":
-            net = AnimateDiffBackbone(C, D, **source)
-            codec = SDVAECodec(**vae_source)
-            out.append(Subject("AnimateDiff SD1.5" + (" (weights)" if folder else ""), net, "ddim", shape, text,
-                               False, codec, 7.5))
-        elif name == "flux":
-            net = FluxVideoBackbone(C, D, **source)
-            codec = SDVAECodec(**vae_source)
-            out.append(Subject("Flux-style" + (" (weights)" if folder else ""), net, "flow", shape, text, False,
-                               codec, 5.0))
-    return out
+    kinds = {"wan": ("Wan2.1-1.3B", WanBackbone, WanVAECodec, "flow", True, 5.0),
+             "animatediff": ("AnimateDiff SD1.5", AnimateDiffBackbone, SDVAECodec, "ddim", False, 7.5),
+             "flux": ("Flux-style", FluxVideoBackbone, SDVAECodec, "flow", False, 5.0)}
+
+    def builder(name: str) -> Callable[[], Subject]:
+        def build() -> Subject:
+            config, vae_config, shape, text = specs[name]
+            label, backbone, vae, schedule, anchored, guidance = kinds[name]
+            folder = weights.get(name)
+            torch.manual_seed(0)
+            net = backbone(shape[0], text[1], **({"pretrained_path": folder} if folder else {"config": config}))
+            codec = vae(**({"pretrained_path": folder} if folder else {"config": vae_config}))
+            return Subject(label + (" (weights)" if folder else ""), net, schedule, shape, text, anchored, codec,
+                           guidance)
+        return build
+    return [(kinds[name][0], builder(name)) for name in args.models.split(",")]
+
+
+def free_memory(device: str) -> None:
+    """Drop what the last part left: Python garbage, then the CUDA caching allocator's free blocks (so the next
+    part, or the process it starts, finds the memory)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def batched_cfg(net: nn.Module, text: Tensor, empty: Tensor, scale: float, timestep_scale: float
@@ -199,13 +230,21 @@ def stage_strides(stage: Stage) -> dict[str, int]:
 
 
 def run_table3(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each model in turn, built, timed and freed before the next; one that fails or would start past the budget
+    is a row of its own saying so, and the others are still measured."""
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for subject in table3_subjects(args, tmp):
+    for label, build in table3_builders(args):
+        if args.budget.remaining() < args.budget.reserve:
+            results.append({"model": label, "skipped": args.budget.why()})
+            continue
+        try:
+            subject = build()
             results.append(time_subject(subject, args))
-            del subject
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        except Exception as error:  # an OOM on one model: its row says so, the next model still runs
+            results.append({"model": label, "error": error_text(error)})
+        finally:
+            subject = None
+            free_memory(args.device)
     return results
 
 
@@ -290,7 +329,10 @@ def run_train_step(args: argparse.Namespace, peak: float) -> dict[str, Any]:
     for row in [*dit["stages"], dit["vanilla"]]:
         row["tflops_per_s"] = row["train_flops"] / row["step_wall"]["median_s"] / 1e12
         row["mfu"] = row["tflops_per_s"] / peak
-    wan = wan_lora_steps(args, peak)
+    try:
+        wan = wan_lora_steps(args, peak)
+    except Exception as error:  # the DiT rows above are kept
+        wan = {"error": error_text(error)}
     return {"dit": dit, "wan_lora": wan}
 
 
@@ -310,14 +352,15 @@ def wan_lora_steps(args: argparse.Namespace, peak: float) -> dict[str, Any]:
         config, shape, text_shape, rank = WAN_1_3B, (16, 21, 60, 104), (512, 4096), 128
     C, F, h, w = shape
     lora = LoraSettings(rank=rank, alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    modules = {}
-    for name, stages in (("tpdiff", 3), ("vanilla", 1)):
+    def build(stages: int) -> TPDiffModule:
         torch.manual_seed(0)
-        modules[name] = TPDiffModule(
+        return TPDiffModule(
             backbone=lambda c, d: WanBackbone(c, d, config=config, lora=lora, gradient_checkpointing=True),
             text_encoder=GivenText(text_shape[1]), codec=LatentCodec(C),
             num_frames=F, resolution=(h, w), num_stages=stages, anchor_first_frame=True, ema_decay=None,
-            alignment=True).to(device).train()
+            alignment=True)
+
+    modules = {name: build(stages).to(device).train() for name, stages in (("tpdiff", 3), ("vanilla", 1))}
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, C, F, h, w, generator=g).to(device)
     text = torch.randn(1, *text_shape, generator=g).to(device)
@@ -338,24 +381,23 @@ def wan_lora_steps(args: argparse.Namespace, peak: float) -> dict[str, Any]:
     fns["vanilla"] = step(modules["vanilla"], opts["vanilla"], 0)
     times = interleaved(fns, args.repeats, warmup=args.warmup, device=device)["wall"]
     med = {k: summary(v)["median_s"] for k, v in times.items()}
-    flops = {}
-    for k, fn in fns.items():
-        module, i = (modules["vanilla"], 0) if k == "vanilla" else (modules["tpdiff"], int(k[-1]))
-
-        def fwd_bwd() -> None:
-            with autocast(device):
-                loss = module.stage_loss(x0, text, mask, i, torch.Generator(device).manual_seed(0))
-            loss.backward()
-        flops[k] = count_flops(fwd_bwd)
+    # Counted on the meta device (no memory): the model's FLOPs without the checkpointed blocks' recomputed
+    # forward (MFU), and the hardware's with it (HFU).
+    flops, hardware = {}, {}
+    for k in fns:
+        stages, i = (1, 0) if k == "vanilla" else (3, int(k[-1]))
+        flops[k] = train_step_flops(lambda: build(stages), x0.shape, text, i, gradient_checkpointing=False)
+        hardware[k] = train_step_flops(lambda: build(stages), x0.shape, text, i, gradient_checkpointing=True)
     weights = modules["tpdiff"].pyramid.stage_weights
     weights = [wt / sum(weights) for wt in weights]
     expected = sum(wt * med[f"stage{i}"] for i, wt in enumerate(weights))
     expected_flops = sum(wt * flops[f"stage{i}"] for i, wt in enumerate(weights))
     return {"latent_shape": list(shape), "lora_rank": rank,
             "stage_frames": [s.num_frames for s in modules["tpdiff"].pyramid.stages],
-            "step_s": {k: summary(v) for k, v in times.items()}, "train_flops": flops,
+            "step_s": {k: summary(v) for k, v in times.items()}, "train_flops": flops, "hardware_flops": hardware,
             "tflops_per_s": {k: flops[k] / med[k] / 1e12 for k in med},
             "mfu": {k: flops[k] / med[k] / 1e12 / peak for k in med},
+            "hfu": {k: hardware[k] / med[k] / 1e12 / peak for k in med},
             "expected_tpdiff_step_s": expected, "speedup_samples_per_s": med["vanilla"] / expected,
             "flop_predicted_speedup": flops["vanilla"] / expected_flops}
 
@@ -387,7 +429,8 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
         if not args.dry_run:
             cmd += ["--trainer.precision=bf16-mixed", "--model.init_args.backbone.init_args.size=dit-b"]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.fit_timeout)
+        free_memory(args.device)  # this process's cached CUDA blocks would be memory the fit cannot have
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.budget.timeout(args.fit_timeout))
         if proc.returncode != 0:
             raise RuntimeError(f"fit ({variant}) failed:\n{proc.stderr[-3000:]}")
         version = "vanilla-flow" if variant == "vanilla" else "tpdiff-flow"
@@ -509,6 +552,10 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
         label = "GPU tests (pytest -m gpu)" if tests["ran"] else "GPU tests (collected only: no CUDA)"
         rows.append([label, "", "", tests["summary"], ""])
     for r in result.get("table3", []):
+        if "seconds" not in r:
+            rows.append([f"{r['model']}: {'failed' if 'error' in r else 'skipped'}", "", "",
+                         (r.get("error") or r.get("skipped", "")).splitlines()[0][:80], ""])
+            continue
         s = r["seconds"]
         rows.append([f"{r['model']} {r['steps']} steps CFG", f"{s['vanilla']['median_s']:.2f} s",
                      f"{s['tpdiff']['median_s']:.2f} s", f"{r['speedup']:.2f}x "
@@ -523,12 +570,17 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
         rows.append(["  TFLOP/s / MFU per stage", f"{dit['vanilla']['tflops_per_s']:.3g} / {dit['vanilla']['mfu']:.0%}",
                      " ".join(f"{r['tflops_per_s']:.3g}/{r['mfu']:.0%}" for r in dit["stages"]), "", ""])
         wan = step["wan_lora"]
-        rows.append(["Wan LoRA train step (expected over stages)", f"{wan['step_s']['vanilla']['median_s']:.3f} s",
-                     f"{wan['expected_tpdiff_step_s']:.3f} s", f"{wan['speedup_samples_per_s']:.2f}x",
-                     f"{wan['flop_predicted_speedup']:.2f}x"])
-        rows.append(["  TFLOP/s / MFU per stage", f"{wan['tflops_per_s']['vanilla']:.3g} / {wan['mfu']['vanilla']:.0%}",
-                     " ".join(f"{wan['tflops_per_s'][f'stage{i}']:.3g}/{wan['mfu'][f'stage{i}']:.0%}"
-                              for i in range(3)), "", ""])
+        if "error" in wan:
+            rows.append(["Wan LoRA train step: failed", "", "", wan["error"].splitlines()[0][:80], ""])
+        else:
+            rows.append(["Wan LoRA train step (expected over stages)", f"{wan['step_s']['vanilla']['median_s']:.3f} s",
+                         f"{wan['expected_tpdiff_step_s']:.3f} s", f"{wan['speedup_samples_per_s']:.2f}x",
+                         f"{wan['flop_predicted_speedup']:.2f}x"])
+            rows.append(["  TFLOP/s / MFU / HFU per stage",
+                         f"{wan['tflops_per_s']['vanilla']:.3g} / {wan['mfu']['vanilla']:.0%} / "
+                         f"{wan['hfu']['vanilla']:.0%}",
+                         " ".join(f"{wan['tflops_per_s'][f'stage{i}']:.3g}/{wan['mfu'][f'stage{i}']:.0%}/"
+                                  f"{wan['hfu'][f'stage{i}']:.0%}" for i in range(3)), "", ""])
     fit = result.get("fit")
     if fit:
         beside = f" (step bench {step['dit']['speedup_samples_per_s']:.2f}x)" if step else ""
@@ -550,6 +602,8 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
                      f"{r['seconds_per_point']:.0f} s", f"every {r['every_n_steps']} steps", ""])
     for part, why in result.get("skipped", {}).items():
         rows.append([f"{part}: skipped", "", "", why, ""])
+    for part, error in result.get("errors", {}).items():
+        rows.append([f"{part}: failed", "", "", error.splitlines()[0][:80], ""])
     return rows
 
 
@@ -592,8 +646,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info(args.device)
     info["gpus"] = torch.cuda.device_count()
     result: dict[str, Any] = {"bench": "gpu_acceptance", "dry_run": args.dry_run, "parts": parts, "skipped": {},
-                              "seconds_per_part": {}}
-    start = time.perf_counter()
+                              "errors": {}, "seconds_per_part": {}}
+    args.budget = Budget(args.budget_s, reserve=5.0 if args.dry_run else 30.0)
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         peak = matmul_peak_tflops(args.device, 256 if args.dry_run else 8192)
@@ -602,19 +656,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "train_step": lambda: run_train_step(args, peak), "fit": lambda: run_fit(args),
                    "i3d": lambda: run_i3d(args), "spatiotemporal": lambda: run_spatiotemporal(args)}
         for part in parts:
-            elapsed = time.perf_counter() - start
-            if elapsed > args.budget_s:
-                result["skipped"][part] = f"over the {args.budget_s:.0f} s budget ({elapsed:.0f} s spent)"
-                continue
-            t0 = time.perf_counter()
-            print(f"[{elapsed:6.1f} s] {part} ...", flush=True)
-            result[part] = runners[part]()
-            result["seconds_per_part"][part] = time.perf_counter() - t0
-    if "table3" in result and "i3d" in result:
-        result["fvd_overhead"] = fvd_overhead(result["table3"], result["i3d"])
-    result["total_s"] = time.perf_counter() - start
-    result["config"] = {k: v for k, v in vars(args).items() if k != "tmp"}
+            run_part(part, runners[part], result, args, info)
+    return finish(result, args, info, peak)
+
+
+def run_part(part: str, runner: Callable[[], Any], result: dict[str, Any], args: argparse.Namespace,
+             info: dict[str, Any]) -> None:
+    """One part: its result, or its error (an OOM, a failing fit, a timeout), never the loss of the others' results;
+    the JSON is written after every part, so a run stopped from outside keeps what it measured."""
+    if args.budget.remaining() < args.budget.reserve:
+        result["skipped"][part] = args.budget.why()
+    else:
+        t0 = time.perf_counter()
+        print(f"[{args.budget.elapsed():6.1f} s] {part} ...", flush=True)
+        try:
+            result[part] = runner()
+        except Exception as error:
+            result["errors"][part] = error_text(error)
+            print(f"[{args.budget.elapsed():6.1f} s] {part} failed: {type(error).__name__}: {error}", flush=True)
+        result["seconds_per_part"][part] = time.perf_counter() - t0
+        free_memory(args.device)
+    write_json(args.out, dict(result, total_s=args.budget.elapsed(), machine=info, complete=False), quiet=True)
+
+
+def finish(result: dict[str, Any], args: argparse.Namespace, info: dict[str, Any], peak: float) -> dict[str, Any]:
+    measured = [r for r in result.get("table3", []) if "seconds" in r]
+    if measured and "i3d" in result:
+        result["fvd_overhead"] = fvd_overhead(measured, result["i3d"])
+    result["total_s"] = args.budget.elapsed()
+    result["config"] = {k: v for k, v in vars(args).items() if k not in ("tmp", "budget")}
     result["machine"] = finish_machine_info(info)
+    result["complete"] = True
     where = f"{info.get('gpu', 'CPU')} x{max(1, info['gpus'])}" if args.device.startswith("cuda") else "CPU (dry run)"
     kind = "bf16" if args.device.startswith("cuda") else "float32"
     print(f"\nGPU acceptance on {where}, {result['total_s']:.0f} s; {kind} matmul peak {peak:.3g} TFLOP/s")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common import (add_common_args, count_flops, finish_machine_info, headline_clock, interleaved, machine_info,
+from common import (add_common_args, train_step_flops, finish_machine_info, headline_clock, interleaved, machine_info,
                     parameter_storages, parse_bench_args, print_table, ratio_stats, set_threads, summary, write_json)
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
 from tpdiff_lightning.models.dit import VideoDiT
@@ -45,13 +45,13 @@ def synthetic_batch(batch: int, frames: int, size: int) -> tuple[Tensor, list[st
     return torch.stack(clips), captions
 
 
-def build_module(num_stages: int, args: argparse.Namespace) -> TPDiffModule:
+def build_module(num_stages: int, args: argparse.Namespace, device: str | None = None) -> TPDiffModule:
     """The default config's module (dit-tiny, small T5, flow, alignment, EMA) with ``num_stages`` stages."""
     torch.manual_seed(0)
     return TPDiffModule(
         backbone=functools.partial(VideoDiT, size=args.size), text_encoder=T5TextEncoder(d_model=128, num_layers=2),
         num_frames=args.frames, resolution=args.resolution, num_stages=num_stages, alignment=not args.no_alignment,
-        ema_decay=0.995, lr=1e-3).to(args.device).train()
+        ema_decay=0.995, lr=1e-3).to(device or args.device).train()
 
 
 def autocast_context(mode: str, device: str):
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for s in tpdiff.pyramid.stages:
         row = {"stage": s.index, "frames": s.num_frames, "stride": s.stride, "weight": float(weights[s.index]),
                "step": summary(times[clock][f"stage{s.index}"]), "step_wall": summary(times["wall"][f"stage{s.index}"]),
-               "train_flops": count_flops(lambda: tpdiff.stage_loss(x0, *tpdiff.text_encoder(captions), s.index,
-                                                                   torch.Generator().manual_seed(0)).backward())}
+               "train_flops": train_step_flops(lambda: build_module(3, args, device="cpu"), x0.shape,
+                                               captions, s.index)}
         if args.device.startswith("cuda"):
             row["peak_cuda_bytes"] = peak_cuda_bytes(steps[f"stage{s.index}"], args.device)
             row["peak_cuda_bytes_checkpointed"] = with_gradient_checkpointing(
@@ -159,8 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stages.append(row)
     vanilla_row = {"frames": args.frames, "step": summary(times[clock]["vanilla"]),
                    "step_wall": summary(times["wall"]["vanilla"]),
-                   "train_flops": count_flops(lambda: vanilla.stage_loss(x0, *vanilla.text_encoder(captions), 0,
-                                                                        torch.Generator().manual_seed(0)).backward())}
+                   "train_flops": train_step_flops(lambda: build_module(1, args, device="cpu"), x0.shape,
+                                                   captions, 0)}
     if args.device.startswith("cuda"):
         vanilla_row["peak_cuda_bytes"] = peak_cuda_bytes(steps["vanilla"], args.device)
         vanilla_row["peak_cuda_bytes_checkpointed"] = with_gradient_checkpointing(

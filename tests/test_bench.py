@@ -334,6 +334,43 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
 
 
+def test_gpu_acceptance_keeps_every_other_parts_result_when_one_part_fails(tmp_path, monkeypatch):
+    """An OOM, a failing fit or a timeout in one part costs that part only: the others' results are in the JSON,
+    which is written after every part."""
+    import gpu_acceptance
+
+    written = []
+    real_write = gpu_acceptance.write_json
+    monkeypatch.setattr(gpu_acceptance, "write_json",
+                        lambda path, result, quiet=False: written.append(sorted(result)) or real_write(path, result, quiet))
+
+    def out_of_memory(args):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 169.00 GiB")
+    monkeypatch.setattr(gpu_acceptance, "run_i3d", out_of_memory)
+    out = tmp_path / "gpu_acceptance.json"
+    result = gpu_acceptance.main(["--dry-run", "--parts", "table3,i3d,spatiotemporal", "--models", "flux",
+                                  "--out", str(out)])
+    saved = load_json(out)
+    assert saved["complete"] and "OutOfMemoryError: CUDA out of memory" in saved["errors"]["i3d"]
+    assert saved["table3"][0]["model"] == "Flux-style" and saved["table3"][0]["speedup"] > 0  # before the failure
+    assert saved["spatiotemporal"]["speedup"]["temporal"] > 0  # after it
+    assert "i3d: failed" in result["table"]
+    assert len(written) == 4 and "table3" in written[0]  # the JSON after each part, then the final one
+
+
+def test_gpu_acceptance_keeps_inside_its_budget(tmp_path):
+    import gpu_acceptance
+
+    budget = gpu_acceptance.Budget(100.0, reserve=5.0)
+    assert budget.timeout(240) <= 100.0 and budget.timeout(10) == 10  # a subprocess never outlives the budget
+    out = tmp_path / "gpu_acceptance.json"
+    gpu_acceptance.main(["--dry-run", "--parts", "tests,i3d", "--budget-s", "1", "--out", str(out)])
+    saved = load_json(out)
+    assert set(saved["skipped"]) == {"tests", "i3d"} and "budget" in saved["skipped"]["tests"]
+
+
 def test_flow_velocity_study_compares_the_two_targets_step_by_step(tmp_path):
     import flow_velocity_study
 
