@@ -101,6 +101,6 @@ def test_wan_trains_from_latent_shards_without_running_the_vae_or_text_encoder(t
         raise AssertionError("the frozen part ran although its outputs were cached")
     monkeypatch.setattr(WanVAECodec, "encode", never)
     monkeypatch.setattr(UMT5TextEncoder, "forward", never)
-    cli = main(["fit", *args, f"--data.init_args.root={tmp_path / 'latents'}", "--model.init_args.sample_steps=2",
+    cli = main(["fit", *args, f"--data.init_args.root={tmp_path / 'latents'}", "--model.init_args.sample_steps=3",
                 "--trainer.limit_val_batches=0"])
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.logged_metrics["train/loss"])
