@@ -29,8 +29,8 @@ from common import (ROOT, add_common_args, add_sampling_args, build_dit, count_f
                     machine_info, parse_bench_args, print_table, pyramid_from_config, random_text, sampling_flops,
                     set_threads, summary, write_json)
 from inference_latency import denoiser
-from tpdiff_lightning.pyramid import TemporalPyramid
-from tpdiff_lightning.sampling import sample, split_steps
+from tpdiff_lightning.method.pyramid import TemporalPyramid
+from tpdiff_lightning.method.sampling import sample, split_steps
 
 # Paper Table 2 (ICLR version): VBench total score, train speed-up (to equal quality), inference speed-up.
 PAPER = {

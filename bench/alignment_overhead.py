@@ -3,7 +3,7 @@
     python bench/alignment_overhead.py            # batch 4..256, default latent and a Wan-sized latent
     python bench/alignment_overhead.py --quick
 
-Times ``tpdiff_lightning.alignment.align_noise`` exactly as ``TPDiffModule.stage_loss`` calls it: on
+Times ``tpdiff_lightning.method.alignment.align_noise`` exactly as ``TPDiffModule.stage_loss`` calls it: on
 ``Down(x0, S_i)`` (a strided view of the full clip) and noise at stage i's shape, for every stage of the
 3-stage pyramid, and splits the time into the cost matrix, the Hungarian algorithm (scipy) and the
 permutation of the noise. The per-step overhead is the stage times weighted by the stage probabilities,
@@ -26,8 +26,8 @@ from scipy.optimize import linear_sum_assignment
 
 from common import (add_common_args, finish_machine_info, machine_info, parse_bench_args, print_table, set_threads,
                     write_json)
-from tpdiff_lightning.alignment import align_noise, alignment_cost
-from tpdiff_lightning.pyramid import TemporalPyramid
+from tpdiff_lightning.method.alignment import align_noise, alignment_cost
+from tpdiff_lightning.method.pyramid import TemporalPyramid
 
 SHAPES = {"default": ((3, 16, 32, 32), False), "wan": ((16, 21, 60, 104), True)}  # (C, F, H, W), anchored
 PAPER_MS = {4: 5.1, 8: 9.6, 16: 17.8}

@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # so `python bench/x.py` finds the package and `t
     sys.path.insert(0, str(ROOT))
 
 from tpdiff_lightning.models.dit import VideoDiT  # noqa: E402
-from tpdiff_lightning.pyramid import TemporalPyramid  # noqa: E402
+from tpdiff_lightning.method.pyramid import TemporalPyramid  # noqa: E402
 
 TEXT_TOKENS = 8
 
@@ -137,13 +137,19 @@ def pyramid_from_config(overlays: Sequence[str | Path] = (), num_frames: int | N
 
 
 def config_flags(overlays: Sequence[str | Path] = ()) -> dict[str, Any]:
-    """The model ``init_args`` of the default config with the overlays applied."""
+    """The model's settings of the default config with the overlays applied, each group's fields side by side
+    (``{"num_stages": 3, "schedule": "flow", ...}``; the clip shape, which the data sets, left out)."""
     import yaml
+
+    from tpdiff_lightning.training.settings import GROUPS
 
     init: dict[str, Any] = {}
     for path in [ROOT / "configs" / "default.yaml", *overlays]:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
-        init.update(((cfg.get("model") or {}).get("init_args")) or {})
+        model = ((cfg.get("model") or {}).get("init_args")) or {}
+        for group in GROUPS:
+            if group != "clip":
+                init.update(model.get(group) or {})
     return init
 
 

@@ -127,12 +127,13 @@ def command(args: argparse.Namespace, run: str, seed: int) -> list[str]:
     for overlay in RUNS[run]:
         cmd += ["--config", str(ROOT / overlay)]
     cmd += [
-        f"--seed_everything={seed}", f"--model.init_args.stage_seed={seed}",
+        f"--seed_everything={seed}", f"--model.init_args.objective.stage_seed={seed}",
         f"--trainer.callbacks={json.dumps(callbacks(args))}",
         f"--trainer.max_steps={args.max_steps}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={args.out_dir}", "--trainer.logger.init_args.name=convergence",
         f"--trainer.logger.init_args.version={run}-s{seed}", f"--data.init_args.root={args.data_root}",
+        "--data.init_args.build_synthetic=true",  # the synthetic set is built at data_root when missing
         f"--data.init_args.batch_size={args.batch}", f"--data.init_args.num_workers={args.workers}",
     ]
     if args.resolution:
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.max_steps, args.fvd_every, args.fvd_videos, args.fvd_steps = 4, 4, 2, 3
         args.batch, args.workers, args.resolution = 2, 0, args.resolution or 16
-        args.extra += ["--model.init_args.warmup_steps=1", "--trainer.log_every_n_steps=1"]
+        args.extra += ["--model.init_args.optimization.warmup_steps=1", "--trainer.log_every_n_steps=1"]
     unknown = [r for r in args.runs.split(",") if r not in RUNS]
     if unknown:
         raise ValueError(f"unknown runs {unknown}; expected names from {sorted(RUNS)}")

@@ -79,6 +79,7 @@ def fit_config(code: Path, variant: str, args: argparse.Namespace, workdir: Path
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith(keep)]
     data = cfg["data"]["init_args"]
     data["root"] = str(args.data_root)
+    data["build_synthetic"] = True  # built there when missing (true: any root; older checkouts take a bool)
     data["resolution"] = args.resolution
     data["batch_size"] = args.batch
     data["train_steps_per_epoch"] = trainer["max_steps"] + 10  # one epoch: no epoch-end work inside the window
@@ -102,7 +103,7 @@ def labelled(fn, label: str):
 
 def label_parts(module) -> None:
     """Wrap the module's parts in profiler labels (instance attributes; the class is untouched)."""
-    import tpdiff_lightning.module as module_file
+    import tpdiff_lightning.training.module as module_file
 
     for name, label in (("training_step", "training_step"), ("backward", "backward"), ("log", "log"),
                         ("optimizer_step", "optimizer_step"), ("configure_gradient_clipping", "clip_gradients")):

@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import parse_bench_args
 from tpdiff_lightning.metrics.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, i3d_features, load_i3d
-from tpdiff_lightning.pyramid import TemporalPyramid
-from tpdiff_lightning.sampling import split_steps
+from tpdiff_lightning.method.pyramid import TemporalPyramid
+from tpdiff_lightning.method.sampling import split_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.10  # the target: FVD evaluation at most 10% of training at the default interval
@@ -193,7 +193,9 @@ def read_projection_settings(cfg: dict) -> dict:
         devices = 1
     resolution = data.get("resolution", 256)
     height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-    sample_steps = model.get("sample_steps", 30)
+    pyramid, objective = model.get("pyramid") or {}, model.get("objective") or {}
+    sampling = model.get("sampling") or {}
+    sample_steps = sampling.get("steps", 30)
     return {
         "backbone": model.get("backbone", {}), "codec": model.get("codec"), "text_encoder": model.get("text_encoder"),
         "num_frames": int(data.get("num_frames", 16)), "height": int(height), "width": int(width),
@@ -201,11 +203,11 @@ def read_projection_settings(cfg: dict) -> dict:
         "num_nodes": int(trainer.get("num_nodes", 1) or 1),
         "accumulate_grad_batches": int(trainer.get("accumulate_grad_batches", 1) or 1),
         "latent_cache": data.get("sample_format", "video") == "latent",
-        "schedule": model.get("schedule", "flow"), "num_stages": int(model.get("num_stages", 3)),
-        "reductions": model.get("reductions"), "partition": model.get("partition"),
-        "spatial_reductions": model.get("spatial_reductions"),
-        "stage_weights": model.get("stage_weights"), "anchor_first_frame": bool(model.get("anchor_first_frame", False)),
-        "guidance_scale": float(model.get("guidance_scale", 1.0)),
+        "schedule": objective.get("schedule", "flow"), "num_stages": int(pyramid.get("num_stages", 3)),
+        "reductions": pyramid.get("reductions"), "partition": pyramid.get("partition"),
+        "spatial_reductions": pyramid.get("spatial_reductions"), "stage_weights": pyramid.get("stage_weights"),
+        "anchor_first_frame": bool(pyramid.get("anchor_first_frame", False)),
+        "guidance_scale": float(sampling.get("guidance_scale", 1.0)),
         "num_videos": int(fvd.get("num_videos", 16)), "every_n_steps": int(fvd.get("every_n_steps", 500)),
         "num_steps": int(fvd.get("num_steps") or sample_steps), "notes": notes,
     }

@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from common import (ROOT, count_flops, finish_machine_info, interleaved, machine_info, print_table, summary,
                     train_step_flops, write_json)
 from tpdiff_lightning.models.codec import IdentityCodec
-from tpdiff_lightning.pyramid import Stage, TemporalPyramid
-from tpdiff_lightning.sampling import sample, split_steps
+from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid
+from tpdiff_lightning.method.sampling import sample, split_steps
 
 PARTS = ("tests", "table3", "train_step", "fit", "i3d", "spatiotemporal")
 STEPS = 30
@@ -150,7 +150,7 @@ def autocast(device: str):
 # ---------------------------------------------------------------------------------------------------- a. tests
 def run_gpu_tests(args: argparse.Namespace) -> dict[str, Any]:
     """``pytest -m gpu`` on the strategy tests; on a CPU machine they are only collected (they need CUDA)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_strategies.py", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/distributed/test_strategies.py", "-p", "no:cacheprovider"]
     if not torch.cuda.is_available():
         cmd.append("--collect-only")
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.budget.timeout(args.tests_timeout))
@@ -173,10 +173,10 @@ def table3_builders(args: argparse.Namespace) -> list[tuple[str, Callable[[], Su
     weights = dict(w.split("=", 1) for w in args.weights)
     if args.dry_run:
         sys.path.insert(0, str(ROOT))
-        from tests.tiny_animatediff import tiny_animatediff_config
-        from tests.tiny_flux import tiny_flux_config
-        from tests.tiny_vae import TINY_SD_VAE, TINY_WAN_VAE
-        from tests.tiny_wan import tiny_wan_config
+        from tests.helpers.tiny_animatediff import tiny_animatediff_config
+        from tests.helpers.tiny_flux import tiny_flux_config
+        from tests.helpers.tiny_vae import TINY_SD_VAE, TINY_WAN_VAE
+        from tests.helpers.tiny_wan import tiny_wan_config
 
         specs = {"wan": (tiny_wan_config(4, 32), TINY_WAN_VAE, (4, 5, 4, 4), (8, 32)),
                  "animatediff": (tiny_animatediff_config(4, 32), TINY_SD_VAE, (4, 8, 4, 4), (8, 32)),
@@ -340,12 +340,12 @@ def wan_lora_steps(args: argparse.Namespace, peak: float) -> dict[str, Any]:
     """Per-stage and vanilla training steps of Wan with LoRA (rank 128 on attention), bf16 autocast."""
     from tpdiff_lightning.models.lora import LoraSettings
     from tpdiff_lightning.models.wan import WanBackbone
-    from tpdiff_lightning.module import TPDiffModule
+    from tpdiff_lightning.training.module import TPDiffModule
 
     device = args.device
     if args.dry_run:
         sys.path.insert(0, str(ROOT))
-        from tests.tiny_wan import tiny_wan_config
+        from tests.helpers.tiny_wan import tiny_wan_config
 
         config, shape, text_shape, rank = tiny_wan_config(4, 32), (4, 5, 4, 4), (8, 32), 4
     else:
@@ -357,8 +357,7 @@ def wan_lora_steps(args: argparse.Namespace, peak: float) -> dict[str, Any]:
         return TPDiffModule(
             backbone=lambda c, d: WanBackbone(c, d, config=config, lora=lora, gradient_checkpointing=True),
             text_encoder=GivenText(text_shape[1]), codec=LatentCodec(C),
-            num_frames=F, resolution=(h, w), num_stages=stages, anchor_first_frame=True, ema_decay=None,
-            alignment=True)
+            clip={"num_frames": F, "resolution": (h, w)}, pyramid={"num_stages": stages, "anchor_first_frame": True}, optimization={"ema_decay": None}, objective={"alignment": True})
 
     modules = {name: build(stages).to(device).train() for name, stages in (("tpdiff", 3), ("vanilla", 1))}
     g = torch.Generator().manual_seed(0)
@@ -492,7 +491,7 @@ def run_spatiotemporal(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.dry_run:
         sys.path.insert(0, str(ROOT))
-        from tests.tiny_wan import tiny_wan_config
+        from tests.helpers.tiny_wan import tiny_wan_config
 
         config, (C, F, h, w), text_shape = tiny_wan_config(4, 32), (4, 5, 8, 8), (8, 32)
     else:

@@ -4,7 +4,7 @@
     python bench/inference_latency.py --quick           # a smoke run of a few seconds
     python bench/inference_latency.py --backbones dit   # only the built-in DiT
 
-Both variants sample through ``tpdiff_lightning.sampling.sample`` with the same backbone in one process;
+Both variants sample through ``tpdiff_lightning.method.sampling.sample`` with the same backbone in one process;
 repeats alternate between them and the ratio comes from medians. The FLOP-predicted ratio counts the
 backbone's FLOPs (torch's ``FlopCounterMode``) for one forward per stage, times the stage's steps.
 Writes ``bench/results/inference_latency.json``.
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from common import (add_common_args, add_sampling_args, build_dit, finish_machine_info, headline_clock, interleaved, machine_info,
                     parse_bench_args, print_table, random_text, ratio_stats, sampling_flops, set_threads, summary,
                     write_json)
-from tpdiff_lightning.pyramid import Stage, TemporalPyramid
-from tpdiff_lightning.sampling import sample, split_steps
+from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid
+from tpdiff_lightning.method.sampling import sample, split_steps
 
 
 @dataclass
@@ -49,10 +49,10 @@ def denoiser(net: nn.Module, text: Tensor, mask: Tensor, scale: float = 1000.0) 
 
 # Tiny diffusers backbones written elsewhere in the project: (backbone module, class, helper module, saver).
 DIFFUSERS = {
-    "wan": ("tpdiff_lightning.models.wan", "WanBackbone", "tests.tiny_wan", "save_tiny_wan"),
-    "animatediff": ("tpdiff_lightning.models.animatediff", "AnimateDiffBackbone", "tests.tiny_animatediff",
+    "wan": ("tpdiff_lightning.models.wan", "WanBackbone", "tests.helpers.tiny_wan", "save_tiny_wan"),
+    "animatediff": ("tpdiff_lightning.models.animatediff", "AnimateDiffBackbone", "tests.helpers.tiny_animatediff",
                     "save_tiny_animatediff"),
-    "flux_video": ("tpdiff_lightning.models.flux_video", "FluxVideoBackbone", "tests.tiny_flux",
+    "flux_video": ("tpdiff_lightning.models.flux_video", "FluxVideoBackbone", "tests.helpers.tiny_flux",
                    "save_tiny_flux"),
 }
 # Clip shapes: Wan's causal VAE gives 1 + 4k latent frames (anchored first frame); the others 16 frames.

@@ -6,7 +6,7 @@ expected training step, each beside its FLOP prediction.
 
 The three pyramids come from the configs: ``configs/vanilla.yaml``, ``configs/default.yaml`` (temporal, r = 2-2)
 and ``configs/spatiotemporal.yaml`` (r = 2-2, spatial 1-2: stages 4 x 16x16, 8 x 16x16, 16 x 32x32). All three
-sample through ``tpdiff_lightning.sampling.sample`` with the same network in one process, repeats alternating.
+sample through ``tpdiff_lightning.method.sampling.sample`` with the same network in one process, repeats alternating.
 A training step trains one stage, drawn with the stage weights, so its expected cost is the weighted mean of
 the per-stage forward + backward times; each is timed on its own. FLOP predictions count the network with
 torch's ``FlopCounterMode`` at each stage's shape. Writes ``bench/results/spatiotemporal_latency.json``.
@@ -23,8 +23,8 @@ from torch import Tensor
 from common import (ROOT, add_common_args, add_sampling_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
                     machine_info, parse_bench_args, print_table, pyramid_from_config, random_text, ratio_stats,
                     sampling_flops, set_threads, summary, write_json)
-from tpdiff_lightning.pyramid import Stage, TemporalPyramid
-from tpdiff_lightning.sampling import sample, split_steps
+from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid
+from tpdiff_lightning.method.sampling import sample, split_steps
 
 VARIANTS = {"vanilla": ["configs/vanilla.yaml"], "temporal": [], "spatiotemporal": ["configs/spatiotemporal.yaml"]}
 

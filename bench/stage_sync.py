@@ -23,7 +23,7 @@ import torch
 
 from common import parse_bench_args
 from tpdiff_lightning.models.dit import VideoDiT
-from tpdiff_lightning.pyramid import TemporalPyramid
+from tpdiff_lightning.method.pyramid import TemporalPyramid
 
 
 def time_train_step(net, opt, text, frames, stride, args) -> float:

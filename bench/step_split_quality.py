@@ -21,12 +21,12 @@ import torch
 
 from common import ROOT, count_flops, finish_machine_info, machine_info, print_table, write_json
 from synthetic_caption_accuracy import clip_report
-from tpdiff_lightning.data.datamodule import eval_pipeline
+from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.metrics.i3d import i3d_features, load_i3d
-from tpdiff_lightning.module import TPDiffModule, to_uint8_video
-from tpdiff_lightning.sampling import split_steps
+from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
+from tpdiff_lightning.method.sampling import split_steps
 
 
 def parse_splits(text: str) -> list[list[float]]:
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--splits {args.splits!r}: expected {model.pyramid.num_stages} weights per split")
     if args.videos < 2 or args.steps < model.pyramid.num_stages:
         parser.error(f"--videos {args.videos} --steps {args.steps}: expected >= 2 videos and >= 1 step per stage")
-    hp = model.hparams
-    captions, real = real_clips(Path(args.eval_root), args.videos, hp.num_frames, hp.resolution)
+    clip = model.settings.clip
+    captions, real = real_clips(Path(args.eval_root), args.videos, clip.num_frames, clip.resolution)
     i3d = functools.partial(i3d_features, load_i3d())  # one I3D for every metric
     reference = FVD(i3d)
     reference.add_features(reference.features(real), real=True)
@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, results = [], []
     for weights in splits:
         steps = split_steps(args.steps, weights)
-        hp.sample_step_weights = weights
         with torch.no_grad():
-            clips = to_uint8_video(model.generate(captions, seeds, num_steps=args.steps))
+            clips = to_uint8_video(model.generate(captions, seeds, num_steps=args.steps, step_weights=weights))
         metric = FVD(i3d)
         metric.set_real_statistics(*real_stats)
         metric.update(clips, real=False)

@@ -32,7 +32,7 @@ from common import (add_common_args, train_step_flops, finish_machine_info, head
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
-from tpdiff_lightning.module import TPDiffModule
+from tpdiff_lightning.training.module import TPDiffModule
 
 
 def synthetic_batch(batch: int, frames: int, size: int) -> tuple[Tensor, list[str]]:
@@ -50,8 +50,7 @@ def build_module(num_stages: int, args: argparse.Namespace, device: str | None =
     torch.manual_seed(0)
     return TPDiffModule(
         backbone=functools.partial(VideoDiT, size=args.size), text_encoder=T5TextEncoder(d_model=128, num_layers=2),
-        num_frames=args.frames, resolution=args.resolution, num_stages=num_stages, alignment=not args.no_alignment,
-        ema_decay=0.995, lr=1e-3).to(device or args.device).train()
+        clip={"num_frames": args.frames, "resolution": args.resolution}, pyramid={"num_stages": num_stages}, objective={"alignment": not args.no_alignment}, optimization={"ema_decay": 0.995, "lr": 1e-3}).to(device or args.device).train()
 
 
 def autocast_context(mode: str, device: str):

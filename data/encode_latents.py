@@ -1,6 +1,6 @@
 """Encode clips into latent shards; see `python data/encode_latents.py --help`."""
 
-from tpdiff_lightning.data.encode_latents import main
+from tpdiff_lightning.cli.encode_latents import main
 
 if __name__ == "__main__":
     main()

@@ -115,8 +115,8 @@ def shrink_args(out_dir: Path, data_root: Path, max_steps: int = 2, steps_per_ep
         "--data.init_args.num_workers=0",
         f"--data.init_args.train_steps_per_epoch={steps_per_epoch}",
         "--data.init_args.predict_prompts=[a red square moving right fast]",
-        "--model.init_args.sample_steps=5",
-        "--model.init_args.warmup_steps=1",
+        "--model.init_args.sampling.steps=5",
+        "--model.init_args.optimization.warmup_steps=1",
     ]
 
 

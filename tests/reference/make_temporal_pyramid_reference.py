@@ -1,6 +1,6 @@
 """Writes ``temporal_pyramid_reference.pt``: outputs of the temporal pyramid for fixed seeds.
 
-Run once on the code before the spatial factors existed (commit d673ea0); ``tests/test_spatiotemporal.py``
+Run once on the code before the spatial factors existed (commit d673ea0); ``tests/method/test_spatiotemporal.py``
 checks that the pyramid with every spatial factor 1 (or unset) still gives these tensors bit for bit.
     python tests/reference/make_temporal_pyramid_reference.py
 """
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from tpdiff_lightning.pyramid import TemporalPyramid
-from tpdiff_lightning.sampling import sample
+from tpdiff_lightning.method.pyramid import TemporalPyramid
+from tpdiff_lightning.method.sampling import sample
 
 CASES = {
     "flow": dict(schedule="flow", num_frames=16, reductions=(2, 2)),

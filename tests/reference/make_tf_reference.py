@@ -2,7 +2,7 @@
 
 The original FVD (the paper's TensorFlow code) resizes frames with ``tf.image.resize_bilinear`` (TF1, no
 half-pixel centres), scales them by ``2 x / 255 - 1``, and takes the distance with TF-GAN's
-``frechet_classifier_distance_from_activations``. ``tests/test_tf_reference.py`` checks ours against the
+``frechet_classifier_distance_from_activations``. ``tests/metrics/test_tf_reference.py`` checks ours against the
 stored results; this script only runs where TensorFlow is installed, which the project does not need:
 
     python -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu tensorflow-probability tf-keras

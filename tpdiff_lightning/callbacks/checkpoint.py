@@ -9,7 +9,7 @@ from typing import Literal
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tpdiff_lightning.checkpoint_io import temp_path_for
+from tpdiff_lightning.runs.checkpoint_io import temp_path_for
 
 
 class LinkedLastCheckpoint(ModelCheckpoint):

@@ -97,7 +97,7 @@ class DivergenceGuard(L.Callback):
             where = problem
             raise TrainingDivergedError(
                 f"training diverged at global_step={trainer.global_step}: {where}. Nothing of this step was "
-                "checkpointed; lower the learning rate (model.init_args.lr) or resume from an earlier checkpoint")
+                "checkpointed; lower the learning rate (model.init_args.optimization.lr) or resume from an earlier checkpoint")
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "weight_norm": self.weight_norm}

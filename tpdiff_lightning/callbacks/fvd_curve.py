@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from tpdiff_lightning.callbacks.sample_logger import tensorboard_gif_summary
-from tpdiff_lightning.data.datamodule import eval_pipeline
+from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.metrics.fvd import FVD
-from tpdiff_lightning.module import to_uint8_video
-from tpdiff_lightning.tensorboard_resume import purge_step_of
-from tpdiff_lightning.visualize import gif_bytes, side_by_side
+from tpdiff_lightning.training.module import to_uint8_video
+from tpdiff_lightning.runs.tensorboard import purge_step_of
+from tpdiff_lightning.callbacks.visualize import gif_bytes, side_by_side
 
 
 class FVDCurve(L.Callback):
@@ -155,9 +155,9 @@ class FVDCurve(L.Callback):
     def real_clips(self, trainer, pl_module) -> tuple[list[str], torch.Tensor]:
         """Captions and uint8 clips ``(N, T, H, W, 3)`` of the first N eval clips, at the module's shape and the
         training data's frame step."""
-        hp = pl_module.hparams
+        clip = pl_module.settings.clip
         captions, clips = [], []
-        for batch in eval_pipeline(self.eval_urls(), hp.num_frames, hp.resolution, 8, **self.frame_step(trainer)):
+        for batch in eval_pipeline(self.eval_urls(), clip.num_frames, clip.resolution, 8, **self.frame_step(trainer)):
             captions += batch["caption"]
             clips.append(to_uint8_video(batch["video"]))
             if len(captions) >= self.num_videos:
@@ -168,9 +168,10 @@ class FVDCurve(L.Callback):
 
     def cache_key(self, trainer, pl_module) -> str:
         manifest = (self.eval_root / "manifest.json").read_bytes()
-        hp = pl_module.hparams
+        clip = pl_module.settings.clip
         step = self.frame_step(trainer)
-        key = [hashlib.sha1(manifest).hexdigest(), self.eval_split, self.num_videos, hp.num_frames, hp.resolution,
+        resolution = list(clip.resolution) if isinstance(clip.resolution, tuple) else clip.resolution  # as stored
+        key = [hashlib.sha1(manifest).hexdigest(), self.eval_split, self.num_videos, clip.num_frames, resolution,
                self.extractor_name]
         if step != {"frame_stride": 1, "target_fps": None}:  # keys of runs at the native rate stay as they were
             key.append(step)

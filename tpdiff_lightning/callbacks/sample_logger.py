@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from tpdiff_lightning.visualize import contact_sheet, gif_bytes, side_by_side
+from tpdiff_lightning.callbacks.visualize import contact_sheet, gif_bytes, side_by_side
 
 from tpdiff_lightning.data.datamodule import DEFAULT_PREDICT_PROMPTS as DEFAULT_PROMPTS
 

@@ -21,7 +21,7 @@ safetensors). Users with a separate SD1.5 UNet folder and a ``MotionAdapter`` fo
 
 FSDP: wrap the UNet's stages (``CrossAttnDownBlockMotion``, ``DownBlockMotion``, ``UNetMidBlockCrossAttnMotion``,
 ``CrossAttnUpBlockMotion``, ``UpBlockMotion`` from ``diffusers.models.unets.unet_motion_model``; all in
-``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``).
+``tpdiff_lightning.distributed.fsdp2.DEFAULT_BLOCK_CLASSES``).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Conventions checked against this project:
   without padding no mask is passed, so the attention kernel is the unmasked one.
 
 FSDP: wrap ``FluxTransformerBlock`` and ``FluxSingleTransformerBlock`` from
-``diffusers.models.transformers.transformer_flux`` (both in ``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``).
+``diffusers.models.transformers.transformer_flux`` (both in ``tpdiff_lightning.distributed.fsdp2.DEFAULT_BLOCK_CLASSES``).
 """
 
 from __future__ import annotations

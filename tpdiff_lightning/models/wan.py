@@ -18,7 +18,7 @@ predicts it from its first step; ``"stage"`` (the paper's Eq. 13) is the velocit
 ``(s_i − e_i)`` times larger, which a pretrained Wan would have to learn by that factor on the shorter stages.
 
 FSDP: the repeated block class is ``diffusers.models.transformers.transformer_wan.WanTransformerBlock``, one of
-``tpdiff_lightning.parallel.DEFAULT_BLOCK_CLASSES``; name it in ``auto_wrap_policy`` / ``activation_checkpointing_policy``.
+``tpdiff_lightning.distributed.fsdp2.DEFAULT_BLOCK_CLASSES``; name it in ``auto_wrap_policy`` / ``activation_checkpointing_policy``.
 """
 
 from __future__ import annotations

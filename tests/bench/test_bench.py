@@ -1,0 +1,468 @@
+"""The benchmark scripts run (smoke form); their numbers are never asserted on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tpdiff_lightning.data.synthetic import clip_rng, make_clip
+from tpdiff_lightning.data.video_io import write_mp4
+
+pytestmark = pytest.mark.slow
+
+
+BENCH = ROOT / "bench"
+if str(BENCH) not in sys.path:  # the bench scripts import their shared helpers as `common`
+    sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The benches set one torch thread (their default); give the rest of the session its own count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_json(path) -> dict:
+    """Parse a bench JSON strictly: NaN or infinity is not well-formed output."""
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_inference_latency_quick_writes_json(tmp_path):
+    import inference_latency
+
+    out = tmp_path / "latency.json"
+    inference_latency.main(["--quick", "--backbones", "dit", "--out", str(out)])
+    result = load_json(out)
+    (row,) = result["results"]
+    assert row["stage_frames"] == [4, 8, 16] and sum(row["steps_per_stage"]) == result["config"]["steps"]
+    assert row["flop_predicted_speedup"] > 1.0  # fewer frames early must mean fewer FLOPs
+    for clock in ("cpu", "wall"):
+        assert len(row["latency_raw_s"][clock]["vanilla"]) == len(row["latency_raw_s"][clock]["tpdiff"]) == 1
+    assert result["machine"]["threads"] >= 1 and "loadavg_start" in result["machine"]
+
+
+def test_spatiotemporal_latency_quick_writes_json_with_the_flop_predictions(tmp_path):
+    import spatiotemporal_latency
+
+    out = tmp_path / "st.json"
+    spatiotemporal_latency.main(["--quick", "--out", str(out)])
+    result = load_json(out)["results"]
+    spatial = result["spatiotemporal"]
+    assert [(s["frames"], s["size"]) for s in spatial["stages"]] == [(4, [16, 16]), (8, [16, 16]), (16, [32, 32])]
+    assert [s["size"] for s in result["temporal"]["stages"]] == [[32, 32]] * 3
+    # fewer tokens early in space as well as time: fewer FLOPs than the temporal pyramid, in sampling and training
+    assert spatial["sampling_flop_predicted"] > result["temporal"]["sampling_flop_predicted"] > 1.0
+    assert spatial["training_flop_predicted"] > result["temporal"]["training_flop_predicted"] > 1.0
+    assert result["vanilla"]["sampling_flop_predicted"] == 1.0
+
+
+def test_inference_latency_skips_a_backbone_that_does_not_import(tmp_path, monkeypatch):
+    import inference_latency
+
+    monkeypatch.setitem(inference_latency.DIFFUSERS, "missing",
+                        ("tpdiff_lightning.models.no_such_backbone", "X", "tests.helpers.tiny_wan", "save_tiny_wan"))
+    out = tmp_path / "latency.json"
+    inference_latency.main(["--quick", "--backbones", "missing", "--out", str(out)])
+    result = load_json(out)
+    assert result["results"] == [] and "no_such_backbone" in result["skipped"]["missing"]
+
+
+def test_train_throughput_quick_measures_every_stage(tmp_path):
+    import train_throughput
+
+    out = tmp_path / "train.json"
+    train_throughput.main(["--quick", "--out", str(out)])
+    result = load_json(out)
+    frames = [s["frames"] for s in result["stages"]]
+    saved = [s["saved_activation_bytes"] for s in result["stages"]]
+    flops = [s["train_flops"] for s in result["stages"]]
+    assert frames == [4, 8, 16]
+    assert saved == sorted(saved) and saved[0] < saved[-1]  # a shorter stage really saves fewer activations
+    assert flops[0] < flops[1] < flops[2] and result["flop_predicted_speedup"] > 1.0
+    assert result["vanilla"]["saved_activation_bytes"] == pytest.approx(saved[-1], rel=0.05)
+    checkpointed = [s["saved_activation_bytes_checkpointed"] for s in result["stages"]]
+    assert all(c < s for c, s in zip(checkpointed, saved))  # gradient checkpointing keeps less in every stage
+    assert result["expected_tpdiff_step_s"] > 0 and result["speedup_samples_per_s"] > 0
+
+
+def test_fit_throughput_quick_runs_the_real_fit_of_both_variants(tmp_path):
+    import fit_throughput
+
+    out = tmp_path / "fit.json"
+    fit_throughput.main(["--quick", "--out", str(out), "--data-root", str(tmp_path / "data")])
+    result = load_json(out)
+    (res,) = result["results"].values()
+    assert result["clock"] == "cpu" and result["step_benchmark"]["speedup_samples_per_s"] > 0
+    for variant, frames in (("vanilla", [16]), ("tpdiff", [4, 8, 16])):
+        agg = res[variant]
+        assert agg["num_steps"] == result["config"]["steps"]
+        assert [s["frames"] for s in agg["stages"]] == frames  # the quick run draws every stage
+        for s in agg["stages"]:
+            assert s["clips_per_s_cpu"] > 0 and s["profile"]["inclusive_ms"]["step"] > 0
+            assert {"training_step", "backward", "backbone_forward", "text_encoder"} <= set(s["profile"]["inclusive_ms"])
+            assert s["profile"]["top_ops"]
+    assert res["ratio_clips_per_s_cpu"] > 0 and "ratio_clips_per_s_cpu_over_step_ratio" in res
+
+
+def test_alignment_overhead_quick_splits_the_time(tmp_path):
+    import alignment_overhead
+
+    out = tmp_path / "align.json"
+    alignment_overhead.main(["--quick", "--shapes", "default", "--train-result", str(tmp_path / "none"),
+                             "--out", str(out)])
+    result = load_json(out)
+    assert [c["batch"] for c in result["cases"]] == [4, 16]
+    for case in result["cases"]:
+        assert [s["frames"] for s in case["stages"]] == [4, 8, 16]
+        assert [s["elements_per_sample"] for s in case["stages"]] == [3 * f * 32 * 32 for f in (4, 8, 16)]
+        assert all(s[k] > 0 for s in case["stages"] for k in ("total_ms", "cost_matrix_ms", "hungarian_ms"))
+
+
+
+def test_alignment_overhead_skips_cases_over_the_memory_cap(tmp_path):
+    import alignment_overhead
+
+    out = tmp_path / "align.json"
+    alignment_overhead.main(["--shapes", "wan", "--batches", "64", "--max-gb", "0.01", "--repeats", "1",
+                             "--threads", "0", "--out", str(out)])
+    result = load_json(out)
+    assert result["cases"] == [] and result["skipped"][0]["batch"] == 64 and "GB" in result["skipped"][0]["why"]
+
+
+def test_ablations_quick_has_every_table2_row(tmp_path):
+    import ablations
+
+    out = tmp_path / "ablations.json"
+    ablations.main(["--quick", "--convergence", str(tmp_path / "none"), "--out", str(out),
+                   "--plot", str(tmp_path / "bars.png")])
+    assert (tmp_path / "bars.png").stat().st_size > 0
+    rows = {r["name"]: r for r in load_json(out)["rows"]}
+    overlays = {p.stem for p in (ROOT / "configs" / "ablations").glob("*.yaml")}
+    assert set(rows) == overlays | {"default"} and set(rows) <= set(ablations.PAPER)
+    assert rows["stages5"]["stage_frames"] == [1, 2, 4, 8, 16]
+    assert rows["reductions_4-2"]["stage_frames"] == [2, 8, 16] and rows["reductions_2-4"]["stage_frames"] == [2, 4, 16]
+    assert rows["partition_1-1-2"]["steps_per_stage"][-1] > rows["partition_1-1-2"]["steps_per_stage"][0]
+    # More of the time at full rate costs more FLOPs than the uniform default, less at low rate costs fewer.
+    assert rows["partition_1-1-2"]["infer_flop_predicted"] < rows["default"]["infer_flop_predicted"]
+    assert rows["partition_2-1-1"]["infer_flop_predicted"] > rows["default"]["infer_flop_predicted"]
+    assert rows["no_alignment"]["infer_flop_predicted"] == pytest.approx(rows["default"]["infer_flop_predicted"])
+    assert rows["default"]["final_fvd"] == {}  # no convergence runs yet
+
+    # Later convergence runs fill the quality columns without re-timing: each row beside vanilla's same seed.
+    def run(name, seed, fvd):
+        return {"run": name, "seed": seed, "points": [{"step": 1, "fvd": fvd + 100}, {"step": 2, "fvd": fvd}]}
+
+    convergence = tmp_path / "convergence.json"
+    convergence.write_text(json.dumps({"runs": [run("tpdiff-flow", 0, 900.0), run("vanilla-flow", 0, 950.0),
+                                                run("tpdiff-flow", 1, 800.0), run("tpdiff-flow-stages4", 1, 700.0),
+                                                run("vanilla-flow", 1, 850.0)]}))
+    timings = {r["name"]: r["infer_speedup"] for r in load_json(out)["rows"]}
+    ablations.main(["--quality-only", "--convergence", str(convergence), "--out", str(out), "--plot", ""])
+    refreshed = {r["name"]: r for r in load_json(out)["rows"]}
+    assert {k: r["infer_speedup"] for k, r in refreshed.items()} == timings
+    assert refreshed["default"]["final_fvd"] == {"0": 900.0, "1": 800.0}
+    assert refreshed["default"]["vanilla_final_fvd"] == {"0": 950.0, "1": 850.0}
+    assert refreshed["stages4"]["final_fvd"] == {"1": 700.0} and refreshed["stages4"]["vanilla_final_fvd"] == {"1": 850.0}
+    assert refreshed["stages5"]["final_fvd"] == {}
+    assert ablations.fvd_cell(refreshed["stages4"]) == "700 vs 850 (s1)"
+
+
+def test_compare_flags_a_regression_and_passes_an_equal_run(tmp_path):
+    import compare
+
+    old = {"bench": "inference_latency", "results": [{"backbone": "dit", "speedup": 1.8, "flop_predicted_speedup": 1.7}]}
+    slower = {"bench": "inference_latency", "results": [{"backbone": "dit", "speedup": 1.2, "flop_predicted_speedup": 1.7}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(slower))
+    rows = compare.compare(old, slower, 0.15)
+    assert [r["metric"] for r in rows if r["regression"]] == ["speed-up[dit]"]
+    assert rows[0]["ratio"] == pytest.approx(1.2 / 1.8)
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(tmp_path / "old.json"),
+                           str(tmp_path / "new.json")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and "REGRESSION" in proc.stdout
+    assert compare.main([str(tmp_path / "old.json"), str(tmp_path / "old.json")]) == 0
+    with pytest.raises(ValueError, match="'train_throughput'"):
+        compare.compare(old, {"bench": "train_throughput"}, 0.15)
+    # Runs with other settings are compared, but with a warning naming what differs.
+    quick = dict(slower, config={"batch": 1, "quick": True, "out": "x.json"})
+    (tmp_path / "old.json").write_text(json.dumps(dict(old, config={"batch": 4, "quick": False, "out": "y.json"})))
+    (tmp_path / "quick.json").write_text(json.dumps(quick))
+    proc = subprocess.run([sys.executable, str(BENCH / "compare.py"), str(tmp_path / "old.json"),
+                           str(tmp_path / "quick.json")], cwd=ROOT, capture_output=True, text=True)
+    assert "different settings" in proc.stdout and "batch: 4 -> 1" in proc.stdout and "out:" not in proc.stdout
+
+
+def test_a_quick_run_never_writes_over_the_measured_results():
+    import argparse
+
+    from common import parse_bench_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench/results/x.json")
+    parser.add_argument("--plot", default="docs/x.png")
+    parser.add_argument("--quick", action="store_true")
+    quick = parse_bench_args(parser, ["--quick"])
+    assert Path(quick.out) == ROOT / "bench" / "results" / "quick" / "x.json"
+    assert Path(quick.plot) == ROOT / "bench" / "results" / "quick" / "x.png"
+    assert parse_bench_args(parser, ["--quick", "--out", "mine.json"]).out == "mine.json"  # asked for: kept
+    assert parse_bench_args(parser, []).out == "bench/results/x.json"  # a full run writes the results
+
+
+def test_convergence_flops_replay_the_modules_stage_draw():
+    import convergence
+
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    module = TPDiffModule(objective={"stage_seed": 3}, optimization={"ema_decay": None})
+    per_stage = [1.0, 10.0, 100.0]
+    draws = [module.pyramid.sample_stage(module.stage_generator(step)) for step in range(40)]
+    expected = [sum(per_stage[i] for i in draws[:n]) for n in (10, 40)]
+    assert convergence.cumulative_flops("tpdiff-flow", 3, [10, 40], per_stage) == expected
+
+
+def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():
+    import convergence
+
+    def run(name, fvds, flops):
+        return {"run": name, "seed": 0, "points": [{"fvd": f, "train_flops": c, "train_seconds": c / 10}
+                                                   for f, c in zip(fvds, flops)]}
+
+    runs = [run("vanilla-flow", [900, 700, 500], [100, 200, 400]), run("tpdiff-flow", [800, 450, 300], [100, 200, 400])]
+    (row,) = convergence.analyse(runs)["flow"]
+    assert row["vanilla_final_fvd"] == 500 and row["tpdiff_final_fvd"] == 300
+    assert row["reach_train_flops_fraction"] == pytest.approx(200 / 400)
+    runs[1] = run("tpdiff-flow", [800, 700, 600], [100, 200, 400])
+    assert convergence.analyse(runs)["flow"][0]["reach_train_flops_fraction"] is None
+    assert "flow-seed-mean" not in convergence.analyse(runs)  # one seed: nothing to average
+
+
+def test_convergence_seed_means_average_the_curves_on_one_flop_grid():
+    import convergence
+
+    def run(name, seed, fvds, flops):
+        return {"run": name, "seed": seed, "points": [{"fvd": f, "train_flops": c, "train_seconds": c}
+                                                      for f, c in zip(fvds, flops)]}
+
+    runs = [run("vanilla-flow", 0, [900, 500], [0, 400]), run("vanilla-flow", 1, [1100, 700], [0, 400]),
+            run("tpdiff-flow", 0, [700, 300], [0, 400]), run("tpdiff-flow", 1, [900, 300, 100], [0, 200, 400]),
+            run("tpdiff-flow", 2, [1, 1], [0, 400])]  # seed 2 has no vanilla run: left out
+    mean = convergence.analyse(runs)["flow-seed-mean"]
+    assert mean["seeds"] == [0, 1] and mean["flops_grid"][0] == 0 and mean["flops_grid"][-1] == 400
+    assert mean["mean_final_fvd"] == {"tpdiff-flow": 200, "vanilla-flow": 600}
+    assert mean["final_gap_mean"] == pytest.approx(-400)  # gaps -200 and -600
+    assert mean["final_gap_sem"] == pytest.approx(200)  # their standard deviation 283 over sqrt(2)
+    # TPDiff's seed mean is ((700 - x) + (900 - 3x)) / 2 = 800 - 2x up to x = 200: it reaches vanilla's final
+    # mean of 600 at x = 100, a quarter of the 400 FLOPs; the grid resolves it to one step (400 / 39).
+    for x, v in zip(mean["flops_grid"], mean["mean_fvd"]["tpdiff-flow"]):
+        if x <= 200:
+            assert v == pytest.approx(800 - 2 * x)
+    assert mean["reach_train_flops_fraction"] == pytest.approx(0.25, abs=1 / 39)
+
+
+def test_training_budget_needs_exactly_one_positive_budget():
+    import convergence
+
+    for kwargs in ({}, {"minutes": 1.0, "tflops": 1.0}, {"minutes": 0.0}, {"tflops": -1.0}):
+        with pytest.raises(ValueError, match="expected exactly one positive budget"):
+            convergence.TrainingBudget(**kwargs)
+
+
+def test_convergence_quick_run_writes_fvd_points(tmp_path, tiny_data_root):
+    out = tmp_path / "convergence.json"
+    subprocess.run([sys.executable, str(BENCH / "convergence.py"), "--quick", "--runs", "vanilla-flow",
+                    "--data-root", str(tiny_data_root), "--out-dir", str(tmp_path / "runs"),
+                    "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--plot", str(tmp_path / "c.png")],
+                   check=True, cwd=ROOT, capture_output=True)
+    (run,) = load_json(out)["runs"]
+    steps = [p["step"] for p in run["points"]]
+    assert run["run"] == "vanilla-flow" and steps == sorted(steps) and steps[-1] == 4
+    assert all(p["fvd"] >= 0 and p["train_seconds"] > 0 for p in run["points"])
+    assert [p["train_flops"] for p in run["points"]] == sorted(p["train_flops"] for p in run["points"])
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_caption_accuracy_is_perfect_on_real_synthetic_clips(tmp_path):
+    for i in range(8):
+        frames, caption, _ = make_clip(clip_rng(0, "eval", i), 16, 32)
+        write_mp4(tmp_path / f"{i:04d}_{caption.replace(' ', '_')}_seed{i}_rank0.mp4", frames)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "synthetic_caption_accuracy.py"), str(tmp_path)],
+                          check=True, cwd=ROOT, capture_output=True, text=True)
+    summary = json.loads((tmp_path / "caption_accuracy.json").read_text())["summary"]
+    assert summary["clips"] == 8 and summary["colour_accuracy"] == 1.0 and summary["direction_accuracy"] == 1.0, proc.stdout
+
+
+def test_fvd_cost_quick_runs(tmp_path):
+    out = tmp_path / "fvd.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "fvd_cost.py"), "--quick", "--size", "32", "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)
+    assert json.loads(out.read_text())["i3d"]["clips_per_s"] > 0
+
+
+def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, capsys):
+    """The GPU acceptance command at tiny size on the CPU: every part runs through the same code as on a GPU."""
+    import gpu_acceptance
+
+    out = tmp_path / "gpu_acceptance.json"
+    result = gpu_acceptance.main(["--dry-run", "--out", str(out)])
+    saved = load_json(out)
+    assert saved["dry_run"] and saved["parts"] == list(gpu_acceptance.PARTS) and saved["skipped"] == {}
+    assert saved["tests"]["returncode"] == 0 and not saved["tests"]["ran"]  # collected only, without CUDA
+    assert {"fsdp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"} <= {
+        t.split("[")[1].rstrip("]") for t in saved["tests"]["tests"]}
+    assert [r["model"] for r in saved["table3"]] == ["Wan2.1-1.3B", "AnimateDiff SD1.5", "Flux-style"]
+    for r in saved["table3"]:
+        assert r["stage_frames"][-1] == r["latent_shape"][1] and r["stage_frames"][0] < r["stage_frames"][-1]
+        assert r["flop_predicted_speedup"] > 1 and r["seconds"]["tpdiff+decode"]["median_s"] > 0
+    assert len(saved["train_step"]["dit"]["stages"]) == 3 and saved["train_step"]["wan_lora"]["train_flops"]["vanilla"] > 0
+    assert saved["fit"]["tpdiff"]["points"] > 0 and saved["fit"]["vanilla"]["points"] > 0
+    assert saved["i3d"]["clips_per_s"] > 0 and len(saved["fvd_overhead"]) == 3
+    st = saved["spatiotemporal"]
+    assert st["stage_shapes"]["spatiotemporal"][0][1:] == [st["latent_shape"][2] // 4, st["latent_shape"][3] // 4]
+    assert st["flop_predicted_speedup"]["spatiotemporal"] > st["flop_predicted_speedup"]["temporal"] > 1
+    assert st["flop_predicted_speedup"]["spatiotemporal_221"] > st["flop_predicted_speedup"]["spatiotemporal"]
+    assert "steps 2:2:1" in result["table"]
+    printed = capsys.readouterr().out
+    assert result["table"] in printed and "real fit, clips/s" in result["table"]
+
+
+def test_gpu_acceptance_keeps_every_other_parts_result_when_one_part_fails(tmp_path, monkeypatch):
+    """An OOM, a failing fit or a timeout in one part costs that part only: the others' results are in the JSON,
+    which is written after every part."""
+    import gpu_acceptance
+
+    written = []
+    real_write = gpu_acceptance.write_json
+    monkeypatch.setattr(gpu_acceptance, "write_json",
+                        lambda path, result, quiet=False: written.append(sorted(result)) or real_write(path, result, quiet))
+
+    def out_of_memory(args):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 169.00 GiB")
+    monkeypatch.setattr(gpu_acceptance, "run_i3d", out_of_memory)
+    out = tmp_path / "gpu_acceptance.json"
+    result = gpu_acceptance.main(["--dry-run", "--parts", "table3,i3d,spatiotemporal", "--models", "flux",
+                                  "--out", str(out)])
+    saved = load_json(out)
+    assert saved["complete"] and "OutOfMemoryError: CUDA out of memory" in saved["errors"]["i3d"]
+    assert saved["table3"][0]["model"] == "Flux-style" and saved["table3"][0]["speedup"] > 0  # before the failure
+    assert saved["spatiotemporal"]["speedup"]["temporal"] > 0  # after it
+    assert "i3d: failed" in result["table"]
+    assert len(written) == 4 and "table3" in written[0]  # the JSON after each part, then the final one
+
+
+def test_gpu_acceptance_keeps_inside_its_budget(tmp_path):
+    import gpu_acceptance
+
+    budget = gpu_acceptance.Budget(100.0, reserve=5.0)
+    assert budget.timeout(240) <= 100.0 and budget.timeout(10) == 10  # a subprocess never outlives the budget
+    out = tmp_path / "gpu_acceptance.json"
+    gpu_acceptance.main(["--dry-run", "--parts", "tests,i3d", "--budget-s", "1", "--out", str(out)])
+    saved = load_json(out)
+    assert set(saved["skipped"]) == {"tests", "i3d"} and "budget" in saved["skipped"]["tests"]
+
+
+def test_flow_velocity_study_compares_the_two_targets_step_by_step(tmp_path):
+    import flow_velocity_study
+
+    def run(name, seed, fvds):
+        return {"run": name, "seed": seed, "points": [
+            {"step": 150 * (k + 1), "fvd": f, "train_flops": 1e12 * (k + 1)} for k, f in enumerate(fvds)]}
+
+    runs = [run("tpdiff-flow", 0, [900, 800, 700]), run("tpdiff-flow-global", 0, [1000, 850]),
+            run("tpdiff-flow", 1, [920, 780, 690]), run("tpdiff-flow-global", 1, [980, 790]),
+            run("vanilla-flow", 0, [1200, 1100])]
+    (tmp_path / "convergence.json").write_text(json.dumps({"runs": runs}))
+    result = flow_velocity_study.main(["--convergence", str(tmp_path / "convergence.json"),
+                                       "--out", str(tmp_path / "study.json")])
+    assert result["seeds"] == [0, 1] and [r["step"] for r in result["rows"]] == [150, 300]  # steps both reached
+    first = result["rows"][0]
+    assert first["mean_diff"] == 80 and first["flops_equal"] and first["sem_diff"] == 20
+
+
+def test_equal_compute_reads_every_curve_at_the_same_flops(tmp_path):
+    import equal_compute
+
+    def run(name, seed, flops, fvds):
+        return {"run": name, "seed": seed, "points": [{"train_flops": f * 1e12, "fvd": v} for f, v in zip(flops, fvds)]}
+
+    runs = [run("a", 0, [1, 3], [100, 80]), run("a", 1, [1, 3], [120, 100]),
+            run("b", 0, [2, 4], [50, 30]), run("b", 1, [2, 4], [70, 50])]
+    (tmp_path / "c.json").write_text(json.dumps({"runs": runs}))
+    result = equal_compute.main(["--runs", "a,b", "--seeds", "0,1", "--points", "2",
+                                 "--convergence", str(tmp_path / "c.json"), "--out", str(tmp_path / "e.json")])
+    assert result["train_tflops"] == [2.0, 3.0]  # the span both curves cover
+    assert result["mean_fvd"] == {"a": [100.0, 90.0], "b": [60.0, 50.0]}
+
+
+def test_convergence_extend_refuses_a_finished_run_without_its_checkpoint_before_training_any(tmp_path):
+    import convergence
+
+    out = tmp_path / "c.json"
+    out.write_text(json.dumps({"runs": [{"run": "vanilla-flow", "seed": 1, "points": []}]}))
+    with pytest.raises(SystemExit, match=r"^--extend: no checkpoint to continue vanilla-flow seed 1 \(.*last\.ckpt\)"):
+        convergence.main(["--runs", "tpdiff-flow,vanilla-flow", "--seeds", "0,1", "--extend", "--budget-tflops", "2",
+                          "--out", str(out), "--out-dir", str(tmp_path / "runs"), "--plot", ""])
+    assert not (tmp_path / "runs").exists()  # tpdiff-flow seed 0, listed first, did not start
+
+
+def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_path):
+    import lightning
+    import torch
+    from PIL import Image
+
+    import equal_compute_samples
+    from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    every = len(PALETTE) * len(DIRECTIONS) * len(SHAPES) * len(SPEEDS)
+    prompts = equal_compute_samples.captions(every)
+    assert len({p for p, _, _ in prompts}) == every  # each combination once, shape and speed included
+    assert equal_compute_samples.trained_flops({"callbacks": {"TrainingBudget": {"flops": 0.0, "tflops": None}}}) is None
+    torch.manual_seed(0)
+    model = TPDiffModule(clip={"num_frames": 8, "resolution": 16}, sampling={"steps": 3}, optimization={"ema_decay": None})
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 7,
+                "pytorch-lightning_version": lightning.__version__,
+                "callbacks": {"TrainingBudget": {"flops": 2.5e12, "tflops": 3.0}}}, path)
+    result = equal_compute_samples.main(["--checkpoint", f"a={path}", "--checkpoint", f"b={path}", "--captions", "3",
+                                         "--sheet-captions", "2", "--png", str(tmp_path / "s.png"),
+                                         "--out", str(tmp_path / "s.json")])
+    assert set(result["results"]) == {"a", "b"}
+    assert result["results"]["a"]["step"] == 7 and result["results"]["a"]["train_tflops"] == 2.5
+    assert result["results"]["a"]["clips"] == result["results"]["b"]["clips"]  # same seeds, same weights
+    assert len(result["results"]["a"]["clips"]) == 3
+    width, height = Image.open(tmp_path / "s.png").size
+    assert (width, height) == (8 * 32, 4 * (32 + 12))  # 2 captions x 2 checkpoints, 8 frames at scale 2
+    assert load_json(tmp_path / "s.json")["captions"] == [p for p, _, _ in equal_compute_samples.captions(3)]
+
+
+def test_step_split_quality_samples_every_split_with_the_same_prompts(tmp_path, tiny_data_root):
+    import lightning
+    import torch
+
+    import step_split_quality
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    torch.manual_seed(0)
+    model = TPDiffModule(clip={"num_frames": 16, "resolution": 16}, sampling={"steps": 3}, optimization={"ema_decay": None})
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 0,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    result = step_split_quality.main(["--checkpoint", str(path), "--videos", "2", "--steps", "6",
+                                      "--splits", "1,1,1;2,1,1", "--eval-root", str(tiny_data_root),
+                                      "--out", str(tmp_path / "q.json")])
+    uniform, early = result["results"]
+    assert uniform["steps"] == [2, 2, 2] and early["steps"] == [3, 2, 1]
+    assert uniform["flops_relative"] == 1.0 and early["flops_relative"] < 1.0  # steps moved where they are cheap
+    assert all(r["fvd"] >= 0 and 0 <= r["colour_ok"] <= 1 for r in result["results"])
+    assert load_json(tmp_path / "q.json")["num_videos"] == 2

@@ -1,0 +1,1 @@
+"""Test helpers: tiny random models and weights folders, loopback process groups, device-traffic counting."""

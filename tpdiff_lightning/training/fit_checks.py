@@ -1,0 +1,79 @@
+"""Startup checks for training settings that cannot work together, so a run stops before its first step
+(with one line naming the settings) instead of at step 1 or hours in.
+
+Combinations the project makes work rather than refuses: the fused AdamW with gradient clipping under bf16
+(``tpdiff_lightning.training.gradient_clipping``), DeepSpeed's micro-batch size from the data
+(``tpdiff_lightning.distributed.deepspeed``), and T5's tied token embedding under FSDP(1) (registered once, see
+``tpdiff_lightning.models.text_encoder``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tpdiff_lightning.training.gradient_clipping import strategy_kind, uses_gradient_scaler
+
+
+def shared_parameters(module: nn.Module, trainable_only: bool = True) -> list[list[str]]:
+    """Groups of names under which one parameter is registered more than once (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.requires_grad or not trainable_only:
+            names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def deepspeed_stage(strategy: Any) -> int | None:
+    config = getattr(strategy, "config", None) or {}
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    return int(stage) if stage is not None else None
+
+
+def fit_setup_problems(trainer: Any, module: Any) -> list[str]:
+    """One message per unsupported combination of ``trainer`` and the TPDiffModule ``module`` settings."""
+    hp = module.settings.optimization
+    kind = strategy_kind(trainer.strategy)
+    precision = str(trainer.precision)
+    clip = trainer.gradient_clip_val or 0.0
+    algorithm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+    problems = []
+    if hp.fused_optimizer is True:
+        if kind == "deepspeed":
+            problems.append("model.init_args.optimization.fused_optimizer=true cannot run with DeepSpeed, which wraps the optimizer "
+                            "itself; expected null (auto) or false")
+        elif uses_gradient_scaler(trainer.precision_plugin) and clip > 0:
+            problems.append(f"model.init_args.optimization.fused_optimizer=true cannot run with trainer.precision={precision} and "
+                            f"trainer.gradient_clip_val={clip}: the fused AdamW unscales fp16 gradients inside its "
+                            "step, after clipping would have seen them scaled; expected null (auto) or false, "
+                            "bf16-mixed, or no clipping")
+    if kind == "deepspeed":
+        if clip > 0 and algorithm == "value":
+            problems.append("trainer.gradient_clip_algorithm=value cannot run with DeepSpeed, which clips by norm "
+                            "only; expected norm")
+        if deepspeed_stage(trainer.strategy) == 3 and hp.ema_decay is not None:
+            problems.append(f"model.init_args.optimization.ema_decay={hp.ema_decay} cannot run with DeepSpeed ZeRO stage 3: each "
+                            "rank holds empty parameter placeholders outside forward, so there is nothing to "
+                            "average; expected null (or use configs/strategy/fsdp2.yaml, which keeps the EMA)")
+    if kind == "fsdp1":
+        if hp.ema_decay is not None:
+            problems.append(f"model.init_args.optimization.ema_decay={hp.ema_decay} cannot run with FSDP(1) "
+                            "(configs/strategy/fsdp.yaml): it flattens and renames the weights the EMA follows; "
+                            "expected null, or configs/strategy/fsdp2.yaml, which keeps the EMA")
+        if precision not in ("32-true", "32", "64-true", "64"):
+            tied = shared_parameters(module)
+            if tied:
+                listed = "; ".join(" = ".join(group) for group in tied)
+                problems.append(f"FSDP(1) with trainer.precision={precision} cannot train a parameter registered "
+                                f"under two names ({listed}): its mixed precision cannot assign the shared "
+                                "gradient; register the tied module once, or use configs/strategy/fsdp2.yaml")
+    return problems
+
+
+def check_fit_setup(trainer: Any, module: Any) -> None:
+    """Raise ValueError (one line per problem) when ``fit_setup_problems`` finds any."""
+    problems = fit_setup_problems(trainer, module)
+    if problems:
+        raise ValueError("; ".join(problems))
