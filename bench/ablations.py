@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from common import (ROOT, add_common_args, add_sampling_args, build_dit, count_flops, finish_machine_info, headline_clock, interleaved,
-                    machine_info, parse_bench_args, print_table, pyramid_from_config, random_text, sampling_flops,
-                    set_threads, summary, write_json)
 from inference_latency import denoiser
+
+from common import (ROOT, add_common_args, add_sampling_args, build_dit, count_flops, finish_machine_info,
+                    headline_clock, interleaved, machine_info, parse_bench_args, print_table, pyramid_from_config,
+                    random_text, sampling_flops, set_threads, summary, write_json)
 from tpdiff_lightning.method.pyramid import TemporalPyramid
 from tpdiff_lightning.method.sampling import sample, split_steps
 

@@ -16,8 +16,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, print_table, write_json
 from convergence import interpolate
+
+from common import ROOT, print_table, write_json
 
 
 def equal_compute(runs: list[dict[str, Any]], names: list[str], seeds: list[int], num: int) -> dict[str, Any]:

@@ -21,12 +21,12 @@ import random
 from typing import Any
 
 import torch
+from synthetic_caption_accuracy import clip_report
 
 from common import ROOT, finish_machine_info, machine_info, print_table, write_json
-from synthetic_caption_accuracy import clip_report
+from tpdiff_lightning.callbacks.visualize import save_contact_sheet
 from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS, caption_for
 from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
-from tpdiff_lightning.callbacks.visualize import save_contact_sheet
 
 
 def captions(count: int) -> list[tuple[str, str, str]]:

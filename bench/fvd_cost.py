@@ -34,9 +34,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import parse_bench_args
-from tpdiff_lightning.metrics.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, i3d_features, load_i3d
 from tpdiff_lightning.method.pyramid import TemporalPyramid
 from tpdiff_lightning.method.sampling import split_steps
+from tpdiff_lightning.metrics.i3d import INPUT_SIZE, MIN_FRAMES, InceptionI3d, i3d_features, load_i3d
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 0.10  # the target: FVD evaluation at most 10% of training at the default interval

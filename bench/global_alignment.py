@@ -27,8 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common import parse_bench_args
-from tpdiff_lightning.method.alignment import align_noise
-from tpdiff_lightning.method.alignment import alignment_cost, hungarian_permutation
+from tpdiff_lightning.method.alignment import align_noise, alignment_cost, hungarian_permutation
 from tpdiff_lightning.method.global_alignment import align_noise_global, gather
 
 

@@ -23,7 +23,7 @@ e. ``i3d``: I3D clips/s (16 frames, 224x224); with (b) it gives the FVD-evaluati
    FVD curve directly (its N clips sampled at its step count, plus their I3D features).
 f. ``spatiotemporal``: Wan2.1-1.3B at 81x448x832, 30 steps, batched CFG: vanilla against the temporal pyramid and
    the spatio-temporal one (temporal 2-2 and spatial 2-2), with steps split by the partition (10-10-10) and as
-   its config splits them (``sample_step_weights`` 2:2:1, 12-12-6), each beside its FLOP prediction. It runs last, so on
+   its config splits them (``sampling.step_weights`` 2:2:1, 12-12-6), each beside its FLOP prediction. It runs last, so on
    one GPU the 8-minute budget may skip it: run it on its own with ``--parts spatiotemporal``.
 
 Ratios are taken side by side in one process (variants alternate). ``--dry-run`` runs the same code at tiny
@@ -50,9 +50,9 @@ from torch import Tensor, nn
 
 from common import (ROOT, count_flops, finish_machine_info, interleaved, machine_info, print_table, summary,
                     train_step_flops, write_json)
-from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid
 from tpdiff_lightning.method.sampling import sample, split_steps
+from tpdiff_lightning.models.codec import IdentityCodec
 
 PARTS = ("tests", "table3", "train_step", "fit", "i3d", "spatiotemporal")
 STEPS = 30
@@ -509,7 +509,7 @@ def run_spatiotemporal(args: argparse.Namespace) -> dict[str, Any]:
     pyramids = {"vanilla": TemporalPyramid("flow", F, 1, anchor_first_frame=True, flow_velocity="global"),
                 "temporal": TemporalPyramid("flow", F, 3, [2, 2], anchor_first_frame=True, flow_velocity="global"),
                 "spatiotemporal": spatiotemporal, "spatiotemporal_221": spatiotemporal}
-    # The config's own split: sample_step_weights [2, 2, 1] (12-12-6 of 30 steps); the others split by partition.
+    # The config's own split: sampling.step_weights [2, 2, 1] (12-12-6 of 30 steps); the others split by partition.
     step_weights = {name: [2, 2, 1] if name == "spatiotemporal_221" else None for name in pyramids}
     fns = {}
     for name, p in pyramids.items():

@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from common import (add_common_args, add_sampling_args, build_dit, finish_machine_info, headline_clock, interleaved, machine_info,
-                    parse_bench_args, print_table, random_text, ratio_stats, sampling_flops, set_threads, summary,
-                    write_json)
+from common import (add_common_args, add_sampling_args, build_dit, finish_machine_info, headline_clock, interleaved,
+                    machine_info, parse_bench_args, print_table, random_text, ratio_stats, sampling_flops, set_threads,
+                    summary, write_json)
 from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid
 from tpdiff_lightning.method.sampling import sample, split_steps
 

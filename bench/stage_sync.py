@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from common import parse_bench_args
-from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.method.pyramid import TemporalPyramid
+from tpdiff_lightning.models.dit import VideoDiT
 
 
 def time_train_step(net, opt, text, frames, stride, args) -> float:

@@ -1,4 +1,4 @@
-"""What moving sampling steps between stages costs in quality: one checkpoint, several `sample_step_weights`.
+"""What moving sampling steps between stages costs in quality: one checkpoint, several `sampling.step_weights`.
 
     python bench/step_split_quality.py --checkpoint outputs/convergence/tpdiff-flow-spatiotemporal-s0/checkpoints/last.ckpt
     python bench/step_split_quality.py --checkpoint CKPT --splits "1,1,1;2,2,1;1,1,2" --steps 30 --videos 64
@@ -18,15 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from synthetic_caption_accuracy import clip_report
 
 from common import ROOT, count_flops, finish_machine_info, machine_info, print_table, write_json
-from synthetic_caption_accuracy import clip_report
 from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
+from tpdiff_lightning.method.sampling import split_steps
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.metrics.i3d import i3d_features, load_i3d
 from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
-from tpdiff_lightning.method.sampling import split_steps
 
 
 def parse_splits(text: str) -> list[list[float]]:

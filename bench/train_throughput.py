@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common import (add_common_args, train_step_flops, finish_machine_info, headline_clock, interleaved, machine_info,
-                    parameter_storages, parse_bench_args, print_table, ratio_stats, set_threads, summary, write_json)
+from common import (add_common_args, finish_machine_info, headline_clock, interleaved, machine_info, parameter_storages,
+                    parse_bench_args, print_table, ratio_stats, set_threads, summary, train_step_flops, write_json)
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder

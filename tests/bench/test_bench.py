@@ -416,11 +416,11 @@ def test_convergence_extend_refuses_a_finished_run_without_its_checkpoint_before
 
 
 def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_path):
+    import equal_compute_samples
     import lightning
     import torch
     from PIL import Image
 
-    import equal_compute_samples
     from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS
     from tpdiff_lightning.training.module import TPDiffModule
 
@@ -448,9 +448,9 @@ def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_pa
 
 def test_step_split_quality_samples_every_split_with_the_same_prompts(tmp_path, tiny_data_root):
     import lightning
+    import step_split_quality
     import torch
 
-    import step_split_quality
     from tpdiff_lightning.training.module import TPDiffModule
 
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.method.pyramid import TemporalPyramid
 from tpdiff_lightning.method.sampling import split_steps
+from tpdiff_lightning.models.dit import VideoDiT
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "bench") not in sys.path:  # fvd_cost imports the bench helpers as `common`, also when run alone

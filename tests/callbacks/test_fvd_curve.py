@@ -8,10 +8,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers.gloo import free_port
 from tests.conftest import DEFAULT, shrink_args
+from tests.helpers.gloo import free_port
 from tpdiff_lightning.callbacks.fvd_curve import FVDCurve
 from tpdiff_lightning.cli.main import main
+from tpdiff_lightning.training.settings import ClipSettings
 
 pytestmark = pytest.mark.slow
 
@@ -173,7 +174,7 @@ def test_backbone_configs_name_the_split_build_msrvtt_writes():
 def test_real_clips_follow_the_training_data_frame_step(tiny_data_root):
     def context(num_frames, frame_stride):
         trainer = SimpleNamespace(datamodule=SimpleNamespace(frame_stride=frame_stride, target_fps=None))
-        module = SimpleNamespace(hparams=SimpleNamespace(num_frames=num_frames, resolution=16))
+        module = SimpleNamespace(settings=SimpleNamespace(clip=ClipSettings(num_frames, 16)))
         return trainer, module
 
     callback = FVDCurve(eval_root=str(tiny_data_root), num_videos=2)

@@ -8,9 +8,9 @@ import torch
 
 from tests.conftest import CONFIGS, callbacks_without_fvd, config_chain, shrink_args
 from tests.helpers.tiny_pipelines import pipeline_overrides, save_tiny_pipeline
+from tpdiff_lightning.cli.export import export_backbone
 from tpdiff_lightning.cli.main import main
 from tpdiff_lightning.data.video_io import decode_mp4
-from tpdiff_lightning.cli.export import export_backbone
 from tpdiff_lightning.models.lora import load_adapter
 
 pytestmark = pytest.mark.slow

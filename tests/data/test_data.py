@@ -87,8 +87,9 @@ def test_decode_mp4_stops_at_max_frames_and_write_mp4_writes_a_file(tmp_path):
 
 def _decode_every_frame_alone(data: bytes) -> np.ndarray:
     """Reference decode: each frame converted to RGB on its own, as PyAV's `to_ndarray(format=...)` does."""
-    import av
     from io import BytesIO
+
+    import av
 
     with av.open(BytesIO(data)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])

@@ -11,17 +11,17 @@ import torch
 import webdataset as wds
 
 from tests.conftest import DEFAULT, TINY_DATA, shrink_args, write_overlay
+from tpdiff_lightning.cli.encode_latents import main as encode_main
 from tpdiff_lightning.cli.main import main as cli_main
 from tpdiff_lightning.data import decoding, pipelines
 from tpdiff_lightning.data.collation import collate_clips
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.data.decoding import NoUsableClipsError
+from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity
 from tpdiff_lightning.data.lost_clips import CorruptSampleWarning, SkipCounter
 from tpdiff_lightning.data.pipelines import eval_pipeline, train_pipeline
-from tpdiff_lightning.cli.encode_latents import main as encode_main
-from tpdiff_lightning.data.video_io import ClipLengthError
-from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity
 from tpdiff_lightning.data.synthetic import read_manifest
+from tpdiff_lightning.data.video_io import ClipLengthError
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
 from tpdiff_lightning.training.module import TPDiffModule

@@ -21,9 +21,8 @@ from torch import nn
 from transformers import T5EncoderModel
 
 from tests.helpers.gloo import free_port, join_gloo_group
-
-from tpdiff_lightning.training.fit_checks import fit_setup_problems, shared_parameters
 from tpdiff_lightning.models.text_encoder import TIED_EMBEDDING_KEY, T5TextEncoder
+from tpdiff_lightning.training.fit_checks import fit_setup_problems, shared_parameters
 from tpdiff_lightning.training.module import TPDiffModule
 
 
@@ -96,7 +95,8 @@ class TrainingStep(nn.Module):
 
 def _fsdp1_bf16_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, MixedPrecision
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.t5.modeling_t5 import T5Block
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers.gloo import free_port, join_gloo_group
 from tests.conftest import CONFIGS, DEFAULT, ROOT, shrink_args
+from tests.helpers.gloo import free_port, join_gloo_group
 
 STRATEGIES = sorted((CONFIGS / "strategy").glob("*.yaml"))
 STRATEGY_NAMES = [p.stem for p in STRATEGIES]
@@ -252,10 +252,10 @@ def _fsdp2_worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
+    from tpdiff_lightning.distributed.fsdp2 import FSDP2Settings, apply_fsdp2
     from tpdiff_lightning.models.text_encoder import T5TextEncoder
     from tpdiff_lightning.training.module import TPDiffModule
     from tpdiff_lightning.training.optimizer import fused_adamw_supported
-    from tpdiff_lightning.distributed.fsdp2 import FSDP2Settings, apply_fsdp2
 
     join_gloo_group(rank, port, 2)
     try:
@@ -310,8 +310,8 @@ def test_apply_fsdp2_shards_the_trained_parts_and_the_ema_follows(tmp_path):
 def test_find_blocks_prefers_known_classes_then_falls_back_to_module_lists():
     from torch import nn
 
-    from tpdiff_lightning.models.dit import DiTBlock, VideoDiT
     from tpdiff_lightning.distributed.fsdp2 import find_blocks, import_class
+    from tpdiff_lightning.models.dit import DiTBlock, VideoDiT
 
     dit = VideoDiT(3, 16)
     blocks = find_blocks(dit, [DiTBlock])
@@ -362,7 +362,8 @@ def _fsdp1_frozen_filter_worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch import nn
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
 
     from tpdiff_lightning.models.weights_folder import exclude_frozen_from_state_dict
 

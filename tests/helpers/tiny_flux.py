@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def tiny_flux_config(in_channels: int = 4, text_dim: int = 32, **overrides: Any) -> dict[str, Any]:
     """Config of a ``FluxTransformer2DModel`` with one double-stream and one single-stream block, 2 heads of
     width 16; ``overrides`` replace any key.

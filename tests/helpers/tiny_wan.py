@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def tiny_wan_config(in_channels: int = 4, text_dim: int = 32, **overrides: Any) -> dict[str, Any]:
     """Config of a 2-layer, 2-head (head dim 12) ``WanTransformer3DModel``; ``overrides`` replace any key.
 

@@ -10,8 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.helpers.gloo import free_port, join_gloo_group
-from tpdiff_lightning.method.alignment import align_noise
-from tpdiff_lightning.method.alignment import alignment_cost
+from tpdiff_lightning.method.alignment import align_noise, alignment_cost
 from tpdiff_lightning.method.global_alignment import align_noise_global
 
 WORLD = 2

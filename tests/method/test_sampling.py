@@ -3,8 +3,15 @@ import torch
 from torch.testing import assert_close
 
 from tpdiff_lightning.method.pyramid import TemporalPyramid
-from tpdiff_lightning.method.sampling import (guided, guided_one_pass, sample, shift_time, split_steps, stage_time_grid,
-                                      unshift_time)
+from tpdiff_lightning.method.sampling import (
+    guided,
+    guided_one_pass,
+    sample,
+    shift_time,
+    split_steps,
+    stage_time_grid,
+    unshift_time,
+)
 
 F64 = torch.float64
 TABLE2 = [

@@ -14,9 +14,17 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from tpdiff_lightning.metrics import i3d
-from tpdiff_lightning.metrics.i3d import (InceptionI3d, convert_i3d_weights, i3d_features, i3d_weights_path,
-                                          load_i3d, max_pool_same, preprocess_for_i3d, resize_bilinear_tf1,
-                                          same_padding)
+from tpdiff_lightning.metrics.i3d import (
+    InceptionI3d,
+    convert_i3d_weights,
+    i3d_features,
+    i3d_weights_path,
+    load_i3d,
+    max_pool_same,
+    preprocess_for_i3d,
+    resize_bilinear_tf1,
+    same_padding,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from tests.reference.reference_inputs import FRECHET_CASES, RESIZE_CASES, STORED_ROWS, activations, frames
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.metrics.i3d import MIN_FRAMES, preprocess_for_i3d
-from tests.conftest import ROOT
 
 REFERENCE = np.load(ROOT / "tests" / "reference" / "tf_reference.npz")
 

@@ -173,8 +173,8 @@ def test_stride_reaches_every_motion_module_and_frames_are_not_padded():
 
 
 def test_shorter_stage_sequences_reach_the_unet():
-    from tpdiff_lightning.training.module import TPDiffModule
     from tpdiff_lightning.models.text_encoder import T5TextEncoder
+    from tpdiff_lightning.training.module import TPDiffModule
 
     text_encoder = T5TextEncoder(d_model=32, num_layers=1, num_heads=2, d_ff=32)
     module = TPDiffModule(backbone=partial(AnimateDiffBackbone, config=tiny_animatediff_config(3, 32)),

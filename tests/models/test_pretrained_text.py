@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.helpers.tiny_text import (save_tiny_clip, save_tiny_umt5, tiny_clip_model, tiny_clip_tokenizer, tiny_umt5_model,
-                             tiny_umt5_tokenizer, write_tiny_clip_tokenizer)
+from tests.helpers.tiny_text import (
+    save_tiny_clip,
+    save_tiny_umt5,
+    tiny_clip_model,
+    tiny_clip_tokenizer,
+    tiny_umt5_model,
+    tiny_umt5_tokenizer,
+    write_tiny_clip_tokenizer,
+)
 from tpdiff_lightning.models.pretrained_text import CLIPTextEncoder, UMT5TextEncoder, clean_caption
 from tpdiff_lightning.models.text_encoder import TextEncoder
 

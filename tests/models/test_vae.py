@@ -9,8 +9,8 @@ from torch.testing import assert_close
 
 from tests.helpers.tiny_vae import TINY_SD_VAE, TINY_WAN_VAE, save_tiny_sd_vae, save_tiny_wan_vae
 from tpdiff_lightning.data.latent_cache import check_codec, module_identity
-from tpdiff_lightning.models.vae import SDVAECodec, WanVAECodec
 from tpdiff_lightning.method.pyramid import TemporalPyramid
+from tpdiff_lightning.models.vae import SDVAECodec, WanVAECodec
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch.testing import assert_close
 
 from tests.helpers.tiny_wan import save_tiny_wan, tiny_wan_config
+from tpdiff_lightning.method.pyramid import TemporalPyramid
 from tpdiff_lightning.models.lora import LoraSettings
 from tpdiff_lightning.models.wan import StridedWanRotaryPosEmbed, WanBackbone
-from tpdiff_lightning.method.pyramid import TemporalPyramid
 
 C, D = 4, 32
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tpdiff_lightning.training.fit_checks import fit_setup_problems
-from tpdiff_lightning.training.gradient_clipping import clip_gradients
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
+from tpdiff_lightning.training.fit_checks import fit_setup_problems
+from tpdiff_lightning.training.gradient_clipping import clip_gradients
 from tpdiff_lightning.training.module import TPDiffModule
 
 CLIP = 1e-4  # far below any real gradient norm, so clipping always acts

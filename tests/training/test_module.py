@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
-from tpdiff_lightning.models.dit import VideoDiT
 from tests.helpers.settings import merged
+from tpdiff_lightning.models.dit import VideoDiT
+from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
 
 
 def _module(**overrides):

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from tests.helpers.settings import merged
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.rope import RoPE3D
-from tests.helpers.settings import merged
 from tpdiff_lightning.training.module import TPDiffModule
 
 TEXT_DIM = 32

@@ -13,12 +13,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from tpdiff_lightning.callbacks.sample_logger import tensorboard_gif_summary
+from tpdiff_lightning.callbacks.visualize import gif_bytes, side_by_side
 from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.metrics.fvd import FVD
-from tpdiff_lightning.training.module import to_uint8_video
 from tpdiff_lightning.runs.tensorboard import purge_step_of
-from tpdiff_lightning.callbacks.visualize import gif_bytes, side_by_side
+from tpdiff_lightning.training.module import to_uint8_video
 
 
 class FVDCurve(L.Callback):

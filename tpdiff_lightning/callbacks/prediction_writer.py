@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from tpdiff_lightning.data.video_io import write_mp4
 from tpdiff_lightning.callbacks.visualize import save_contact_sheet
+from tpdiff_lightning.data.video_io import write_mp4
 
 log = logging.getLogger("lightning.pytorch.callbacks.prediction_writer")  # shown on the console, as Lightning's own
 

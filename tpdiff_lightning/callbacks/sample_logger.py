@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from tpdiff_lightning.callbacks.visualize import contact_sheet, gif_bytes, side_by_side
-
 from tpdiff_lightning.data.datamodule import DEFAULT_PREDICT_PROMPTS as DEFAULT_PROMPTS
 
 

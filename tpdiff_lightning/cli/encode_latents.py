@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from tpdiff_lightning.data.datamodule import VideoDataModule
-from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.latent_cache import encode_split, write_latent_manifest
+from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

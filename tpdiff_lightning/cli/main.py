@@ -16,31 +16,31 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tpdiff_lightning.callbacks.checkpoint import link_last_checkpoint
-from tpdiff_lightning.callbacks.divergence import DivergenceGuard
 from tpdiff_lightning.callbacks.clip_accounting import ClipAccounting
-from tpdiff_lightning.callbacks.progress import StepProgressBar
+from tpdiff_lightning.callbacks.divergence import DivergenceGuard
 from tpdiff_lightning.callbacks.preemption import SIGTERM_EXIT_CODE, PreemptedError, PreemptionCheckpoint
-from tpdiff_lightning.runs.checkpoint_io import install_atomic_checkpoint_io
-from tpdiff_lightning.runs.checkpoint_match import check_model_matches_checkpoint
+from tpdiff_lightning.callbacks.progress import StepProgressBar
 from tpdiff_lightning.cli.errors import TRACEBACK_FLAG, check_config_files, report_and_exit, wants_traceback
 from tpdiff_lightning.data.datamodule import VideoDataModule
-from tpdiff_lightning.training.fit_checks import check_fit_setup
-from tpdiff_lightning.training.flat_settings import grouped
-from tpdiff_lightning.training.module import TPDiffModule
-from tpdiff_lightning.training.settings import INFERENCE_GROUPS, RESUMABLE_GROUPS, settings_help
+from tpdiff_lightning.runs.checkpoint_io import install_atomic_checkpoint_io
+from tpdiff_lightning.runs.checkpoint_match import check_model_matches_checkpoint
 from tpdiff_lightning.runs.resume import (
     UnusableCheckpointError,
-    sharded_checkpoint_file,
     checkpoint_folders,
     find_resume_point,
     load_problem,
     refuse_fresh_fit_over_checkpoints,
     resume_message,
+    sharded_checkpoint_file,
 )
 from tpdiff_lightning.runs.resume_settings import check_resume_settings, resumed_settings_message, setting_changes
 from tpdiff_lightning.runs.run_lock import RunFolderLock
 from tpdiff_lightning.runs.run_settings import RunSettingError, check_data_settings, check_run_settings
 from tpdiff_lightning.runs.tensorboard import log_into_subrun, purge_tensorboard_after, resumed_step
+from tpdiff_lightning.training.fit_checks import check_fit_setup
+from tpdiff_lightning.training.flat_settings import grouped
+from tpdiff_lightning.training.module import TPDiffModule
+from tpdiff_lightning.training.settings import INFERENCE_GROUPS, RESUMABLE_GROUPS, settings_help
 
 
 def replaced_settings_message(ckpt_path: str, replaced: dict[str, tuple]) -> str:

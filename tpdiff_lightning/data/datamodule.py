@@ -11,8 +11,8 @@ import braceexpand
 import lightning as L
 from torch.utils.data import DataLoader
 
-from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.decoding import fps_step
+from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT
 from tpdiff_lightning.data.pipelines import eval_pipeline, train_pipeline
 from tpdiff_lightning.data.shard_formats import check_format, is_remote

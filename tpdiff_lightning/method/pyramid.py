@@ -25,7 +25,6 @@ from torch import Tensor
 from tpdiff_lightning.method.schedules import Schedule, make_schedule
 from tpdiff_lightning.method.values import is_integer, is_number
 
-
 FLOW_VELOCITIES = ("stage", "global")
 
 

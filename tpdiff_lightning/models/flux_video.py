@@ -32,8 +32,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
 
-from tpdiff_lightning.models.weights_folder import config_class_name, resolve_part_folder
 from tpdiff_lightning.models.lora import LoraSettings, prepare_training
+from tpdiff_lightning.models.weights_folder import config_class_name, resolve_part_folder
 
 PACK = 2
 """Spatial packing factor of Flux latents (2×2 latent pixels per token)."""

@@ -16,8 +16,12 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from tpdiff_lightning.models.weights_folder import (check_weights_folder, config_digest,
-                                                    exclude_frozen_from_state_dict, load_frozen_model)
+from tpdiff_lightning.models.weights_folder import (
+    check_weights_folder,
+    config_digest,
+    exclude_frozen_from_state_dict,
+    load_frozen_model,
+)
 
 CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 T5_TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",))

@@ -11,11 +11,11 @@ checkpoints stay small); a codec built from a bare ``config`` (random weights, f
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
 from tpdiff_lightning.models.weights_folder import config_digest, exclude_frozen_from_state_dict, load_frozen_model
+
 
 class FrozenVAECodec(nn.Module):
     """Shared parts of the VAE codecs: a frozen ``self.vae`` that stays in eval mode, and input checks."""

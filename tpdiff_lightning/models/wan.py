@@ -34,7 +34,6 @@ from tpdiff_lightning.models.lora import LoraSettings, has_lora, lora_state_dict
 from tpdiff_lightning.models.weights_folder import cast_keeping_fp32_modules, parse_dtype, resolve_part_folder
 
 
-
 class StridedWanRotaryPosEmbed(WanRotaryPosEmbed):
     """Wan's rotary embedding with frame j at temporal position ``j·stride`` (SPEC Eq. 14), and token row and
     column ``(a, b)`` at ``(a·spatial_stride, b·spatial_stride)`` of the full-resolution grid.

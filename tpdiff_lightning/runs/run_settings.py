@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tpdiff_lightning.runs.resume import load_problem
 from tpdiff_lightning.method.values import is_integer, is_number
+from tpdiff_lightning.runs.resume import load_problem
 
 # Values of ckpt_path that Lightning resolves itself rather than reading a file.
 NAMED_CHECKPOINTS = ("last", "best", "hpc", "registry")

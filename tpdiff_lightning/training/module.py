@@ -14,21 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tpdiff_lightning.method.alignment import align_noise
-from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
-from tpdiff_lightning.training.ema import EMA
-from tpdiff_lightning.training.finite_input import check_finite_input, finite_rows
-from tpdiff_lightning.training.fit_checks import check_fit_setup
 from tpdiff_lightning.data.frame_size import frame_size
-from tpdiff_lightning.training.gradient_clipping import clip_gradients
-from tpdiff_lightning.models.codec import IdentityCodec
-from tpdiff_lightning.models.dit import VideoDiT
-from tpdiff_lightning.models.text_encoder import T5TextEncoder
-from tpdiff_lightning.training.optimizer import apply_optimizer_settings, make_adamw
+from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
+from tpdiff_lightning.method.alignment import align_noise
 from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid, randn
 from tpdiff_lightning.method.sampling import check_step_weights, guided_one_pass, sample
 from tpdiff_lightning.method.schedules import make_schedule
+from tpdiff_lightning.models.codec import IdentityCodec
+from tpdiff_lightning.models.dit import VideoDiT
+from tpdiff_lightning.models.text_encoder import T5TextEncoder
+from tpdiff_lightning.training.ema import EMA
+from tpdiff_lightning.training.finite_input import check_finite_input, finite_rows
+from tpdiff_lightning.training.fit_checks import check_fit_setup
 from tpdiff_lightning.training.flat_settings import grouped, is_flat
+from tpdiff_lightning.training.gradient_clipping import clip_gradients
+from tpdiff_lightning.training.optimizer import apply_optimizer_settings, make_adamw
 from tpdiff_lightning.training.settings import (
     GROUPS,
     PREFIX,
