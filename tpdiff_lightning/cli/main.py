@@ -104,7 +104,7 @@ class TPDiffCLI(LightningCLI):
             self.config)
         replaced = setting_changes({k: v for k, v in requested.items() if k in replacing}, replacing)
         if replaced:
-            rank_zero_warn(replaced_settings_message(str(ckpt), {k: (new, old) for k, (old, new) in replaced.items()}))
+            rank_zero_warn(replaced_settings_message(str(ckpt), replaced))  # (requested, stored) per key
         data = self.config[subcommand].data.init_args
         differ = {key: (value, data.get(key)) for key, value in (stored.get("clip") or {}).items()
                   if _as_list(value) != _as_list(data.get(key))}
