@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tpdiff_lightning.models.embeddings import CaptionPoolEmbedder, TimestepEmbedder
 from tpdiff_lightning.models.rope import SPATIAL_POSITIONS, RoPE3D, rotate, temporal_positions
+from tpdiff_lightning.models.token_split import TokenSplit, TokenSplitFactory
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, split: TokenSplit | None = None) -> Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)  # (B, N, 3, heads, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, heads, N, d) each
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        out = nnf.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        if split is None:
+            out = nnf.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        else:  # N is this rank's share of the tokens; attention reaches every rank's
+            out = split.attention(q, k, v)  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
@@ -115,9 +119,10 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
 
-    def forward(self, x: Tensor, c: Tensor, text: Tensor, text_mask: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, text: Tensor, text_mask: Tensor, cos: Tensor, sin: Tensor,
+                split: TokenSplit | None = None) -> Tensor:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)  # (B, D) each
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), cos, sin)  # (B, N, D)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a, scale_a), cos, sin, split)  # (B, N, D)
         x = x + self.cross(self.norm_cross(x), text, text_mask)  # (B, N, D)
         x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (B, N, D)
         return x
@@ -176,6 +181,9 @@ class VideoDiT(nn.Module):
         spatial_positions: where the tokens of a stage with spatial stride P sit on the full-resolution token
             grid: `"corner"` (default, `a·P`) or `"centre"` (`(a + ½)·P − ½`). No effect at P = 1.
     """
+
+    token_split: TokenSplitFactory | None = None
+    """Set for a forward pass under context parallelism (``TPDiffModule``): the tokens' split over the group."""
 
     def __init__(
         self,
@@ -284,7 +292,7 @@ class VideoDiT(nn.Module):
         if text_mask is None:
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         text_mask = text_mask.bool()
-        if self.compile:
+        if self.compile and self.token_split is None:  # the compiled graph is built without collectives
             return self.compiled_forward()(x, t, text, text_mask, stride, spatial_stride)
         return self.forward_checked(x, t, text, text_mask, stride, spatial_stride)
 
@@ -309,13 +317,19 @@ class VideoDiT(nn.Module):
             c = c + self.caption_pool(text, text_mask)  # (B, D)
         ctx = self.text_proj(text)  # (B, L, D)
         cos, sin = self.rope(F, h, w, stride, x.device, spatial_stride, self.spatial_positions)  # (N, d/2) each
+        split = self.token_split(tokens.shape[1]) if self.token_split is not None else None
+        if split is not None:  # context parallelism: this rank keeps its share of the tokens from here on
+            tokens, patches = split.shard(tokens), split.shard(patches)  # (B, N_r, D), (B, N_r, C*p*p)
+            cos, sin = split.shard(cos, dim=0), split.shard(sin, dim=0)  # (N_r, d/2) each
 
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, ctx, text_mask, cos, sin, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, ctx, text_mask, cos, sin, split, use_reentrant=False)
             else:
-                tokens = block(tokens, c, ctx, text_mask, cos, sin)  # (B, N, D)
+                tokens = block(tokens, c, ctx, text_mask, cos, sin, split)  # (B, N, D)
         out = self.final_layer(tokens, c)  # (B, N, p*p*C)
         if self.pixel_skip is not None:
             out = out + self.pixel_skip(patches, c)  # (B, N, p*p*C)
+        if split is not None:
+            out = split.gather(out)  # (B, N, p*p*C): every rank's share
         return self.unpatchify(out, F, h, w)  # (B, C, F, H, W)

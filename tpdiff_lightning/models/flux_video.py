@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 from torch import Tensor, nn
 
 from tpdiff_lightning.models.lora import LoraSettings, prepare_training
+from tpdiff_lightning.models.token_split import TokenSplit, TokenSplitFactory
 from tpdiff_lightning.models.weights_folder import config_class_name, resolve_part_folder
 
 PACK = 2
@@ -85,6 +88,41 @@ def load_flux(pretrained_path: str, subfolder: str | None = "transformer") -> Fl
     return FluxTransformer2DModel.from_pretrained(str(folder))
 
 
+class SplitFluxAttnProcessor:
+    """Flux's joint attention with the video tokens split over a context-parallel group: the same projections,
+    norms and rotary positions as diffusers' ``FluxAttnProcessor``, with the attention itself through the split
+    (the caption's ``prefix`` tokens come first and are every rank's)."""
+
+    def __init__(self, split: TokenSplit, prefix: int):
+        self.split, self.prefix = split, prefix
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb=None):
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))  # (B, S, H, d)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:  # a double-stream block: the caption's own projections go first
+            encoder_query, encoder_key, encoder_value = (x.unflatten(-1, (-1, attn.head_dim))
+                                                         for x in (encoder_query, encoder_key, encoder_value))
+            encoder_query, encoder_key = attn.norm_added_q(encoder_query), attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)  # (B, L + N_r, H, d)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.split.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                   prefix=self.prefix, mask=attention_mask)  # (B, H, L + N_r, d)
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)  # (B, L + N_r, H·d)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
 class FluxVideoBackbone(nn.Module):
     """A ``FluxTransformer2DModel`` over all frames' tokens, behind ``(x, t, text, text_mask, stride) -> v̂``.
 
@@ -104,6 +142,8 @@ class FluxVideoBackbone(nn.Module):
 
     patch_size = PACK
     """Latents per token side (the 2×2 packing); a spatio-temporal pyramid's sizes must divide by it."""
+    token_split: TokenSplitFactory | None = None
+    """Set for a forward pass under context parallelism (``TPDiffModule``): the video tokens' split over the group."""
 
     def __init__(
         self,
@@ -190,7 +230,21 @@ class FluxVideoBackbone(nn.Module):
             keep = torch.cat([text_mask, text_mask.new_ones(B, tokens.shape[1])], dim=1)  # (B, L + N), text first
             kwargs = {"attention_mask": keep[:, None, None, :]}  # (B, 1, 1, L + N): masks keys only
         timestep = (t / 1000).expand(B)  # (B,) in [0, 1]; Flux multiplies by 1000 itself
-        out = self.model(hidden_states=tokens, encoder_hidden_states=text,
-                         pooled_projections=self.pooled_text(text, text_mask), timestep=timestep,
-                         img_ids=img_ids, txt_ids=txt_ids, joint_attention_kwargs=kwargs).sample  # (B, N, C·4)
-        return unpack_frames(out, F, H, W)  # (B, C, F, H, W)
+        split = self.token_split(tokens.shape[1]) if self.token_split is not None else None
+        if split is None:
+            out = self.model(hidden_states=tokens, encoder_hidden_states=text,
+                             pooled_projections=self.pooled_text(text, text_mask), timestep=timestep,
+                             img_ids=img_ids, txt_ids=txt_ids, joint_attention_kwargs=kwargs).sample  # (B, N, C·4)
+            return unpack_frames(out, F, H, W)  # (B, C, F, H, W)
+        # Context parallelism: this rank's share of the video tokens (and their positions) goes through the model;
+        # the caption is every rank's, and attention reaches every rank's video tokens.
+        tokens, img_ids = split.shard(tokens), split.shard(img_ids, dim=0)  # (B, N_r, C·4), (N_r, 3)
+        processors = self.model.attn_processors
+        self.model.set_attn_processor(SplitFluxAttnProcessor(split, prefix=L))
+        try:
+            out = self.model(hidden_states=tokens, encoder_hidden_states=text,
+                             pooled_projections=self.pooled_text(text, text_mask), timestep=timestep,
+                             img_ids=img_ids, txt_ids=txt_ids, joint_attention_kwargs=kwargs).sample  # (B, N_r, C·4)
+        finally:
+            self.model.set_attn_processor(processors)
+        return unpack_frames(split.gather(out), F, H, W)  # (B, C, F, H, W)

@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 from diffusers import WanTransformer3DModel
-from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanRotaryPosEmbed
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections as _get_wan_qkv_projections
 from torch import Tensor, nn
 
 from tpdiff_lightning.models.lora import LoraSettings, has_lora, lora_state_dict, prepare_training
+from tpdiff_lightning.models.token_split import TokenSplit, TokenSplitFactory
 from tpdiff_lightning.models.weights_folder import cast_keeping_fp32_modules, parse_dtype, resolve_part_folder
 
 
@@ -113,6 +115,58 @@ def check_wan_config(config: dict[str, Any], in_channels: int, text_dim: int, so
                          "every stage's frame count (any F) reaches the model frame by frame")
 
 
+class SplitWanAttnProcessor(WanAttnProcessor):
+    """Wan's self-attention with the video tokens split over a context-parallel group: the same projections, norms
+    and rotary positions as diffusers' ``WanAttnProcessor``, with the attention itself through the split. Cross-
+    attention (to the caption, every rank's) goes to diffusers' processor unchanged."""
+
+    def __init__(self, split: TokenSplit):
+        super().__init__()
+        self.split = split
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, rotary_emb: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if encoder_hidden_states is not None or attn.add_k_proj is not None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_wan_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))  # (B, N_r, H, d)
+        if rotary_emb is not None:
+            query, key = rotate_wan(query, *rotary_emb), rotate_wan(key, *rotary_emb)
+        out = self.split.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                   mask=attention_mask)  # (B, H, N_r, d)
+        hidden_states = out.transpose(1, 2).flatten(2, 3).type_as(query)  # (B, N_r, H·d)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def rotate_wan(x: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
+    """Wan's rotary embedding on interleaved pairs of ``x (B, N, H, d)`` (as ``WanAttnProcessor`` applies it)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def split_wan_tokens(model: WanTransformer3DModel, split: TokenSplit) -> list:
+    """Run ``model``'s next forward on this rank's share of the tokens: the first block takes the share of the
+    patch embeddings, every block its share of the rotary positions and the split self-attention, and the output
+    projection's tokens are gathered back (Wan unpatchifies the whole grid). Returns the undo callables."""
+    processors = model.attn_processors
+    model.set_attn_processor(SplitWanAttnProcessor(split))
+
+    def shard_inputs(block: nn.Module, args: tuple) -> tuple:
+        hidden, text, timestep, (cos, sin) = args
+        if block is model.blocks[0]:
+            hidden = split.shard(hidden)  # (B, N_r, D)
+        return hidden, text, timestep, (split.shard(cos), split.shard(sin))  # (1, N_r, 1, d) each
+
+    handles = [block.register_forward_pre_hook(shard_inputs) for block in model.blocks]
+    handles.append(model.proj_out.register_forward_hook(lambda module, args, out: split.gather(out)))
+    return [handle.remove for handle in handles] + [lambda: model.set_attn_processor(processors)]
+
+
 class WanBackbone(nn.Module):
     """``WanTransformer3DModel`` behind the backbone interface ``(x, t, text, text_mask, stride) -> velocity``
     (plus ``spatial_stride`` at the smaller stages of a spatio-temporal pyramid).
@@ -130,6 +184,9 @@ class WanBackbone(nn.Module):
         text_length: pad the text with zero tokens to this length (Wan2.1 was trained on UMT5 text padded
             with zeros to 512 tokens; set 512 for a pretrained checkpoint). ``None`` keeps the given length.
     """
+
+    token_split: TokenSplitFactory | None = None
+    """Set for a forward pass under context parallelism (``TPDiffModule``): the video tokens' split over the group."""
 
     def __init__(
         self,
@@ -218,10 +275,16 @@ class WanBackbone(nn.Module):
         dtype = self.model.patch_embedding.weight.dtype
         self.model.rope.stride = int(stride)
         self.model.rope.spatial_stride = int(spatial_stride)
+        p_t, p_h, p_w = self.model.config.patch_size
+        tokens = (x.shape[2] // p_t) * (x.shape[3] // p_h) * (x.shape[4] // p_w)
+        split = self.token_split(tokens) if self.token_split is not None else None
+        undo = split_wan_tokens(self.model, split) if split is not None else []
         try:
             out = self.model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=text.to(dtype),
                              return_dict=False)[0]  # (B, C, F, H, W)
         finally:
             self.model.rope.stride = 1
             self.model.rope.spatial_stride = 1
+            for handle in undo:
+                handle()
         return out  # Wan's ε − x0 is already this project's flow target (module docstring)

@@ -1,0 +1,116 @@
+"""Context parallelism on gloo: a clip's tokens over 2 and 4 processes give the single process's outputs and
+parameter gradients (float32), for the built-in DiT, the Flux-style DiT and Wan, at the stage shapes of the
+shipped pyramids, uneven token counts included, by Ulysses and (heads not divisible) by gathered keys and values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers.gloo import free_port, join_gloo_group
+
+TEXT_DIM = 32
+LATENT = 4  # channels of the diffusers backbones' latents
+
+
+def build(kind: str, heads: int):
+    """A small random backbone of ``kind`` with ``heads`` attention heads, every weight nonzero."""
+    torch.manual_seed(0)
+    if kind == "dit":
+        from tpdiff_lightning.models.dit import DIT_SIZES, DiTSize, VideoDiT
+
+        DIT_SIZES["dit-cp-test"] = DiTSize(hidden=24 * heads, depth=2, heads=heads, patch=2)
+        net = VideoDiT(3, TEXT_DIM, size="dit-cp-test")
+    elif kind == "flux":
+        from tests.helpers.tiny_flux import tiny_flux_config
+        from tpdiff_lightning.models.flux_video import FluxVideoBackbone
+
+        net = FluxVideoBackbone(LATENT, TEXT_DIM, config=tiny_flux_config(LATENT, TEXT_DIM, num_attention_heads=heads))
+    else:
+        from tests.helpers.tiny_wan import tiny_wan_config
+        from tpdiff_lightning.models.wan import WanBackbone
+
+        net = WanBackbone(LATENT, TEXT_DIM, config=tiny_wan_config(LATENT, TEXT_DIM, num_attention_heads=heads))
+    for p in net.parameters():  # zero-initialised gates and projections would hide whole branches
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def inputs(kind: str, frames: int, size: int):
+    g = torch.Generator().manual_seed(1)
+    channels = 3 if kind == "dit" else LATENT
+    x = torch.randn(2, channels, frames, size, size, generator=g)
+    t = torch.tensor([250.0, 700.0])
+    text = torch.randn(2, 5, TEXT_DIM, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    return x, t, text, mask
+
+
+def run(net, case):
+    kind, frames, size, stride, spatial, _ = case
+    x, t, text, mask = inputs(kind, frames, size)
+    strides = {"stride": stride, **({"spatial_stride": spatial} if spatial > 1 else {})}
+    y = net(x, t, text, mask, **strides)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+
+
+# (backbone, frames, latent side, stride, spatial stride, heads). The default pyramid's stages (16 frames: 4, 8, 16),
+# the spatio-temporal one's (the early stages at half the side), Wan's anchored 21 latent frames (6, 11, 21).
+# Tokens per clip such as 6x3x3 = 54 or 11x3x3 = 99 split unevenly; 3 heads (DiT) or 2 (Flux, Wan) over 4 ranks
+# take the gathered-keys path, the rest Ulysses.
+CASES = [("dit", 4, 8, 4, 1, 4), ("dit", 8, 8, 2, 1, 4), ("dit", 16, 8, 1, 1, 4), ("dit", 4, 8, 4, 2, 4),
+         ("dit", 8, 8, 2, 2, 4), ("dit", 6, 6, 4, 1, 4), ("dit", 11, 6, 2, 1, 3), ("dit", 21, 6, 1, 1, 4),
+         ("flux", 4, 8, 4, 1, 2), ("flux", 16, 8, 1, 1, 4), ("flux", 8, 4, 2, 2, 2), ("flux", 11, 6, 2, 1, 2),
+         ("wan", 6, 6, 4, 1, 2), ("wan", 11, 6, 2, 1, 4), ("wan", 21, 6, 1, 1, 2), ("wan", 6, 4, 4, 2, 4)]
+
+
+def _worker(rank: int, port: int, world: int, out: str) -> None:
+    join_gloo_group(rank, port, world)
+    import torch.distributed as dist
+
+    from tpdiff_lightning.distributed.context_parallel import ContextParallel, sequence_splits
+
+    results = {}
+    for case in CASES:  # one process group for every case: the spawns, not the cases, cost the time
+        net = build(case[0], case[5])
+        net.token_split = sequence_splits(ContextParallel(dist.group.WORLD, world, rank))
+        y, grads = run(net, case)
+        for g in grads.values():  # the ranks' gradients sum to the clip's (FSDP's reduce-scatter sums them)
+            dist.all_reduce(g)
+        results[case] = {"y": y, "grads": grads}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def assert_within(got: torch.Tensor, expected: torch.Tensor, name: str, tolerance: float = 1e-5) -> None:
+    """Equal within ``tolerance`` of the tensor's scale: float32 sums over a sequence split in parts round in
+    another order (a gradient summed over 400 tokens differs by a few 1e-6 of its largest element)."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = float((got - expected).abs().max() / scale)
+    assert error <= tolerance, f"{name}: max difference {error:.2e} of the largest element"
+
+
+@pytest.fixture(scope="module")
+def split_results(tmp_path_factory):
+    """Every case's output and gradients with its tokens split over 2 and over 4 processes."""
+    results = {}
+    for world in (2, 4):
+        out = tmp_path_factory.mktemp(f"cp{world}") / "cp.pt"
+        mp.start_processes(_worker, args=(free_port(), world, str(out)), nprocs=world, start_method="spawn", join=True)
+        results[world] = torch.load(out)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}f{c[2]}px-S{c[3]}-P{c[4]}-h{c[5]}")
+def test_a_split_sequence_gives_the_single_process_outputs_and_gradients(split_results, world, case):
+    got = split_results[world][case]
+    y, grads = run(build(case[0], case[5]), case)
+    assert_within(got["y"], y, "output")
+    assert set(got["grads"]) == set(grads)
+    for name, grad in grads.items():
+        assert_within(got["grads"][name], grad, name)

@@ -1,0 +1,239 @@
+"""Context parallelism: the tokens of one clip spread over the ranks of a group, which see the same clips.
+
+Each rank of a context-parallel group embeds and transforms only its own contiguous share of the token sequence
+(activations fall with the degree); attention is the one place where tokens meet:
+
+- **Ulysses** (when the degree divides the head count): two all-to-alls turn "my tokens, all heads" into "all
+  tokens, my heads" and back, so each rank attends over the whole sequence for its share of the heads.
+- **Gathered keys and values** (any degree, e.g. 8 ranks with Wan's 12 heads): each rank gathers every rank's keys
+  and values and attends its own queries over them (the context parallelism of Llama 3's training). It moves
+  more data than Ulysses and holds the full K and V during attention, but needs no divisibility.
+
+Both are written with ``all_to_all_single``, which NCCL and gloo (the tests' CPU backend) implement with uneven
+splits, so a token count that does not divide by the degree is split unevenly, never padded. Public libraries were
+checked first: torch's ``context_parallel`` dispatches only GPU attention kernels and assumes causal load
+balancing; yunchang's Ulysses needs evenly divisible sequences and its ring path needs flash-attention kernels;
+diffusers' ``enable_parallelism`` runs its own process groups and hooks, untested with backward passes and our
+stage positions. None runs on the CPU the tests use.
+
+Stage-aware: a stage whose clips hold fewer than ``min_tokens`` tokens gains nothing from splitting its short
+sequence, so the group splits its *batch* there instead (each rank takes its share of the clips, no attention
+communication), see ``TPDiffModule.stage_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as nnf
+from torch import Tensor
+
+DEFAULT_MIN_TOKENS = 1024
+"""Tokens per clip below which a stage splits the batch rather than the sequence (bench/context_parallel.py)."""
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """A context-parallel group as this rank sees it."""
+
+    group: Any
+    """The process group of the ranks that share one sequence."""
+    size: int
+    """Its degree."""
+    rank: int
+    """This rank's index in it."""
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    """Tokens per clip below which the group splits the batch instead of the sequence."""
+
+    def splits_sequence(self, tokens: int, batch: int) -> bool:
+        """Whether a stage with ``tokens`` per clip and a batch of ``batch`` splits its sequence: when it is long
+        enough, or when there are fewer clips than ranks to split the batch into."""
+        return tokens >= self.min_tokens or batch < self.size
+
+
+def shard_sizes(total: int, parts: int) -> list[int]:
+    """``total`` items over ``parts`` ranks as evenly as possible, the first ranks taking one more."""
+    return [total // parts + (1 if r < total % parts else 0) for r in range(parts)]
+
+
+def shard_bounds(total: int, parts: int, rank: int) -> tuple[int, int]:
+    """``[start, end)`` of rank ``rank``'s contiguous share of ``total`` items."""
+    sizes = shard_sizes(total, parts)
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` along dim 0 with uneven splits; its gradient is the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, send: list[int], receive: list[int]) -> Tensor:
+        ctx.group, ctx.send, ctx.receive = group, send, receive
+        out = x.new_empty((sum(receive), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), receive, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.receive, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: Tensor, cp: ContextParallel, send: list[int], receive: list[int]) -> Tensor:
+    """Rows ``x[sum(send[:s]):sum(send[:s+1])]`` go to rank s; the rows received from each rank, in rank order."""
+    return _AllToAll.apply(x, cp.group, list(send), list(receive))
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Every rank's share of a sequence (dim 1), concatenated in rank order.
+
+    ``shared_loss``: every rank goes on to compute the same thing from the gathered tensor (the model output, whose
+    loss every rank of the group evaluates), so each rank's gradient for its share is its own slice. Otherwise
+    (keys and values, used by each rank's own queries) the gradients of a share from every rank are summed back to
+    its owner.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, sizes: list[int], rank: int, shared_loss: bool) -> Tensor:
+        ctx.group, ctx.sizes, ctx.rank, ctx.shared_loss = group, sizes, rank, shared_loss
+        rows = x.movedim(1, 0).contiguous()  # (n_local, B, ...): dim 0 is the one all_to_all_single splits
+        out = rows.new_empty((sum(sizes), *rows.shape[1:]))
+        dist.all_to_all_single(out, rows.repeat(len(sizes), *([1] * (rows.ndim - 1))), sizes,
+                               [rows.shape[0]] * len(sizes), group=group)
+        return out.movedim(0, 1)  # (B, N, ...)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        start = sum(ctx.sizes[: ctx.rank])
+        if ctx.shared_loss:
+            return grad[:, start:start + ctx.sizes[ctx.rank]].contiguous(), None, None, None, None
+        rows = grad.movedim(1, 0).contiguous()  # (N, B, ...)
+        n = ctx.sizes[ctx.rank]
+        received = rows.new_empty((n * len(ctx.sizes), *rows.shape[1:]))
+        dist.all_to_all_single(received, rows, [n] * len(ctx.sizes), ctx.sizes, group=ctx.group)
+        summed = received.view(len(ctx.sizes), n, *rows.shape[1:]).sum(0)  # every rank's gradient of my share
+        return summed.movedim(0, 1), None, None, None, None
+
+
+def gather_sequence(x: Tensor, cp: ContextParallel, sizes: list[int], shared_loss: bool) -> Tensor:
+    """``(B, n_rank, ...)`` shares to the whole ``(B, N, ...)`` sequence on every rank (see ``_GatherSequence``)."""
+    return _GatherSequence.apply(x, cp.group, list(sizes), cp.rank, shared_loss)
+
+
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel, sizes: list[int], attend: Attend,
+                      prefix: int = 0) -> Tensor:
+    """Attention of ``q, k, v (B, H, prefix + n_rank, d)`` over the whole sequence: the split tokens go by
+    all-to-all to ``(B, H / W, N, d)`` (the ``prefix`` tokens, the same on every rank, only lose the other heads),
+    ``attend`` runs there, and the results go back to ``(B, H, prefix + n_rank, d)``."""
+    B, H, _, d = q.shape
+    n = q.shape[2] - prefix
+    W = cp.size
+    heads = H // W
+    mine = slice(cp.rank * heads, (cp.rank + 1) * heads)
+
+    def to_heads(x: Tensor) -> Tensor:
+        split = x[:, :, prefix:]  # (B, H, n, d)
+        rows = split.reshape(B, W, heads, n, d).permute(1, 0, 2, 3, 4).reshape(W * B * heads * n, d)  # by destination
+        full = all_to_all(rows, cp, [B * heads * n] * W, [B * heads * s for s in sizes])
+        pieces = full.split([B * heads * s for s in sizes])  # one per source rank, (B, heads, n_s, d) each
+        return torch.cat([x[:, mine, :prefix], *(p.view(B, heads, s, d) for p, s in zip(pieces, sizes))], dim=2)
+
+    out = attend(to_heads(q), to_heads(k), to_heads(v))  # (B, H/W, prefix + N, d)
+    rows = torch.cat([piece.reshape(-1, d) for piece in out[:, :, prefix:].split(sizes, dim=2)])  # by destination
+    back = all_to_all(rows, cp, [B * heads * s for s in sizes], [B * heads * n] * W)
+    split = back.view(W, B, heads, n, d).permute(1, 0, 2, 3, 4).reshape(B, H, n, d)  # (B, H, n_rank, d)
+    if not prefix:
+        return split
+    # The prefix's results for every head, on every rank (each rank has only its heads' of them).
+    shared = gather_sequence(out[:, :, :prefix], cp, [heads] * W, shared_loss=False)  # (B, H, prefix, d)
+    return torch.cat([shared, split], dim=2)
+
+
+def gathered_kv_attention(q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel, sizes: list[int], attend: Attend,
+                          prefix: int = 0) -> Tensor:
+    """Attention of the local queries ``q (B, H, prefix + n_rank, d)`` over the prefix and every rank's keys and
+    values."""
+    def everyone(x: Tensor) -> Tensor:
+        split = gather_sequence(x[:, :, prefix:].transpose(1, 2), cp, sizes, shared_loss=False).transpose(1, 2)
+        return torch.cat([x[:, :, :prefix], split], dim=2)  # (B, H, prefix + N, d)
+
+    return attend(q, everyone(k), everyone(v))  # (B, H, prefix + n_rank, d)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel | None, sizes: list[int] | None,
+              attend: Attend = nnf.scaled_dot_product_attention, prefix: int = 0) -> Tensor:
+    """Self-attention of ``(B, H, prefix + n, d)`` tokens, the first ``prefix`` the same on every rank (a caption in
+    joint attention): plain without a group, Ulysses when the degree divides the heads, else over gathered keys and
+    values. ``attend`` sees every key (a key mask over the prefix and the whole sequence applies as it is)."""
+    if cp is None:
+        return attend(q, k, v)
+    if q.shape[1] % cp.size == 0:
+        return ulysses_attention(q, k, v, cp, sizes, attend, prefix)
+    return gathered_kv_attention(q, k, v, cp, sizes, attend, prefix)
+
+
+def split_rows(n: int, cp: ContextParallel) -> slice:
+    """This rank's rows of a batch of ``n`` clips split over the group (the short stages' mode)."""
+    start, end = shard_bounds(n, cp.size, cp.rank)
+    return slice(start, end)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows of a batch (dim 0), concatenated; each rank keeps only its rows' gradient (the callers
+    compute the same thing from the gathered batch on every rank)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group, sizes: list[int], rank: int) -> Tensor:
+        ctx.sizes, ctx.rank = sizes, rank
+        out = x.new_empty((sum(sizes), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous().repeat(len(sizes), *([1] * (x.ndim - 1))), sizes,
+                               [x.shape[0]] * len(sizes), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]].contiguous(), None, None, None
+
+
+def gather_rows(x: Tensor, cp: ContextParallel, total: int) -> Tensor:
+    """The group's whole batch from each rank's rows (``split_rows``)."""
+    return _GatherRows.apply(x, cp.group, shard_sizes(total, cp.size), cp.rank)
+
+
+def all_reduce_sum(x: Tensor, cp: ContextParallel) -> Tensor:
+    """Sum of ``x`` over the group, without a gradient (for logging)."""
+    x = x.detach().clone()
+    dist.all_reduce(x, group=cp.group)
+    return x
+
+
+class SequenceSplit:
+    """One forward pass's token sequence split over the group: a backbone's ``TokenSplit``."""
+
+    def __init__(self, cp: ContextParallel, total: int):
+        self.cp, self.sizes = cp, shard_sizes(total, cp.size)
+        self.start, self.end = shard_bounds(total, cp.size, cp.rank)
+
+    def shard(self, x: Tensor, dim: int = 1) -> Tensor:
+        return x.narrow(dim, self.start, self.end - self.start)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, prefix: int = 0, mask: Tensor | None = None) -> Tensor:
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attention(q, k, v, self.cp, self.sizes, attend, prefix)
+
+    def gather(self, x: Tensor) -> Tensor:
+        return gather_sequence(x, self.cp, self.sizes, shared_loss=True)
+
+
+def sequence_splits(cp: ContextParallel) -> Callable[[int], SequenceSplit]:
+    """The ``token_split`` factory a backbone is given for a forward pass that splits its sequence over ``cp``."""
+    return lambda total: SequenceSplit(cp, total)
