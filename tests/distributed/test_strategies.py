@@ -69,8 +69,8 @@ def parse(parser, *configs: Path, extra: tuple[str, ...] = ()):
     return parser.parse_args([*args, *extra])
 
 
-def test_there_are_the_five_strategy_overlays_each_with_a_usage_comment():
-    assert STRATEGY_NAMES == ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "fsdp2"]
+def test_there_are_the_six_strategy_overlays_each_with_a_usage_comment():
+    assert STRATEGY_NAMES == ["context_parallel", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp", "fsdp2"]
     for path in STRATEGIES:
         text = path.read_text()
         assert text.startswith("#") and "--config configs/strategy/" in text, path
@@ -113,11 +113,12 @@ def test_strategy_object_instantiates_with_the_yaml_settings(cli_parser, name):
         assert DiTBlock in strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
         assert strategy.kwargs["forward_prefetch"] is True  # dict_kwargs reach torch's FSDP
         assert cfg.model.init_args.optimization.ema_decay is None
-    elif name == "fsdp2":
+    elif name in ("fsdp2", "context_parallel"):
         from tpdiff_lightning.distributed.fsdp2 import FSDP2Strategy
 
         assert isinstance(strategy, FSDP2Strategy) and strategy.fsdp2.reshard_after_forward is True
         assert "tpdiff_lightning.models.dit.DiTBlock" in strategy.fsdp2.block_classes
+        assert strategy.context_parallel_size == (2 if name == "context_parallel" else 1)
     else:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 

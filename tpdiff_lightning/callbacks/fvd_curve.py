@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tpdiff_lightning.callbacks.sample_logger import tensorboard_gif_summary
 from tpdiff_lightning.callbacks.visualize import gif_bytes, side_by_side
 from tpdiff_lightning.data.pipelines import eval_pipeline
+from tpdiff_lightning.data.ranks import context_parallel_rank, data_parallel
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.runs.tensorboard import purge_step_of
@@ -203,7 +204,7 @@ class FVDCurve(L.Callback):
         metric = self._metric(pl_module.device)
         if trainer.global_rank == 0:  # the sums are added across ranks, so only one rank holds the real ones
             metric.set_real_statistics(*self._real)
-        rank, world = trainer.global_rank, trainer.world_size
+        rank, world = data_parallel(trainer)  # the ranks of a context-parallel group sample their clips together
         # Every rank samples the same number of clips (sharded strategies need every rank in every forward);
         # the slots past num_videos on the last round repeat a clip and are not counted.
         slots = [rank + world * j for j in range(-(-self.num_videos // world))]
@@ -211,7 +212,7 @@ class FVDCurve(L.Callback):
         videos = pl_module.generate([self._captions[k] for k in indices], [self.seed + k for k in indices],
                                     num_steps=self.num_steps)
         frames = to_uint8_video(videos)[torch.tensor([k < self.num_videos for k in slots])]  # (n, T, H, W, 3)
-        if len(frames):
+        if len(frames) and context_parallel_rank(trainer) == 0:  # a group's clips are counted once
             metric.update(frames, real=False)
         value = float(metric.compute())
         self._last_value = value

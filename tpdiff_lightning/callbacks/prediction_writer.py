@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from tpdiff_lightning.callbacks.visualize import save_contact_sheet
+from tpdiff_lightning.data.ranks import context_parallel_rank, data_parallel
 from tpdiff_lightning.data.video_io import write_mp4
 
 log = logging.getLogger("lightning.pytorch.callbacks.prediction_writer")  # shown on the console, as Lightning's own
@@ -45,8 +46,10 @@ class VideoPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: dict[str, Any],
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        if context_parallel_rank(trainer) != 0:
+            return  # the ranks of a context-parallel group sampled the same clips together: one writes them
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        rank = trainer.global_rank
+        rank = data_parallel(trainer)[0]
         for video, caption, seed, index in zip(prediction["video"], prediction["caption"], prediction["seed"],
                                                prediction["index"]):
             frames = video.numpy()  # (F, H, W, 3) uint8
@@ -58,13 +61,16 @@ class VideoPredictionWriter(BasePredictionWriter):
                 self._captions.append(caption)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if context_parallel_rank(trainer) != 0:
+            return
+        replica, replicas = data_parallel(trainer)
         sheet = None
         if self.contact_sheet and self._videos:
-            sheet = save_contact_sheet(self.output_dir / f"contact_sheet_rank{trainer.global_rank}.png",
-                                       self._videos, self._captions)
+            sheet = save_contact_sheet(self.output_dir / f"contact_sheet_rank{replica}.png", self._videos,
+                                       self._captions)
             self.written.append(sheet)
         clips = sum(path.suffix == ".mp4" for path in self.written)
-        rank = f"rank {trainer.global_rank} " if trainer.world_size > 1 else ""
+        rank = f"rank {replica} " if replicas > 1 else ""
         log.info(f"predict: {rank}wrote {clips} clip{'s' if clips != 1 else ''} to {self.output_dir}"
                  + (f" and a contact sheet, {sheet.name}" if sheet is not None else ""))
         self._videos, self._captions = [], []

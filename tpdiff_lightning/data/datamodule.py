@@ -15,6 +15,7 @@ from tpdiff_lightning.data.decoding import fps_step
 from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT
 from tpdiff_lightning.data.pipelines import eval_pipeline, train_pipeline
+from tpdiff_lightning.data.ranks import data_parallel
 from tpdiff_lightning.data.shard_formats import check_format, is_remote
 from tpdiff_lightning.data.shard_records import recorded_clip_count
 from tpdiff_lightning.data.synthetic import (
@@ -276,10 +277,8 @@ class VideoDataModule(L.LightningDataModule):
         return manifest.get("format", "video") if manifest else "video"
 
     def _rank_and_world_size(self) -> tuple[int, int]:
-        """Global rank and world size of the attached trainer, or (0, 1) when used on its own."""
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
+        """The data-parallel replica of the attached trainer and their number, or (0, 1) when used on its own."""
+        return data_parallel(self.trainer)
 
     def _loader(self, dataset: Any) -> DataLoader:
         """Wrap a batched pipeline in a DataLoader that passes its batches through unchanged."""
@@ -345,6 +344,6 @@ class VideoDataModule(L.LightningDataModule):
         strategy (FSDP, ZeRO-3) the ranks' forward passes would stop matching and hang.
         """
         items = self.predict_items()
-        world_size = self.trainer.world_size if self.trainer is not None else 1
+        world_size = self._rank_and_world_size()[1]
         items += [dict(items[-1], index=-1) for _ in range((-len(items)) % world_size)]
         return DataLoader(items, batch_size=self.batch_size, shuffle=False)

@@ -11,6 +11,11 @@ across dim 0. With the strategy's defaults (``data_parallel_size`` = nodes, ``te
 per node) that shards within a node and replicates across nodes; ``data_parallel_size: 1`` with
 ``tensor_parallel_size`` = world size shards over every GPU. Every rank still reads its own data: the data
 module splits by global rank, not by the mesh.
+
+With ``context_parallel_size`` > 1 the mesh's second dim is a context-parallel group instead
+(``tpdiff_lightning.distributed.context_parallel``): its ranks read the same clips and split each clip's tokens.
+The weights are then sharded over every rank, and the gradients summed over each group and averaged over the
+data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+
+from tpdiff_lightning.distributed.context_parallel import DEFAULT_MIN_TOKENS, ContextParallel
 
 DEFAULT_BLOCK_CLASSES = (
     "tpdiff_lightning.models.dit.DiTBlock",
@@ -132,6 +139,12 @@ def settings_of(module: nn.Module) -> FSDP2Settings:
     return getattr(strategy, "fsdp2", None) or FSDP2Settings()
 
 
+def context_parallel_of(module: nn.Module) -> ContextParallel | None:
+    """The context-parallel group of the attached ``FSDP2Strategy``, or None."""
+    trainer = getattr(module, "_trainer", None)
+    return getattr(getattr(trainer, "strategy", None), "context_parallel", None)
+
+
 def apply_fsdp2(module: nn.Module, mesh: DeviceMesh, settings: FSDP2Settings | None = None) -> nn.Module:
     """Shard ``module``'s trained parts with FSDP2 over ``mesh`` (1-D: FSDP; 2-D: HSDP), in place.
 
@@ -146,6 +159,13 @@ def apply_fsdp2(module: nn.Module, mesh: DeviceMesh, settings: FSDP2Settings | N
     from torch.distributed.fsdp import fully_shard
 
     settings = settings or settings_of(module)
+    cp = context_parallel_of(module)
+    if cp is not None:
+        # The ranks of a context-parallel group hold the same weights and each computes part of every clip's
+        # gradient: weights are sharded over every rank (the most memory saved). The reduce-scatter averages over
+        # every rank; the module scales its loss by the group's size, so that comes to the sum over each group
+        # and the average over the data-parallel replicas (gloo has no pre-scaled sum to divide by them alone).
+        mesh = mesh._flatten("data_context_parallel") if mesh.ndim == 2 else mesh
     if mesh.ndim not in (1, 2):
         raise ValueError(f"mesh has {mesh.ndim} dims {mesh.mesh_dim_names}; expected a 1-D (FSDP) or 2-D (HSDP) mesh")
     classes = block_classes((*settings.block_classes, *settings.extra_block_classes))
@@ -180,6 +200,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: one shard per rank in a checkpoint folder (``False``: one full file).
         process_group_backend: ``"nccl"``, ``"gloo"``, or ``None`` for the accelerator's default.
         timeout: collective timeout.
+        context_parallel_size: ranks that split one clip's tokens between them (1: none). The mesh becomes
+            (world / context_parallel_size, context_parallel_size), the second dim a context-parallel group of
+            neighbouring ranks; weights are sharded over every rank. See docs/scale_out.md.
+        context_parallel_min_tokens: tokens per clip below which a stage splits the group's batch instead of
+            the sequence (short stages gain nothing from splitting, and their attention communication does not pay).
     """
 
     def __init__(
@@ -195,16 +220,54 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
+        context_parallel_size: int = 1,
+        context_parallel_min_tokens: int = DEFAULT_MIN_TOKENS,
     ):
         super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint,
                          process_group_backend, timeout)
+        if not (isinstance(context_parallel_size, int) and context_parallel_size >= 1):
+            raise ValueError(f"trainer.strategy.init_args.context_parallel_size={context_parallel_size!r} is invalid; "
+                             "expected an integer >= 1 (1: no context parallelism)")
+        if context_parallel_size > 1 and (data_parallel_size, tensor_parallel_size) != ("auto", "auto"):
+            raise ValueError(f"trainer.strategy.init_args.context_parallel_size={context_parallel_size} sets the "
+                             "mesh to (world / context_parallel_size, context_parallel_size); expected "
+                             "data_parallel_size and tensor_parallel_size left at auto")
+        if not (isinstance(context_parallel_min_tokens, int) and context_parallel_min_tokens >= 0):
+            raise ValueError(f"trainer.strategy.init_args.context_parallel_min_tokens={context_parallel_min_tokens!r} "
+                             "is invalid; expected an integer >= 0 (0: always split the sequence)")
+        self.context_parallel_size = context_parallel_size
+        self.context_parallel_min_tokens = context_parallel_min_tokens
+        self.context_parallel: ContextParallel | None = None
         self.fsdp2 = FSDP2Settings(tuple(block_classes), activation_checkpointing, reshard_after_forward,
                                    param_dtype, reduce_dtype, tuple(extra_block_classes))
         mixed_precision(self.fsdp2)  # check the dtype names now, not after the processes started
 
+    def setup_environment(self) -> None:
+        cp = self.context_parallel_size
+        if cp > 1:  # the mesh is (data parallel, context parallel): each group's ranks are neighbours (one node)
+            world = self.num_nodes * self.num_processes
+            if world % cp:
+                raise ValueError(f"trainer.strategy.init_args.context_parallel_size={cp} does not divide the "
+                                 f"{world} processes; expected a divisor of the world size")
+            self._data_parallel_size, self._tensor_parallel_size = world // cp, cp
+        super().setup_environment()
+        if cp > 1:
+            group_mesh = self.device_mesh["tensor_parallel"]
+            self.context_parallel = ContextParallel(group_mesh.get_group(), cp, group_mesh.get_local_rank(),
+                                                    self.context_parallel_min_tokens)
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel replica: the ranks of a context-parallel group read the same clips."""
+        return self.global_rank // self.context_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // self.context_parallel_size
+
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        """Every rank is a data-parallel replica (both mesh dims shard or replicate weights, none splits a
-        sample), so map-style loaders such as predict's split their items over all ranks. Lightning's
-        ModelParallelStrategy assumes tensor parallelism on dim 1 and would hand every rank the same items."""
-        return {"num_replicas": self.world_size, "rank": self.global_rank}
+        """Every data-parallel replica reads its own items (both mesh dims shard or replicate weights; under context
+        parallelism the ranks of a group share their items), so map-style loaders such as predict's split their
+        items over the replicas. Lightning's ModelParallelStrategy assumes tensor parallelism on dim 1."""
+        return {"num_replicas": self.data_parallel_size, "rank": self.data_parallel_rank}

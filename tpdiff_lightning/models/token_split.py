@@ -4,9 +4,9 @@ tokens, attends through it, and gathers its output through it."""
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class TokenSplit(Protocol):
@@ -26,3 +26,17 @@ class TokenSplit(Protocol):
 
 TokenSplitFactory = Callable[[int], "TokenSplit | None"]
 """Given a sequence's token count, its split for this forward pass (None: not split)."""
+
+
+def token_count(backbone: nn.Module, shape: Sequence[int]) -> int:
+    """Tokens per clip of latents of ``shape`` ``(F, H, W)`` in ``backbone``: its ``patch_size`` is spatial (an int,
+    ``(p_h, p_w)``) or ``(p_t, p_h, p_w)`` (Wan); a backbone without one (a UNet) counts latents."""
+    F, H, W = shape
+    patch = getattr(backbone, "patch_size", None)
+    if patch is None and hasattr(backbone, "model"):
+        patch = getattr(getattr(backbone.model, "config", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        p_t, p_h, p_w = (1, *patch) if len(patch) == 2 else tuple(patch)
+    else:
+        p_t, p_h, p_w = 1, patch or 1, patch or 1
+    return (F // p_t) * (H // p_h) * (W // p_w)

@@ -69,6 +69,24 @@ def fit_setup_problems(trainer: Any, module: Any) -> list[str]:
                 problems.append(f"FSDP(1) with trainer.precision={precision} cannot train a parameter registered "
                                 f"under two names ({listed}): its mixed precision cannot assign the shared "
                                 "gradient; register the tied module once, or use configs/strategy/fsdp2.yaml")
+    problems.extend(context_parallel_problems(trainer.strategy, module))
+    return problems
+
+
+def context_parallel_problems(strategy: Any, module: Any) -> list[str]:
+    """Why ``FSDP2Strategy(context_parallel_size=...)`` cannot split this run's clips, if it cannot."""
+    degree = getattr(strategy, "context_parallel_size", 1)
+    if degree == 1:
+        return []
+    key = "trainer.strategy.init_args.context_parallel_size"
+    problems = []
+    if not hasattr(module.backbone, "token_split"):
+        problems.append(f"{key}={degree} needs a backbone that splits its tokens over ranks (the built-in DiT, the "
+                        f"Flux-style DiT or Wan); {type(module.backbone).__name__} does not; expected 1")
+    world = getattr(strategy, "num_nodes", 1) * getattr(strategy, "num_processes", 1)
+    if world % degree:
+        problems.append(f"{key}={degree} does not divide the {world} processes (trainer.devices x "
+                        "trainer.num_nodes); expected a divisor of the world size")
     return problems
 
 

@@ -16,12 +16,15 @@ from torch import Tensor, nn
 
 from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
+from tpdiff_lightning.data.ranks import data_parallel
+from tpdiff_lightning.distributed.context_parallel import ContextParallel, gather_rows, sequence_splits, split_rows
 from tpdiff_lightning.method.alignment import align_noise
 from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid, randn
 from tpdiff_lightning.method.sampling import check_step_weights, guided_one_pass, sample
 from tpdiff_lightning.method.schedules import make_schedule
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
+from tpdiff_lightning.models.token_split import token_count
 from tpdiff_lightning.models.text_encoder import T5TextEncoder
 from tpdiff_lightning.training.ema import EMA
 from tpdiff_lightning.training.finite_input import check_finite_input, finite_rows
@@ -223,7 +226,7 @@ class TPDiffModule(L.LightningModule):
         same stages again and synchronised ranks draw the same stage at the same step."""
         seed = self.settings.objective.stage_seed * 1_000_003 + step
         if not self.settings.objective.stage_sync:
-            seed = self.noise_seed(step, self.global_rank) + 1
+            seed = self.noise_seed(step, self.data_parallel_rank()) + 1
         return torch.Generator().manual_seed(seed)
 
     def noise_seed(self, step: int, rank: int) -> int:
@@ -246,15 +249,52 @@ class TPDiffModule(L.LightningModule):
             if self.settings.objective.alignment_scope == "global" and self.training:
                 from tpdiff_lightning.method.global_alignment import align_noise_global
 
-                noise = align_noise_global(data, noise)
+                noise = align_noise_global(data, noise, self.data_parallel_group())
             else:
                 noise = align_noise(data, noise)
         draw_device = generator.device if generator is not None else x0.device
         # (B,) position in the stage, kept in float32 so half-precision data does not round the time.
         u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0.device)
         x_t, t, target = self.pyramid.interpolate(x0, noise, i, u)
-        pred = self.backbone(x_t, self.model_time(t), text, text_mask, **self.stage_strides(stage))  # stage's shape
+        pred = self.run_backbone(self.backbone, x_t, self.model_time(t), text, text_mask, stage)  # stage's shape
         return F.mse_loss(pred.float(), target.float())
+
+    def run_backbone(self, backbone: nn.Module, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor,
+                     stage: Stage) -> Tensor:
+        """``backbone(x, t, text, text_mask, strides)`` on the stage's shape, under context parallelism where the
+        strategy has a group: a stage whose clips hold ``min_tokens`` tokens or more splits every clip's tokens over
+        the group; a shorter one splits the batch (each rank runs its share of the clips). Either way every rank of
+        the group ends with the whole prediction (and the same loss), its gradient flowing into its own share."""
+        cp = self.context_parallel
+        if cp is None:
+            return backbone(x, t, text, text_mask, **self.stage_strides(stage))
+        B = x.shape[0]
+        if cp.splits_sequence(token_count(backbone, x.shape[2:]), B):
+            backbone.token_split = sequence_splits(cp)
+            try:
+                return backbone(x, t, text, text_mask, **self.stage_strides(stage))
+            finally:
+                backbone.token_split = None
+        rows = split_rows(B, cp)
+        pred = backbone(x[rows], t.expand(B)[rows], text[rows], text_mask[rows], **self.stage_strides(stage))
+        return gather_rows(pred, cp, B)
+
+    def data_parallel_rank(self) -> int:
+        """This process's data-parallel replica (the ranks of a context-parallel group are one replica)."""
+        return data_parallel(self._trainer)[0] if self._trainer is not None else 0
+
+    @property
+    def context_parallel(self) -> ContextParallel | None:
+        """The strategy's context-parallel group (``FSDP2Strategy(context_parallel_size=...)``), or None."""
+        trainer = self._trainer
+        return getattr(trainer.strategy, "context_parallel", None) if trainer is not None else None
+
+    def data_parallel_group(self):
+        """The process group of the data-parallel replicas that hold this rank's place in their context-parallel
+        groups (global alignment pairs their clips); None (every rank) without context parallelism."""
+        trainer = self._trainer
+        mesh = getattr(trainer.strategy, "device_mesh", None) if self.context_parallel is not None else None
+        return mesh["data_parallel"].get_group() if mesh is not None else None
 
     @torch.no_grad()
     def encode_video(self, video: Tensor) -> Tensor:
@@ -297,7 +337,7 @@ class TPDiffModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         x0 = self.batch_latents(batch)  # (B, C, F, H, W)
         step = self.micro_step(batch_idx)
-        seed = self.noise_seed(step, self.global_rank)
+        seed = self.noise_seed(step, self.data_parallel_rank())  # a context-parallel group draws the same noise
         captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
         text, text_mask = self.batch_text(batch, captions)  # (B, L, D)
         i = self.pyramid.sample_stage(self.stage_generator(step))
@@ -316,10 +356,13 @@ class TPDiffModule(L.LightningModule):
                 f"({self.pyramid.stages[i].num_frames} frames); expected a finite value. "
                 "Lower the learning rate or check the data.")
         B = x0.shape[0]
+        cp = self.context_parallel
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log(f"train/loss_stage{i}", loss, batch_size=B)
         self.log("train/stage", float(i), batch_size=B)
-        return loss
+        # Under context parallelism every rank of a group holds the same loss and backpropagates its own share of
+        # the clip; FSDP averages the gradients over all ranks, so the group's size brings that to the group's sum.
+        return loss * cp.size if cp is not None else loss
 
     def alignment_warning(self, batch_size: int, world_size: int) -> str | None:
         """Why alignment cannot act, or ``None``: it needs at least 2 clips in one assignment (local: the
@@ -350,7 +393,7 @@ class TPDiffModule(L.LightningModule):
             self.warn_if_alignment_idle(len(batch["caption"]))
 
     def warn_if_alignment_idle(self, batch_size: int) -> None:
-        message = self.alignment_warning(batch_size, self.trainer.world_size)
+        message = self.alignment_warning(batch_size, data_parallel(self.trainer)[1])
         if message is not None and self.global_rank == 0:
             warnings.warn(message, UserWarning, stacklevel=2)
 
@@ -470,8 +513,8 @@ class TPDiffModule(L.LightningModule):
 
         def model(x: Tensor, t: Tensor, stage: Stage) -> Tensor:
             B = x.shape[0]
-            out = backbone(x.to(dtype), self.model_time(t), text.expand(B, -1, -1).to(dtype), text_mask.expand(B, -1),
-                           **self.stage_strides(stage))
+            out = self.run_backbone(backbone, x.to(dtype), self.model_time(t), text.expand(B, -1, -1).to(dtype),
+                                    text_mask.expand(B, -1), stage)
             return out.to(x.dtype)
         return model
 

@@ -1,0 +1,126 @@
+"""Context parallelism in a real ``lightning_cli.py fit``: the loss curve of data-parallel 1 × context-parallel 2
+equals one process's step by step (and data-parallel 2 × context-parallel 2 equals data-parallel 2), over steps that
+draw every stage, some of them splitting the sequence and some the batch; its sharded checkpoint resumes with the
+same degree and without context parallelism."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, DEFAULT, ROOT, shrink_args
+
+STEPS = 10
+# The tiny clips (16 frames of 16×16, the default DiT's patch 8) hold 16, 32 and 64 tokens at stages 0, 1, 2:
+# with this threshold stages 0 and 1 split the group's batch and the full-rate stage its sequence.
+MIN_TOKENS = "--trainer.strategy.init_args.context_parallel_min_tokens=48"
+
+
+def fit(out: Path, data_root: Path, overlay: str | None, devices: int, max_steps: int, extra: list[str] = ()) -> None:
+    """``lightning_cli.py fit`` on the default config with CPU processes (gloo), checkpointing every 5 steps."""
+    callbacks = [{"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
+                  "init_args": {"every_n_train_steps": 5, "save_top_k": -1}}]
+    strategy = ["--config", str(CONFIGS / "strategy" / f"{overlay}.yaml"),
+                "--trainer.strategy.init_args.process_group_backend=gloo"] if overlay else []
+    cmd = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT), *strategy,
+           *shrink_args(out, data_root, max_steps=max_steps, steps_per_epoch=2 * STEPS, callbacks=callbacks),
+           "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.limit_val_batches=0", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def curves(out: Path) -> tuple[dict[int, float], dict[int, int]]:
+    """``({step: train/loss}, {step: train/stage})`` from the run's TensorBoard events (a resume's purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "synthetic" / "tpdiff-flow"), size_guidance={"scalars": 0})
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    stage = {e.step: int(e.value) for e in events.Scalars("train/stage")}
+    return loss, stage
+
+
+def assert_same_curve(got: dict[int, float], expected: dict[int, float], steps: range) -> None:
+    assert sorted(got) == list(steps) and set(steps) <= set(expected), (sorted(got), sorted(expected))
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, got, expected)
+
+
+def checkpoint(out: Path, step: int) -> Path:
+    (path,) = (out / "synthetic" / "tpdiff-flow" / "checkpoints").glob(f"*step={step}.ckpt")
+    return path
+
+
+@pytest.mark.slow
+def test_data_parallel_1_context_parallel_2_fits_like_one_process_and_resumes_with_any_degree(tmp_path,
+                                                                                              tiny_data_root):
+    single, cp = tmp_path / "single", tmp_path / "cp"
+    fit(single, tiny_data_root, None, 1, STEPS)
+    fit(cp, tiny_data_root, "context_parallel", 2, STEPS, [MIN_TOKENS])
+    expected, stages = curves(single)
+    loss, cp_stages = curves(cp)
+    assert set(stages.values()) == {0, 1, 2} and cp_stages == stages  # every stage, both split modes
+    assert_same_curve(loss, expected, range(STEPS))
+    mid = checkpoint(cp, 5)
+    assert mid.is_dir() and len(list(mid.glob("*.distcp"))) == 2  # one shard per rank of the (1, 2) mesh
+
+    # A resume reseeds the data stream at its step (it does not replay the interrupted run's clips), so resumed
+    # curves are compared with one process resumed from its own step-5 checkpoint: the sharded checkpoint resumes
+    # under the same degree, and without context parallelism (FSDP2 on one process).
+    fit(tmp_path / "single_resumed", tiny_data_root, None, 1, STEPS, ["--ckpt_path", str(checkpoint(single, 5))])
+    expected_resumed, _ = curves(tmp_path / "single_resumed")
+    for name, overlay, devices, extra in (("same", "context_parallel", 2, [MIN_TOKENS]), ("none", "fsdp2", 1, [])):
+        resumed = tmp_path / name
+        fit(resumed, tiny_data_root, overlay, devices, STEPS, [*extra, "--ckpt_path", str(mid)])
+        loss, _ = curves(resumed)
+        assert_same_curve(loss, expected_resumed, range(5, STEPS))
+
+
+@pytest.mark.slow
+def test_data_parallel_2_context_parallel_2_fits_like_data_parallel_2(tmp_path, tiny_data_root):
+    dp, dp_cp = tmp_path / "dp", tmp_path / "dp_cp"
+    fit(dp, tiny_data_root, "fsdp2", 2, STEPS)
+    fit(dp_cp, tiny_data_root, "context_parallel", 4, STEPS, [MIN_TOKENS])
+    expected, stages = curves(dp)
+    loss, cp_stages = curves(dp_cp)
+    assert set(stages.values()) == {0, 1, 2} and cp_stages == stages
+    assert_same_curve(loss, expected, range(STEPS))
+
+
+def test_the_threshold_puts_the_tiny_stages_on_both_sides(tiny_data_root):
+    """The fits above cover both split modes only while the tiny stages straddle ``MIN_TOKENS``."""
+    from tpdiff_lightning.cli.main import main
+    from tpdiff_lightning.models.token_split import token_count
+
+    cli = main(["--config", str(DEFAULT), *shrink_args(tiny_data_root, tiny_data_root), "--trainer.logger=false",
+                "--trainer.accelerator=cpu"], run=False)
+    module, size = cli.model, cli.model.settings.clip.resolution
+    tokens = [token_count(module.backbone, (stage.num_frames, size, size)) for stage in module.pyramid.stages]
+    threshold = int(MIN_TOKENS.rsplit("=", 1)[1])
+    assert min(tokens) < threshold <= max(tokens), tokens
+
+
+def test_context_parallel_refuses_a_backbone_without_a_token_split_and_a_degree_that_does_not_divide_the_world():
+    from torch import nn
+
+    from tpdiff_lightning.cli.main import main
+    from tpdiff_lightning.training.fit_checks import fit_setup_problems
+
+    def problems(devices: int, backbone: nn.Module | None = None) -> list[str]:
+        cli = main(["--config", str(DEFAULT), "--config", str(CONFIGS / "strategy" / "context_parallel.yaml"),
+                    "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.logger=false",
+                    "--trainer.strategy.init_args.process_group_backend=gloo"], run=False)
+        if backbone is not None:
+            cli.model.backbone = backbone
+        return fit_setup_problems(cli.trainer, cli.model)
+
+    assert problems(2) == []
+    (line,) = problems(3)
+    assert "context_parallel_size=2 does not divide the 3 processes" in line
+    (line,) = problems(2, nn.Conv3d(4, 4, 1))  # a UNet-like backbone, as AnimateDiff's
+    assert "context_parallel_size=2 needs a backbone that splits its tokens" in line and "Conv3d" in line
