@@ -435,11 +435,11 @@ def test_predict_batches_cover_prompts_times_seeds():
 
 def test_predict_items_are_padded_to_the_world_size_with_placeholders():
     dm = VideoDataModule(predict_prompts=["a", "b", "c"], predict_seeds_per_prompt=2, batch_size=4, seed=10)
-    dm.trainer = SimpleNamespace(world_size=4)
+    dm.trainer = SimpleNamespace(world_size=4, global_rank=0)
     batches = list(dm.predict_dataloader())
     assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3, 4, 5, -1, -1]
     assert "".join(_captions(batches)) == "aabbcccc"  # placeholders repeat the last prompt
-    dm.trainer = SimpleNamespace(world_size=3)  # 6 items split evenly already: no placeholder
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=0)  # 6 items split evenly already: no placeholder
     assert torch.cat([b["index"] for b in dm.predict_dataloader()]).tolist() == list(range(6))
 
 

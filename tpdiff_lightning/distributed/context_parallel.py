@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnf
-from torch import Tensor
+from torch import Tensor, nn
 
 DEFAULT_MIN_TOKENS = 1024
 """Tokens per clip below which a stage splits the batch rather than the sequence (bench/context_parallel.py)."""
@@ -237,3 +237,20 @@ class SequenceSplit:
 def sequence_splits(cp: ContextParallel) -> Callable[[int], SequenceSplit]:
     """The ``token_split`` factory a backbone is given for a forward pass that splits its sequence over ``cp``."""
     return lambda total: SequenceSplit(cp, total)
+
+
+def split_forward(backbone: nn.Module, cp: ContextParallel, tokens: int, x: Tensor, t: Tensor, text: Tensor,
+                  text_mask: Tensor, **kwargs: Any) -> Tensor:
+    """``backbone(x, t, text, text_mask, **kwargs)`` for the group's batch ``x`` of clips of ``tokens`` tokens
+    each, computed together by the ranks of ``cp``: a long sequence is split over them (the backbone's
+    ``token_split``), else the batch (each rank runs its share of the clips). Every rank returns the whole
+    output; the gradient of each rank's share flows back into that rank only."""
+    B = x.shape[0]
+    if cp.splits_sequence(tokens, B):
+        backbone.token_split = sequence_splits(cp)
+        try:
+            return backbone(x, t, text, text_mask, **kwargs)
+        finally:
+            backbone.token_split = None
+    rows = split_rows(B, cp)
+    return gather_rows(backbone(x[rows], t.expand(B)[rows], text[rows], text_mask[rows], **kwargs), cp, B)

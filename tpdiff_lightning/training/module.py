@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.latent_cache import check_codec, check_text_encoder, pad_text
 from tpdiff_lightning.data.ranks import data_parallel
-from tpdiff_lightning.distributed.context_parallel import ContextParallel, gather_rows, sequence_splits, split_rows
+from tpdiff_lightning.distributed.context_parallel import ContextParallel, split_forward
 from tpdiff_lightning.method.alignment import align_noise
 from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid, randn
 from tpdiff_lightning.method.sampling import check_step_weights, guided_one_pass, sample
@@ -268,16 +268,8 @@ class TPDiffModule(L.LightningModule):
         cp = self.context_parallel
         if cp is None:
             return backbone(x, t, text, text_mask, **self.stage_strides(stage))
-        B = x.shape[0]
-        if cp.splits_sequence(token_count(backbone, x.shape[2:]), B):
-            backbone.token_split = sequence_splits(cp)
-            try:
-                return backbone(x, t, text, text_mask, **self.stage_strides(stage))
-            finally:
-                backbone.token_split = None
-        rows = split_rows(B, cp)
-        pred = backbone(x[rows], t.expand(B)[rows], text[rows], text_mask[rows], **self.stage_strides(stage))
-        return gather_rows(pred, cp, B)
+        return split_forward(backbone, cp, token_count(backbone, x.shape[2:]), x, t, text, text_mask,
+                             **self.stage_strides(stage))
 
     def data_parallel_rank(self) -> int:
         """This process's data-parallel replica (the ranks of a context-parallel group are one replica)."""
