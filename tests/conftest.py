@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -13,6 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 DEFAULT = CONFIGS / "default.yaml"
 OVERLAYS = sorted(p for p in CONFIGS.rglob("*.yaml") if p != DEFAULT)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core (-n auto): each, and every process it starts, computes on one thread, so workers never
+    # fight over a core (tiny models on an oversubscribed CPU run many times slower).
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 TINY_DATA = dict(num_frames=16, resolution=16, synthetic_num_train=24, synthetic_num_eval=8)
 
