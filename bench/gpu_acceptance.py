@@ -25,6 +25,10 @@ f. ``spatiotemporal``: Wan2.1-1.3B at 81x448x832, 30 steps, batched CFG: vanilla
    the spatio-temporal one (temporal 2-2 and spatial 2-2), with steps split by the partition (10-10-10) and as
    its config splits them (``sampling.step_weights`` 2:2:1, 12-12-6), each beside its FLOP prediction. It runs last, so on
    one GPU the 8-minute budget may skip it: run it on its own with ``--parts spatiotemporal``.
+g. ``context_parallel``: on 2 or more GPUs, ``bench/context_parallel.py`` over NCCL (DiT-B, patch 2, 16 frames of
+   32x32 and 64x64 latents, bf16): per stage, every clip's tokens split over the group against its clips split,
+   the stage-aware step against one fixed degree, and the activation bytes per rank against one GPU. Skipped,
+   with the reason, on one GPU.
 
 Ratios are taken side by side in one process (variants alternate). ``--dry-run`` runs the same code at tiny
 sizes on the CPU in about a minute; its numbers mean nothing, it checks that the command works.
@@ -54,7 +58,7 @@ from tpdiff_lightning.method.pyramid import Stage, TemporalPyramid
 from tpdiff_lightning.method.sampling import sample, split_steps
 from tpdiff_lightning.models.codec import IdentityCodec
 
-PARTS = ("tests", "table3", "train_step", "fit", "i3d", "spatiotemporal")
+PARTS = ("tests", "table3", "train_step", "fit", "i3d", "spatiotemporal", "context_parallel")
 STEPS = 30
 
 # Full-size architectures with random weights (the public configs of the models the paper fine-tunes).
@@ -134,6 +138,10 @@ class Budget:
 
     def why(self) -> str:
         return f"over the {self.seconds:.0f} s budget ({self.elapsed():.0f} s spent)"
+
+
+class PartSkipped(Exception):
+    """A part that cannot run on this machine (the reason is recorded, not an error)."""
 
 
 def error_text(error: BaseException) -> str:
@@ -462,6 +470,29 @@ def run_i3d(args: argparse.Namespace) -> dict[str, Any]:
             "clips_per_s": batch / summary(times)["median_s"]}
 
 
+# ------------------------------------------------------------------------------------------ g. context parallel
+def run_context_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """``bench/context_parallel.py`` on every power-of-two degree the visible GPUs allow (the dry run: its
+    ``--quick`` form on CPU with gloo)."""
+    out = Path(args.tmp) / "context_parallel.json"
+    if args.dry_run:
+        cmd = ["--quick", "--degrees", "2"]
+    else:
+        gpus = torch.cuda.device_count()
+        if gpus < 2:
+            raise PartSkipped(f"needs 2 or more GPUs ({gpus} visible)")
+        degrees = [d for d in (2, 4, 8) if d <= gpus]
+        cmd = ["--device", "cuda", "--size", "dit-b", "--patch", "2", "--frames", "16", "--latent", "32", "64",
+               "--degrees", *map(str, degrees), "--repeats", "3"]
+    free_memory(args.device)
+    proc = subprocess.run([sys.executable, "bench/context_parallel.py", *cmd, "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=args.budget.timeout(args.fit_timeout))
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/context_parallel.py failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(out.read_text())
+    return {"summary": result["summary"], "activation_memory": result["activation_memory"], "args": result["args"]}
+
+
 def fvd_overhead(table3: list[dict[str, Any]], i3d: dict[str, Any]) -> list[dict[str, Any]]:
     """Seconds per FVD point of each paper config's curve: N clips sampled at its step count (from the measured
     30-step TPDiff latency with decode, scaled by steps) plus their I3D features."""
@@ -599,6 +630,15 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
     for r in result.get("fvd_overhead", []):
         rows.append([f"  FVD point, {r['config']} (N={r['num_videos']}, {r['num_steps']} steps)", "",
                      f"{r['seconds_per_point']:.0f} s", f"every {r['every_n_steps']} steps", ""])
+    cp = result.get("context_parallel")
+    if cp:
+        for r in cp["summary"]:
+            rows.append([f"CP degree {r['degree']}, {r['batch']} clips, latent {r['latent']}: step over stages",
+                         f"{r['fixed_step_s']:.3f} s (fixed)", f"{r['stage_aware_step_s']:.3f} s (stage-aware)",
+                         f"{r['stage_aware_speedup']:.2f}x", ""])
+        rows.append(["  CP activation bytes per rank, of one GPU's", "",
+                     " ".join(f"d={m['degree']}: {m['fraction_of_one_process']:.2f}" for m in cp["activation_memory"]),
+                     "", ""])
     for part, why in result.get("skipped", {}).items():
         rows.append([f"{part}: skipped", "", "", why, ""])
     for part, error in result.get("errors", {}).items():
@@ -653,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["matmul_peak_tflops"] = peak
         runners = {"tests": lambda: run_gpu_tests(args), "table3": lambda: run_table3(args),
                    "train_step": lambda: run_train_step(args, peak), "fit": lambda: run_fit(args),
-                   "i3d": lambda: run_i3d(args), "spatiotemporal": lambda: run_spatiotemporal(args)}
+                   "i3d": lambda: run_i3d(args), "spatiotemporal": lambda: run_spatiotemporal(args),
+                   "context_parallel": lambda: run_context_parallel(args)}
         for part in parts:
             run_part(part, runners[part], result, args, info)
     return finish(result, args, info, peak)
@@ -670,6 +711,8 @@ def run_part(part: str, runner: Callable[[], Any], result: dict[str, Any], args:
         print(f"[{args.budget.elapsed():6.1f} s] {part} ...", flush=True)
         try:
             result[part] = runner()
+        except PartSkipped as why:
+            result["skipped"][part] = str(why)
         except Exception as error:
             result["errors"][part] = error_text(error)
             print(f"[{args.budget.elapsed():6.1f} s] {part} failed: {type(error).__name__}: {error}", flush=True)

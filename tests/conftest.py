@@ -86,9 +86,22 @@ CALLBACK_SIZES = {
 }
 
 
+_FVD_CACHE: list[Path] = []
+
+
+def fvd_cache_dir() -> Path:
+    """One FVD real-statistics cache per test process: its key names the eval shards, N, the clip shape and the
+    feature extractor, so the configs that share those compute the real clips' I3D features once."""
+    if not _FVD_CACHE:
+        import tempfile
+
+        _FVD_CACHE.append(Path(tempfile.mkdtemp(prefix="tpdiff-test-fvd-cache-")))
+    return _FVD_CACHE[0]
+
+
 def config_callbacks(chain: list[Path], out_dir: Path, data_root: Path) -> list[dict]:
     """The callbacks of a config chain (the last file that lists them), as written but for their sizes; the FVD
-    curve reads its real clips from ``data_root`` and caches under ``out_dir``."""
+    curve reads its real clips from ``data_root`` and caches them in the process's ``fvd_cache_dir``."""
     callbacks: list[dict] = []
     for path in chain:
         listed = ((yaml.safe_load(path.read_text()) or {}).get("trainer") or {}).get("callbacks")
@@ -99,7 +112,7 @@ def config_callbacks(chain: list[Path], out_dir: Path, data_root: Path) -> list[
         name = cb["class_path"].rsplit(".", 1)[-1]
         init_args = {**(cb.get("init_args") or {}), **CALLBACK_SIZES.get(name, {})}
         if name == "FVDCurve":
-            init_args.update(eval_root=str(data_root), cache_dir=str(out_dir / "fvd_cache"))
+            init_args.update(eval_root=str(data_root), cache_dir=str(fvd_cache_dir()))
         shrunk.append({"class_path": cb["class_path"], "init_args": init_args})
     return shrunk
 

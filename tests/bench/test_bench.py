@@ -330,6 +330,9 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     assert st["flop_predicted_speedup"]["spatiotemporal"] > st["flop_predicted_speedup"]["temporal"] > 1
     assert st["flop_predicted_speedup"]["spatiotemporal_221"] > st["flop_predicted_speedup"]["spatiotemporal"]
     assert "steps 2:2:1" in result["table"]
+    cp = saved["context_parallel"]
+    assert [m["degree"] for m in cp["activation_memory"]] == [1, 2] and len(cp["summary"]) == 2
+    assert "CP degree 2, 3 clips" in result["table"]
     printed = capsys.readouterr().out
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
 
@@ -466,3 +469,21 @@ def test_step_split_quality_samples_every_split_with_the_same_prompts(tmp_path, 
     assert uniform["flops_relative"] == 1.0 and early["flops_relative"] < 1.0  # steps moved where they are cheap
     assert all(r["fvd"] >= 0 and 0 <= r["colour_ok"] <= 1 for r in result["results"])
     assert load_json(tmp_path / "q.json")["num_videos"] == 2
+
+
+def test_context_parallel_quick_compares_both_splits_per_stage_and_measures_memory_per_rank(tmp_path):
+    """The stage-aware benchmark on gloo at degrees 2 and 4: both splits timed for every stage, the sequence split's
+    traffic counted, and each rank's activation bytes falling with the degree (memory, not timing, is asserted)."""
+    import context_parallel
+
+    out = tmp_path / "cp.json"
+    context_parallel.main(["--quick", "--out", str(out)])
+    result = load_json(out)
+    rows = result["stages"]
+    assert {(r["degree"], r["batch"]) for r in rows} == {(2, 2), (2, 3), (4, 4), (4, 5)}
+    assert len(rows) == 4 * 3 and all(r["sequence_s"] > 0 and r["batch_s"] > 0 for r in rows)
+    # the sequence split sends its attention traffic; the batch split only gathers the outputs
+    assert all(r["sequence_sent_mb"] > r["batch_sent_mb"] > 0 for r in rows)
+    one, two, four = (m["fraction_of_one_process"] for m in result["activation_memory"])
+    assert one == 1.0 and four < two < 0.65, result["activation_memory"]
+    assert len(result["summary"]) == 4 and all(s["stage_aware_step_s"] > 0 for s in result["summary"])

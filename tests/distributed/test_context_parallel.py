@@ -37,21 +37,24 @@ def build(kind: str, heads: int):
     return net
 
 
-def inputs(kind: str, frames: int, size: int):
+def inputs(kind: str, frames: int, size: int, batch: int = 2):
     g = torch.Generator().manual_seed(1)
     channels = 3 if kind == "dit" else LATENT
-    x = torch.randn(2, channels, frames, size, size, generator=g)
-    t = torch.tensor([250.0, 700.0])
-    text = torch.randn(2, 5, TEXT_DIM, generator=g)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    x = torch.randn(batch, channels, frames, size, size, generator=g)
+    t = torch.linspace(250.0, 700.0, batch)
+    text = torch.randn(batch, 5, TEXT_DIM, generator=g)
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[0, 3:] = False
     return x, t, text, mask
 
 
-def run(net, case):
+def run(net, case, batch: int = 2, split=None):
+    """The output and parameter gradients of ``net`` on the case's inputs, called directly or through
+    ``split(net, x, t, text, mask, **strides)``."""
     kind, frames, size, stride, spatial, _ = case
-    x, t, text, mask = inputs(kind, frames, size)
+    x, t, text, mask = inputs(kind, frames, size, batch)
     strides = {"stride": stride, **({"spatial_stride": spatial} if spatial > 1 else {})}
-    y = net(x, t, text, mask, **strides)
+    y = net(x, t, text, mask, **strides) if split is None else split(net, x, t, text, mask, **strides)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     return y.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
 
@@ -64,22 +67,26 @@ CASES = [("dit", 4, 8, 4, 1, 4), ("dit", 8, 8, 2, 1, 4), ("dit", 16, 8, 1, 1, 4)
          ("dit", 8, 8, 2, 2, 4), ("dit", 6, 6, 4, 1, 4), ("dit", 11, 6, 2, 1, 3), ("dit", 21, 6, 1, 1, 4),
          ("flux", 4, 8, 4, 1, 2), ("flux", 16, 8, 1, 1, 4), ("flux", 8, 4, 2, 2, 2), ("flux", 11, 6, 2, 1, 2),
          ("wan", 6, 6, 4, 1, 2), ("wan", 11, 6, 2, 1, 4), ("wan", 21, 6, 1, 1, 2), ("wan", 6, 4, 4, 2, 4)]
+# The short stages' mode, the group's clips split over it: a batch of world + 1 clips (some ranks one clip more).
+BATCH_CASES = [("dit", 8, 8, 2, 1, 4), ("wan", 11, 6, 2, 1, 2)]
 
 
 def _worker(rank: int, port: int, world: int, out: str) -> None:
     join_gloo_group(rank, port, world)
     import torch.distributed as dist
 
-    from tpdiff_lightning.distributed.context_parallel import ContextParallel, sequence_splits
+    from tpdiff_lightning.distributed.context_parallel import (ContextParallel, batch_split_forward,
+                                                               sequence_split_forward)
 
+    cp = ContextParallel(dist.group.WORLD, world, rank)
     results = {}
-    for case in CASES:  # one process group for every case: the spawns, not the cases, cost the time
-        net = build(case[0], case[5])
-        net.token_split = sequence_splits(ContextParallel(dist.group.WORLD, world, rank))
-        y, grads = run(net, case)
+    # one process group for every case: the spawns, not the cases, cost the time
+    for key, case, batch, split in [*((c, c, 2, sequence_split_forward) for c in CASES),
+                                    *((("batch", *c), c, world + 1, batch_split_forward) for c in BATCH_CASES)]:
+        y, grads = run(build(case[0], case[5]), case, batch, lambda *a, **k: split(a[0], cp, *a[1:], **k))
         for g in grads.values():  # the ranks' gradients sum to the clip's (FSDP's reduce-scatter sums them)
             dist.all_reduce(g)
-        results[case] = {"y": y, "grads": grads}
+        results[key] = {"y": y, "grads": grads}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -114,3 +121,25 @@ def test_a_split_sequence_gives_the_single_process_outputs_and_gradients(split_r
     assert set(got["grads"]) == set(grads)
     for name, grad in grads.items():
         assert_within(got["grads"][name], grad, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", BATCH_CASES, ids=lambda c: f"{c[0]}-{c[1]}f{c[2]}px-S{c[3]}")
+def test_an_uneven_batch_split_gives_the_single_process_outputs_and_gradients(split_results, world, case):
+    got = split_results[world][("batch", *case)]
+    y, grads = run(build(case[0], case[5]), case, world + 1)
+    assert_within(got["y"], y, "output")
+    assert set(got["grads"]) == set(grads)
+    for name, grad in grads.items():
+        assert_within(got["grads"][name], grad, name)
+
+
+def test_the_group_splits_clips_that_divide_evenly_and_tokens_that_are_long_or_have_too_few_clips():
+    from tpdiff_lightning.distributed.context_parallel import ContextParallel
+
+    cp = ContextParallel(None, 4, 0, min_tokens=1000)
+    assert cp.splits_sequence(10, 1) and cp.splits_sequence(10, 3)  # fewer clips than ranks: always the tokens
+    assert not cp.splits_sequence(10 ** 6, 4) and not cp.splits_sequence(10 ** 6, 8)  # even: the clips, any length
+    assert not cp.splits_sequence(999, 5) and cp.splits_sequence(1000, 5)  # uneven: the tokens from min_tokens on
+    assert cp.splits_sequence(1000, 6) and not cp.splits_sequence(999, 7)

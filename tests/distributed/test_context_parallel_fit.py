@@ -15,9 +15,11 @@ import pytest
 from tests.conftest import CONFIGS, DEFAULT, ROOT, shrink_args
 
 STEPS = 10
-# The tiny clips (16 frames of 16×16, the default DiT's patch 8) hold 16, 32 and 64 tokens at stages 0, 1, 2:
-# with this threshold stages 0 and 1 split the group's batch and the full-rate stage its sequence.
+# The tiny clips (16 frames of 16×16, the default DiT's patch 8) hold 16, 32 and 64 tokens at stages 0, 1, 2. A
+# batch of 3 clips does not divide over a group of 2, so with this threshold stages 0 and 1 split the group's batch
+# unevenly (2 clips and 1) and the full-rate stage splits every clip's sequence: both modes in one run.
 MIN_TOKENS = "--trainer.strategy.init_args.context_parallel_min_tokens=48"
+BATCH = 3
 
 
 def fit(out: Path, data_root: Path, overlay: str | None, devices: int, max_steps: int, extra: list[str] = ()) -> None:
@@ -28,7 +30,8 @@ def fit(out: Path, data_root: Path, overlay: str | None, devices: int, max_steps
                 "--trainer.strategy.init_args.process_group_backend=gloo"] if overlay else []
     cmd = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT), *strategy,
            *shrink_args(out, data_root, max_steps=max_steps, steps_per_epoch=2 * STEPS, callbacks=callbacks),
-           "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.limit_val_batches=0", *extra]
+           "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.limit_val_batches=0",
+           f"--data.init_args.batch_size={BATCH}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -93,16 +96,18 @@ def test_data_parallel_2_context_parallel_2_fits_like_data_parallel_2(tmp_path, 
 
 
 def test_the_threshold_puts_the_tiny_stages_on_both_sides(tiny_data_root):
-    """The fits above cover both split modes only while the tiny stages straddle ``MIN_TOKENS``."""
+    """The fits above cover both split modes only while the tiny stages straddle ``MIN_TOKENS`` and their batch
+    does not divide over the group."""
     from tpdiff_lightning.cli.main import main
+    from tpdiff_lightning.distributed.context_parallel import ContextParallel
     from tpdiff_lightning.models.token_split import token_count
 
     cli = main(["--config", str(DEFAULT), *shrink_args(tiny_data_root, tiny_data_root), "--trainer.logger=false",
                 "--trainer.accelerator=cpu"], run=False)
     module, size = cli.model, cli.model.settings.clip.resolution
     tokens = [token_count(module.backbone, (stage.num_frames, size, size)) for stage in module.pyramid.stages]
-    threshold = int(MIN_TOKENS.rsplit("=", 1)[1])
-    assert min(tokens) < threshold <= max(tokens), tokens
+    cp = ContextParallel(None, 2, 0, int(MIN_TOKENS.rsplit("=", 1)[1]))
+    assert [cp.splits_sequence(n, BATCH) for n in tokens] == [False, False, True], tokens
 
 
 def test_context_parallel_refuses_a_backbone_without_a_token_split_and_a_degree_that_does_not_divide_the_world():

@@ -11,6 +11,7 @@ import braceexpand
 import lightning as L
 from torch.utils.data import DataLoader
 
+from tpdiff_lightning.data.buckets import Bucket, parse_buckets
 from tpdiff_lightning.data.decoding import fps_step
 from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT
@@ -80,6 +81,18 @@ class VideoDataModule(L.LightningDataModule):
         synthetic_num_eval: Evaluation clips of the synthetic build.
         predict_prompts: Captions to sample in `predict`; None uses a few synthetic captions.
         predict_seeds_per_prompt: Samples per prompt in `predict`, each with its own seed.
+        buckets: Training shapes ``[[frames, height, width], ...]`` (video frames and pixels) instead of the one
+            ``num_frames`` x ``resolution``: each clip trains at the bucket nearest its aspect ratio among those
+            whose length it covers, decided from its size and length before decoding, resized to cover it and
+            centre-cropped (``python -m tpdiff_lightning.data.buckets`` prints an equal-area set). Every bucket
+            must fit every stage of the pyramid; evaluation and the FVD curve keep ``num_frames`` x
+            ``resolution``. Video shards only. None: one shape.
+        token_budget: Backbone tokens per training batch: each batch holds as many clips of one bucket as fit
+            (at least one), instead of ``batch_size`` clips. None: ``batch_size`` clips per batch.
+        stage_aware_batches: With ``token_budget``, draw each step's stage before its batch and fill the budget at
+            that stage's shape (a stage-0 batch holds several times the clips of a full-rate one), with stage
+            probabilities that keep ``stage_weights`` as each stage's share of training clips; false fills the
+            budget at the full-rate shape for every stage.
     """
 
     def __init__(
@@ -102,6 +115,9 @@ class VideoDataModule(L.LightningDataModule):
         synthetic_num_eval: int = 128,
         predict_prompts: list[str] | None = None,
         predict_seeds_per_prompt: int = 1,
+        buckets: list[tuple[int, int, int]] | None = None,
+        token_budget: int | None = None,
+        stage_aware_batches: bool = True,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -119,6 +135,11 @@ class VideoDataModule(L.LightningDataModule):
             raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
         if predict_prompts is not None and not predict_prompts:
             raise ValueError("predict_prompts is an empty list; pass None for the default prompts")
+        self.buckets = parse_buckets(buckets) if buckets is not None else None
+        if token_budget is not None and not (isinstance(token_budget, int) and token_budget >= 1):
+            raise ValueError(f"data.init_args.token_budget={token_budget!r} is invalid; expected a positive number of "
+                             "tokens per batch, or null for batch_size clips per batch")
+        self.token_budget, self.stage_aware_batches = token_budget, stage_aware_batches
         self.save_hyperparameters()
         self.root = Path(root)
         self.train_shards, self.eval_shards = train_shards, eval_shards
@@ -292,6 +313,8 @@ class VideoDataModule(L.LightningDataModule):
         resume_step = self.resume_step
         if resume_step is None:
             resume_step = 0 if self.trainer is None else self.trainer.global_step
+        batches_per_worker = math.ceil(self.train_steps_per_epoch / max(1, self.num_workers))
+        accumulate = getattr(self.trainer, "accumulate_grad_batches", 1) if self.trainer is not None else 1
         pipeline = train_pipeline(
             self.shard_urls("train"),
             self.num_frames,
@@ -305,9 +328,26 @@ class VideoDataModule(L.LightningDataModule):
             target_fps=self.target_fps,
             sample_format=self.resolved_format(),
             shard_clips=self.shard_clip_counts("train"),
+            plan=self.batch_plan(),
+            first_step=resume_step * accumulate,  # the micro-step of the first batch (the module's stage draw)
+            batches_per_worker=batches_per_worker,
         )
-        batches_per_worker = math.ceil(self.train_steps_per_epoch / max(1, self.num_workers))
         return self._loader(pipeline.with_epoch(batches_per_worker))
+
+    def batch_plan(self):
+        """The token-budget plan of the training batches (``buckets`` or ``token_budget`` set), from the model being
+        trained (its pyramid and backbone count the tokens); None for fixed batches of one shape."""
+        if self.buckets is None and self.token_budget is None:
+            return None
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if not hasattr(model, "batch_plan"):
+            raise ValueError("data.init_args.buckets and token_budget need the model being trained (a TPDiffModule "
+                             "attached through the trainer) to count each bucket's tokens")
+        height, width = frame_size(self.resolution)
+        buckets = self.buckets or [Bucket(self.num_frames, height, width)]
+        if self.token_budget is None:  # buckets alone: batch_size clips of one bucket per batch
+            return model.batch_plan(buckets, None, False, clips=self.batch_size)
+        return model.batch_plan(buckets, self.token_budget, self.stage_aware_batches)
 
     def val_dataloader(self) -> DataLoader:
         """Every evaluation clip once (split across ranks), from its first frame; the last batch may be partial."""

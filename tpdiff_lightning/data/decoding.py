@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tpdiff_lightning.data.buckets import Bucket, nearest_bucket
 from tpdiff_lightning.data.frame_size import frame_size
 from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, decode_latent
 from tpdiff_lightning.data.lost_clips import SkipCounter
 from tpdiff_lightning.data.shard_formats import check_format
 from tpdiff_lightning.data.shuffling import worker_seed
-from tpdiff_lightning.data.video_io import ClipLengthError, decode_mp4, mp4_fps
+from tpdiff_lightning.data.video_io import ClipLengthError, decode_mp4, mp4_fps, mp4_shape
 
 
 class NoUsableClipsError(ValueError):
@@ -76,6 +77,33 @@ def decode_clip(
     return {"video": frames_to_tensor(clip, resolution), "caption": sample["txt"].decode("utf-8")}
 
 
+def clip_shape(sample: dict) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of a raw sample: its json's ``num_frames`` (or ``frames``), ``height`` and
+    ``width`` where the builder wrote them, else the mp4's header (no frame decoded)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    frames = meta.get("num_frames") or meta.get("frames")
+    if frames and meta.get("height") and meta.get("width"):
+        return int(frames), int(meta["height"]), int(meta["width"])
+    return mp4_shape(sample["mp4"])
+
+
+def decode_bucketed_clip(sample: dict, buckets: Sequence[Bucket], frame_stride: int, rng: random.Random | None,
+                         target_fps: float | None = None) -> dict:
+    """Decode a raw sample at its bucket (``nearest_bucket`` from its shape, read before decoding): resized to
+    cover the bucket's size and centre-cropped; the clip gains ``bucket``."""
+    step = stride_for_fps(sample, target_fps) if target_fps is not None else frame_stride
+    frames, height, width = clip_shape(sample)
+    bucket = nearest_bucket(frames, height, width, buckets, step)
+    if bucket is None:
+        shortest = min(b.frames for b in buckets)
+        raise ClipLengthError(f"clip has {frames} frames, shorter than every bucket (the shortest needs "
+                              f"{(shortest - 1) * step + 1}: {shortest} frames, step {step})", frames=frames,
+                              num_frames=shortest, step=step)
+    clip = decode_clip(sample, bucket.frames, step, (bucket.height, bucket.width), rng)
+    clip["bucket"] = bucket
+    return clip
+
+
 def _describe_counts(counts: Counter, unit: str) -> str:
     """Summarise how often each value occurred, e.g. "16 frames (1000 samples)", at most a few values in full."""
     values = sorted(counts)
@@ -127,6 +155,7 @@ class ShortClipTally:
 
 class DecodeClips:
     """Pipeline stage that decodes raw samples into clips and counts (never raises on) the ones it cannot use.
+    With ``buckets``, each clip is decoded at its bucket's shape (``decode_bucketed_clip``).
 
     The one exception: given `max_short`, once that many samples from at least `min_short_shards` shards were
     skipped as too short before any usable clip, it raises NoUsableClipsError, since then no clip is long enough
@@ -147,6 +176,7 @@ class DecodeClips:
         sample_format: str = "video",
         max_short: int | None = None,
         min_short_shards: int = 1,
+        buckets: Sequence[Bucket] | None = None,
     ) -> None:
         self.counter = counter
         self.max_short, self.min_short_shards = max_short, min_short_shards
@@ -156,6 +186,10 @@ class DecodeClips:
         self.target_fps = target_fps
         self.sample_format = check_format(sample_format)
         self.random_start = random_start
+        self.buckets = list(buckets) if buckets else None
+        if self.buckets and self.sample_format == LATENT_FORMAT:
+            raise ValueError("data.init_args.buckets works on video shards; latent shards hold one encoded shape "
+                             "(encode a latent cache per bucket and train on each with its own shape)")
         self.seed_args = (seed, rank, resume_step)
         self.passes = 0
 
@@ -166,6 +200,8 @@ class DecodeClips:
             try:
                 if self.sample_format == LATENT_FORMAT:
                     clip = decode_latent(sample, self.clip_args[0], rng=rng)
+                elif self.buckets:
+                    clip = decode_bucketed_clip(sample, self.buckets, self.clip_args[1], rng, self.target_fps)
                 else:
                     clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
             except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised

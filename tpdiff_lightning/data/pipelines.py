@@ -17,6 +17,7 @@ from tpdiff_lightning.data.collation import collate_clips
 from tpdiff_lightning.data.decoding import DecodeClips
 from tpdiff_lightning.data.lost_clips import CountedShardSamples, SkipCounter
 from tpdiff_lightning.data.shuffling import BufferShuffle, worker_seed
+from tpdiff_lightning.data.token_batches import BatchPlan, TokenBudgetBatches
 
 # A training stream that has skipped this many samples as too short, from at least MIN_SHORT_SHARDS shards
 # (or all of them), before yielding a single clip stops with NoUsableClipsError: no clip is long enough, and the
@@ -49,6 +50,9 @@ def train_pipeline(
     target_fps: float | None = None,
     sample_format: str = "video",
     shard_clips: dict[str, int] | None = None,
+    plan: BatchPlan | None = None,
+    first_step: int = 0,
+    batches_per_worker: int = 1,
 ) -> wds.DataPipeline:
     """Infinite stream of full training batches: resampled shards, seeded shuffle, random clip start.
 
@@ -56,18 +60,27 @@ def train_pipeline(
     always get the same number of batches; cut the stream into epochs with `.with_epoch(batches_per_worker)`.
     When no clip is long enough for `num_frames` (see MAX_SHORT_BEFORE_FIRST_CLIP) it raises NoUsableClipsError.
     `shard_clips` (url -> sample count, from the manifest) lets it count the samples a truncated shard lost.
+
+    With a token-budget `plan`, each clip is decoded at its bucket (`plan.stage_tokens` names the buckets) and the
+    batches are of one bucket within the budget (`TokenBudgetBatches`), the first of them micro-step `first_step`.
     """
     counter = SkipCounter()
     seeds = dict(seed=seed, rank=rank, resume_step=resume_step)
     shard_seed = functools.partial(worker_seed, seed, rank, resume_step, 0)
+    collate = functools.partial(collate_clips, counter=counter)
+    if plan is None:
+        batches = wds.batched(batch_size, collation_fn=collate, partial=False)
+    else:
+        batches = TokenBudgetBatches(plan, collate, first_step, batches_per_worker)
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=shard_seed, deterministic=True),
         CountedShardSamples(counter, shard_clips),
         BufferShuffle(shuffle_buffer, **seeds),
         DecodeClips(counter, num_frames, frame_stride, resolution, random_start=True, target_fps=target_fps,
                     sample_format=sample_format, max_short=MAX_SHORT_BEFORE_FIRST_CLIP,
-                    min_short_shards=min(MIN_SHORT_SHARDS, len(set(urls))), **seeds),
-        wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=False),
+                    min_short_shards=min(MIN_SHORT_SHARDS, len(set(urls))),
+                    buckets=list(plan.stage_tokens) if plan is not None else None, **seeds),
+        batches,
     )
 
 

@@ -92,10 +92,19 @@ def start_position(rng: np.random.Generator, direction: str, speed: str, num_fra
     return start[0], start[1]
 
 
-def make_clip(rng: np.random.Generator, num_frames: int, size: int) -> tuple[np.ndarray, str, dict]:
-    """Draw one random clip: uint8 frames (F, H, W, 3) with H = W = size, its caption, and its metadata."""
+def make_clip(rng: np.random.Generator, num_frames: int, size: int, height: int | None = None,
+              width: int | None = None) -> tuple[np.ndarray, str, dict]:
+    """Draw one random clip: uint8 frames (F, H, W, 3) with H = W = size, its caption, and its metadata. With
+    ``height`` and ``width`` (a portrait or landscape clip) it is drawn square at the larger side and centre-cropped
+    to ``height x width``."""
     if num_frames < 1 or size < 4:
         raise ValueError(f"need num_frames >= 1 and size >= 4, got num_frames={num_frames}, size={size}")
+    if height is not None or width is not None:
+        height, width = height or size, width or size
+        frames, caption, meta = make_clip(rng, num_frames, max(height, width))
+        top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
+        meta.update(height=height, width=width)
+        return np.ascontiguousarray(frames[:, top:top + height, left:left + width]), caption, meta
     colour = str(rng.choice(list(PALETTE)))
     shape = str(rng.choice(SHAPES))
     direction = str(rng.choice(list(DIRECTIONS)))
@@ -111,6 +120,8 @@ def make_clip(rng: np.random.Generator, num_frames: int, size: int) -> tuple[np.
         "start_xy": list(start),
         "num_frames": num_frames,
         "size": size,
+        "height": size,
+        "width": size,
     }
     return frames, caption_for(colour, shape, direction, speed), meta
 
@@ -134,7 +145,14 @@ def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqd
     # mtime=0 makes the tar bytes depend only on the clips, so rebuilding gives identical shards.
     with wds.ShardWriter(pattern, maxcount=args["clips_per_shard"], verbose=0, mtime=0) as sink:
         for index in range(num_clips):
-            frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), args["num_frames"], args["size"])
+            shapes = args.get("shapes")
+            if shapes:  # mixed shapes: clip i takes shape i mod len(shapes)
+                frames_i, height, width = shapes[index % len(shapes)]
+                frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), frames_i, args["size"],
+                                                  height, width)
+            else:
+                frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), args["num_frames"],
+                                                  args["size"])
             key = f"{split}-{index:06d}"
             sink.write({"__key__": key, "mp4": encode_mp4(frames, fps=args["fps"]), "txt": caption, "json": meta})
             bar.update(1)
@@ -149,7 +167,7 @@ def _shard_clips(num_clips: int, clips_per_shard: int) -> list[int]:
     return [min(clips_per_shard, num_clips - start) for start in range(0, num_clips, clips_per_shard)]
 
 
-def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps) -> dict:
+def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes=None) -> dict:
     """Collect and check the arguments that fully determine a synthetic build."""
     args = dict(
         num_train=num_train,
@@ -160,6 +178,13 @@ def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard
         clips_per_shard=clips_per_shard,
         fps=fps,
     )
+    if shapes:
+        args["shapes"] = [list(s) for s in shapes]
+        for s in args["shapes"]:
+            if not (len(s) == 3 and all(isinstance(v, int) and v >= 1 for v in s) and s[1] % 2 == 0
+                    and s[2] % 2 == 0 and min(s[1:]) >= 4):
+                raise ValueError(f"shapes entry {s!r} is invalid; expected [frames, height, width] with even "
+                                 "sides >= 4 (H.264 yuv420p)")
     for name in ("num_train", "num_eval", "num_frames", "clips_per_shard", "fps"):
         if not isinstance(args[name], int) or args[name] < 1:
             raise ValueError(f"{name} must be a positive integer, got {args[name]!r}")
@@ -178,9 +203,13 @@ def write_synthetic_shards(
     clips_per_shard: int = 256,
     fps: int = SYNTHETIC_FPS,
     progress: bool = True,
+    shapes: list[tuple[int, int, int]] | None = None,
 ) -> dict:
-    """Write train and eval shards of synthetic clips (F=num_frames, H=W=size) plus `manifest.json`; return the manifest."""
-    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps)
+    """Write train and eval shards of synthetic clips (F=num_frames, H=W=size) plus `manifest.json`; return the manifest.
+
+    ``shapes`` (``[(frames, height, width), ...]``) makes clips of mixed shapes instead, clip i of each split
+    taking shape i mod len(shapes): portrait, square and landscape, of several lengths, to exercise buckets."""
+    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Drop the manifest first so an interrupted build is never mistaken for a finished one.
@@ -250,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fps", type=int, default=SYNTHETIC_FPS, help="frame rate stored in the mp4 (default: %(default)s)"
     )
+    parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("FRAMES", "HEIGHT", "WIDTH"),
+                        help="a clip shape; repeat for clips of mixed shapes (portrait, square, landscape, several "
+                             "lengths) in turn, to train with buckets (default: num-frames x size x size)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -266,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=opts.seed,
         clips_per_shard=opts.clips_per_shard,
         fps=opts.fps,
+        shapes=[tuple(s) for s in opts.shape] if opts.shape else None,
     )
     start = time.perf_counter()
     reason = synthetic_mismatch(opts.out, **kwargs)

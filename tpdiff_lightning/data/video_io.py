@@ -91,6 +91,18 @@ def mp4_fps(data: bytes) -> float:
     return float(rate)
 
 
+def mp4_shape(data: bytes) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of the first video stream of mp4 bytes, from its header and packets (no frame is
+    decoded): the header's frame count, else its packets counted."""
+    with av.open(BytesIO(data), "r") as container:
+        stream = container.streams.video[0]
+        height, width = stream.codec_context.height, stream.codec_context.width
+        frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+    if not (frames and height and width):
+        raise ValueError(f"mp4 of {len(data)} bytes states no video shape (frames={frames}, {height}x{width})")
+    return frames, height, width
+
+
 def write_mp4(path: str | Path, frames: np.ndarray, fps: int = 8) -> None:
     """Write uint8 RGB frames (F, H, W, 3) to an mp4 file at `path`, creating its folder."""
     path = Path(path)

@@ -16,9 +16,11 @@ balancing; yunchang's Ulysses needs evenly divisible sequences and its ring path
 diffusers' ``enable_parallelism`` runs its own process groups and hooks, untested with backward passes and our
 stage positions. None runs on the CPU the tests use.
 
-Stage-aware: a stage whose clips hold fewer than ``min_tokens`` tokens gains nothing from splitting its short
-sequence, so the group splits its *batch* there instead (each rank takes its share of the clips, no attention
-communication), see ``TPDiffModule.stage_loss``.
+Stage-aware: where the group's batch divides evenly over it, the group splits the *batch* (each rank takes its
+share of the clips: the same work and memory as a sequence split, with no attention communication); where it
+does not, a stage whose clips hold fewer than ``min_tokens`` tokens takes the uneven batch split, a longer one
+the sequence split; with fewer clips than ranks the sequence is always split (``ContextParallel.splits_sequence``,
+measured by ``bench/context_parallel.py``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as nnf
 from torch import Tensor, nn
 
 DEFAULT_MIN_TOKENS = 1024
-"""Tokens per clip below which a stage splits the batch rather than the sequence (bench/context_parallel.py)."""
+"""Tokens per clip from which an uneven batch splits its sequence rather than its clips (bench/context_parallel.py)."""
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,25 @@ class ContextParallel:
     rank: int
     """This rank's index in it."""
     min_tokens: int = DEFAULT_MIN_TOKENS
-    """Tokens per clip below which the group splits the batch instead of the sequence."""
+    """For a batch that does not divide evenly over the group: tokens per clip from which the sequence is split
+    (every rank gets an equal share) rather than the batch (some ranks get one clip more)."""
 
     def splits_sequence(self, tokens: int, batch: int) -> bool:
-        """Whether a stage with ``tokens`` per clip and a batch of ``batch`` splits its sequence: when it is long
-        enough, or when there are fewer clips than ranks to split the batch into."""
-        return tokens >= self.min_tokens or batch < self.size
+        """Whether a batch of ``batch`` clips of ``tokens`` tokens each splits its sequence over the group rather
+        than its clips.
+
+        - Fewer clips than ranks: the sequence (there is no batch split that gives every rank work).
+        - A batch that divides evenly: the clips. Each rank then computes and holds exactly what a sequence split
+          would give it (``batch / size`` clips of ``tokens`` against ``batch`` clips of ``tokens / size``: the
+          same tokens, the same attention FLOPs), without the sequence split's attention traffic.
+        - Otherwise, the sequence from ``min_tokens`` tokens per clip on: a long stage's extra clip on some ranks
+          would idle the others for longer than the all-to-alls take; a short stage's would not.
+        """
+        if batch < self.size:
+            return True
+        if batch % self.size == 0:
+            return False
+        return tokens >= self.min_tokens
 
 
 def shard_sizes(total: int, parts: int) -> list[int]:
@@ -239,18 +254,30 @@ def sequence_splits(cp: ContextParallel) -> Callable[[int], SequenceSplit]:
     return lambda total: SequenceSplit(cp, total)
 
 
+def sequence_split_forward(backbone: nn.Module, cp: ContextParallel, x: Tensor, t: Tensor, text: Tensor,
+                           text_mask: Tensor, **kwargs: Any) -> Tensor:
+    """``backbone(x, ...)`` with every clip's tokens split over the group (the backbone's ``token_split``); every
+    rank returns the whole output."""
+    backbone.token_split = sequence_splits(cp)
+    try:
+        return backbone(x, t, text, text_mask, **kwargs)
+    finally:
+        backbone.token_split = None
+
+
+def batch_split_forward(backbone: nn.Module, cp: ContextParallel, x: Tensor, t: Tensor, text: Tensor,
+                        text_mask: Tensor, **kwargs: Any) -> Tensor:
+    """``backbone(x, ...)`` with the batch's clips split over the group (each rank runs its share); every rank
+    returns the whole output, the gradient of its share flowing back into it only."""
+    B = x.shape[0]
+    rows = split_rows(B, cp)
+    return gather_rows(backbone(x[rows], t.expand(B)[rows], text[rows], text_mask[rows], **kwargs), cp, B)
+
+
 def split_forward(backbone: nn.Module, cp: ContextParallel, tokens: int, x: Tensor, t: Tensor, text: Tensor,
                   text_mask: Tensor, **kwargs: Any) -> Tensor:
     """``backbone(x, t, text, text_mask, **kwargs)`` for the group's batch ``x`` of clips of ``tokens`` tokens
-    each, computed together by the ranks of ``cp``: a long sequence is split over them (the backbone's
-    ``token_split``), else the batch (each rank runs its share of the clips). Every rank returns the whole
-    output; the gradient of each rank's share flows back into that rank only."""
-    B = x.shape[0]
-    if cp.splits_sequence(tokens, B):
-        backbone.token_split = sequence_splits(cp)
-        try:
-            return backbone(x, t, text, text_mask, **kwargs)
-        finally:
-            backbone.token_split = None
-    rows = split_rows(B, cp)
-    return gather_rows(backbone(x[rows], t.expand(B)[rows], text[rows], text_mask[rows], **kwargs), cp, B)
+    each, computed together by the ranks of ``cp``, split by sequence or by batch as ``cp.splits_sequence``
+    decides."""
+    split = sequence_split_forward if cp.splits_sequence(tokens, x.shape[0]) else batch_split_forward
+    return split(backbone, cp, x, t, text, text_mask, **kwargs)

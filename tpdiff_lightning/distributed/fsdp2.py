@@ -203,8 +203,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         context_parallel_size: ranks that split one clip's tokens between them (1: none). The mesh becomes
             (world / context_parallel_size, context_parallel_size), the second dim a context-parallel group of
             neighbouring ranks; weights are sharded over every rank. See docs/scale_out.md.
-        context_parallel_min_tokens: tokens per clip below which a stage splits the group's batch instead of
-            the sequence (short stages gain nothing from splitting, and their attention communication does not pay).
+        context_parallel_min_tokens: for a group batch that does not divide evenly over the group, the tokens per
+            clip from which a stage splits every clip's tokens (equal shares, attention traffic) rather than the
+            clips (some ranks one clip more, no traffic). A batch that divides evenly always splits its clips, one
+            smaller than the degree always its tokens.
     """
 
     def __init__(
@@ -234,7 +236,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                              "data_parallel_size and tensor_parallel_size left at auto")
         if not (isinstance(context_parallel_min_tokens, int) and context_parallel_min_tokens >= 0):
             raise ValueError(f"trainer.strategy.init_args.context_parallel_min_tokens={context_parallel_min_tokens!r} "
-                             "is invalid; expected an integer >= 0 (0: always split the sequence)")
+                             "is invalid; expected an integer >= 0 (0: split the tokens of every batch that does not divide evenly)")
         self.context_parallel_size = context_parallel_size
         self.context_parallel_min_tokens = context_parallel_min_tokens
         self.context_parallel: ContextParallel | None = None

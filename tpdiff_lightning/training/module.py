@@ -239,13 +239,32 @@ class TPDiffModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.global_step * accumulate + batch_idx % accumulate
 
+    def batch_plan(self, buckets: Sequence[Any], budget: int | None, stage_aware: bool,
+                   clips: int | None = None) -> Any:
+        """The data's plan of bucketed or token-budget batches for this model (``training.batch_plan``)."""
+        from tpdiff_lightning.training.batch_plan import batch_plan
+
+        return batch_plan(self, buckets, budget, stage_aware, clips)
+
+    def pyramid_for(self, latent_frames: int) -> TemporalPyramid:
+        """The pyramid over clips of ``latent_frames`` latent frames (a bucket's length; the configured one is
+        ``self.pyramid``)."""
+        if latent_frames == self.pyramid.num_frames:
+            return self.pyramid
+        cache = self.__dict__.setdefault("_pyramids", {})
+        if latent_frames not in cache:
+            cache[latent_frames] = self.pyramid.with_num_frames(latent_frames)
+        return cache[latent_frames]
+
     def stage_loss(self, x0: Tensor, text: Tensor, text_mask: Tensor, i: int,
                    generator: torch.Generator | None = None) -> Tensor:
-        """Mean squared error of the backbone against stage i's target (paper Algorithm 2)."""
-        stage = self.pyramid.stages[i]
-        noise = randn(self.pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H/P_i, W/P_i)
+        """Mean squared error of the backbone against stage i's target (paper Algorithm 2), for clips of any
+        length the pyramid takes (``pyramid_for``)."""
+        pyramid = self.pyramid_for(x0.shape[2])
+        stage = pyramid.stages[i]
+        noise = randn(pyramid.stage_shape(x0, i), generator, x0.device, x0.dtype)  # (B, C, F_i, H/P_i, W/P_i)
         if self.settings.objective.alignment:
-            data = self.pyramid.downsample(x0, stage.stride, stage.spatial_stride)  # at the stage's shape
+            data = pyramid.downsample(x0, stage.stride, stage.spatial_stride)  # at the stage's shape
             if self.settings.objective.alignment_scope == "global" and self.training:
                 from tpdiff_lightning.method.global_alignment import align_noise_global
 
@@ -255,16 +274,17 @@ class TPDiffModule(L.LightningModule):
         draw_device = generator.device if generator is not None else x0.device
         # (B,) position in the stage, kept in float32 so half-precision data does not round the time.
         u = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0.device)
-        x_t, t, target = self.pyramid.interpolate(x0, noise, i, u)
+        x_t, t, target = pyramid.interpolate(x0, noise, i, u)
         pred = self.run_backbone(self.backbone, x_t, self.model_time(t), text, text_mask, stage)  # stage's shape
         return F.mse_loss(pred.float(), target.float())
 
     def run_backbone(self, backbone: nn.Module, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor,
                      stage: Stage) -> Tensor:
         """``backbone(x, t, text, text_mask, strides)`` on the stage's shape, under context parallelism where the
-        strategy has a group: a stage whose clips hold ``min_tokens`` tokens or more splits every clip's tokens over
-        the group; a shorter one splits the batch (each rank runs its share of the clips). Either way every rank of
-        the group ends with the whole prediction (and the same loss), its gradient flowing into its own share."""
+        strategy has a group: the group splits the batch's clips or every clip's tokens between its ranks
+        (``ContextParallel.splits_sequence``: the clips where they divide evenly or the stage is short). Either way
+        every rank of the group ends with the whole prediction (and the same loss), its gradient flowing into its
+        own share."""
         cp = self.context_parallel
         if cp is None:
             return backbone(x, t, text, text_mask, **self.stage_strides(stage))
@@ -300,6 +320,8 @@ class TPDiffModule(L.LightningModule):
         else:
             check_codec(json.loads(batch["codec"]), self.codec)
             x0 = batch["latent"].to(self.dtype)
+        if "bucket" in batch:  # a bucketed batch: its shape was checked against the pyramid with the buckets
+            return x0
         if tuple(x0.shape[3:]) != self.latent_size():
             raise ValueError(f"the batch has latents of size {tuple(x0.shape[3:])}; the model expects "
                              f"{self.latent_size()} (resolution {self.frame_size} through the codec)")
@@ -332,7 +354,8 @@ class TPDiffModule(L.LightningModule):
         seed = self.noise_seed(step, self.data_parallel_rank())  # a context-parallel group draws the same noise
         captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
         text, text_mask = self.batch_text(batch, captions)  # (B, L, D)
-        i = self.pyramid.sample_stage(self.stage_generator(step))
+        # A token-budget batch was assembled for the stage drawn for its step (data.token_batches); else draw it.
+        i = batch["stage"] if "stage" in batch else self.pyramid.sample_stage(self.stage_generator(step))
         finite = finite_rows(x0).all()  # read from the device together with the loss: one host sync, not two
         try:
             loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
@@ -345,13 +368,17 @@ class TPDiffModule(L.LightningModule):
         if not loss_ok:
             raise FloatingPointError(
                 f"training loss is {loss.item()} at global_step={self.global_step} in stage {i} "
-                f"({self.pyramid.stages[i].num_frames} frames); expected a finite value. "
+                f"({self.pyramid_for(x0.shape[2]).stages[i].num_frames} frames); expected a finite value. "
                 "Lower the learning rate or check the data.")
         B = x0.shape[0]
         cp = self.context_parallel
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log(f"train/loss_stage{i}", loss, batch_size=B)
         self.log("train/stage", float(i), batch_size=B)
+        if "tokens" in batch:  # token-budget batches: how full each step is
+            self.log("data/tokens_per_step", float(batch["tokens"]), batch_size=B)
+            self.log("data/clips_per_step", float(B), batch_size=B)
+            self.log("data/bucket_index", float(batch["bucket_index"]), batch_size=B)
         # Under context parallelism every rank of a group holds the same loss and backpropagates its own share of
         # the clip; FSDP averages the gradients over all ranks, so the group's size brings that to the group's sum.
         return loss * cp.size if cp is not None else loss
