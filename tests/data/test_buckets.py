@@ -129,3 +129,20 @@ def test_every_bucket_of_an_equal_area_set_fits_every_stage_and_a_bad_one_is_nam
         module.batch_plan([Bucket(16, 16, 16), Bucket(16, 16, 12)], 256, True)
     with pytest.raises(ValueError, match=r"^data.init_args.buckets\[0\]=\[6, 16, 16\] does not fit the pyramid"):
         module.batch_plan([Bucket(6, 16, 16)], 256, True)
+
+
+def test_fit_refuses_a_bucket_the_pyramid_cannot_take_and_global_alignment_with_token_batches(tiny_data_root):
+    from tpdiff_lightning.cli.main import main
+    from tpdiff_lightning.training.fit_checks import fit_setup_problems
+
+    def problems(*extra: str) -> list[str]:
+        cli = main(["--config", str(DEFAULT), *shrink_args(tiny_data_root, tiny_data_root), "--trainer.logger=false",
+                    "--trainer.accelerator=cpu", *extra], run=False)
+        return fit_setup_problems(cli.trainer, cli.model, cli.datamodule)
+
+    assert problems("--data.init_args.buckets=[[16, 16, 16], [8, 16, 32]]", "--data.init_args.token_budget=256") == []
+    (line,) = problems("--data.init_args.buckets=[[16, 16, 16], [16, 20, 16]]")
+    assert line.startswith("data.init_args.buckets[1]=[16, 20, 16] does not fit the pyramid")
+    (line,) = problems("--data.init_args.token_budget=256", "--trainer.devices=2", "--trainer.strategy=ddp",
+                       "--model.init_args.objective.alignment_scope=global")
+    assert "alignment_scope=global cannot run with data.init_args.buckets or token_budget" in line

@@ -92,10 +92,12 @@ def _worker(rank: int, port: int, world: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def assert_within(got: torch.Tensor, expected: torch.Tensor, name: str, tolerance: float = 1e-5) -> None:
-    """Equal within ``tolerance`` of the tensor's scale: float32 sums over a sequence split in parts round in
-    another order (a gradient summed over 400 tokens differs by a few 1e-6 of its largest element)."""
-    scale = expected.abs().max().clamp_min(1e-12)
+def assert_within(got: torch.Tensor, expected: torch.Tensor, name: str, tolerance: float = 1e-5,
+                  floor: float = 1e-12) -> None:
+    """Equal within ``tolerance`` of the tensor's scale (at least ``floor``): float32 sums over a sequence split in
+    parts round in another order (a gradient summed over 400 tokens differs by a few 1e-6 of its largest
+    element)."""
+    scale = expected.abs().max().clamp_min(floor)
     error = float((got - expected).abs().max() / scale)
     assert error <= tolerance, f"{name}: max difference {error:.2e} of the largest element"
 
@@ -117,10 +119,18 @@ def split_results(tmp_path_factory):
 def test_a_split_sequence_gives_the_single_process_outputs_and_gradients(split_results, world, case):
     got = split_results[world][case]
     y, grads = run(build(case[0], case[5]), case)
+    assert_gradients_within(got, y, grads)
+
+
+def assert_gradients_within(got: dict, y: torch.Tensor, grads: dict) -> None:
+    """The output and every parameter gradient within 1e-5, each against its own scale but at least 1% of the
+    largest gradient: a gradient that is zero in exact arithmetic (an attention key's bias: softmax ignores a
+    shift shared by every key) is rounding noise, whose size relative to itself means nothing."""
     assert_within(got["y"], y, "output")
     assert set(got["grads"]) == set(grads)
+    largest = max(float(g.abs().max()) for g in grads.values())
     for name, grad in grads.items():
-        assert_within(got["grads"][name], grad, name)
+        assert_within(got["grads"][name], grad, name, floor=1e-2 * largest)
 
 
 @pytest.mark.slow
@@ -129,10 +139,7 @@ def test_a_split_sequence_gives_the_single_process_outputs_and_gradients(split_r
 def test_an_uneven_batch_split_gives_the_single_process_outputs_and_gradients(split_results, world, case):
     got = split_results[world][("batch", *case)]
     y, grads = run(build(case[0], case[5]), case, world + 1)
-    assert_within(got["y"], y, "output")
-    assert set(got["grads"]) == set(grads)
-    for name, grad in grads.items():
-        assert_within(got["grads"][name], grad, name)
+    assert_gradients_within(got, y, grads)
 
 
 def test_the_group_splits_clips_that_divide_evenly_and_tokens_that_are_long_or_have_too_few_clips():

@@ -45,7 +45,8 @@ class ClipThroughput(L.Callback):
     def log_buckets(self, trainer) -> None:
         """The buckets of the batches since the last point, as a TensorBoard histogram of bucket indices (their
         order in ``data.init_args.buckets``)."""
-        experiment = getattr(trainer.logger, "experiment", None) if trainer.logger is not None else None
+        logger = getattr(trainer, "logger", None)
+        experiment = getattr(logger, "experiment", None) if logger is not None else None
         if self._buckets and trainer.is_global_zero and hasattr(experiment, "add_histogram"):
             import numpy as np
 

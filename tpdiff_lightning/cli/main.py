@@ -116,7 +116,7 @@ class TPDiffCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # Settings that cannot train together stop here, before the run writes its config or logs.
-        check_fit_setup(self.trainer, self.model)
+        check_fit_setup(self.trainer, self.model, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

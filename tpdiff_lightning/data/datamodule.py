@@ -334,12 +334,14 @@ class VideoDataModule(L.LightningDataModule):
         )
         return self._loader(pipeline.with_epoch(batches_per_worker))
 
-    def batch_plan(self):
-        """The token-budget plan of the training batches (``buckets`` or ``token_budget`` set), from the model being
-        trained (its pyramid and backbone count the tokens); None for fixed batches of one shape."""
+    def batch_plan(self, model: Any = None):
+        """The token-budget plan of the training batches (``buckets`` or ``token_budget`` set), from ``model`` (by
+        default the one being trained: its pyramid and backbone count the tokens); None for fixed batches of one
+        shape."""
         if self.buckets is None and self.token_budget is None:
             return None
-        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if model is None and self.trainer is not None:
+            model = getattr(self.trainer, "lightning_module", None)
         if not hasattr(model, "batch_plan"):
             raise ValueError("data.init_args.buckets and token_budget need the model being trained (a TPDiffModule "
                              "attached through the trainer) to count each bucket's tokens")

@@ -32,8 +32,9 @@ def deepspeed_stage(strategy: Any) -> int | None:
     return int(stage) if stage is not None else None
 
 
-def fit_setup_problems(trainer: Any, module: Any) -> list[str]:
-    """One message per unsupported combination of ``trainer`` and the TPDiffModule ``module`` settings."""
+def fit_setup_problems(trainer: Any, module: Any, data: Any = None) -> list[str]:
+    """One message per unsupported combination of ``trainer``, the TPDiffModule ``module`` settings and the data
+    module ``data`` (default: the trainer's)."""
     hp = module.settings.optimization
     kind = strategy_kind(trainer.strategy)
     precision = str(trainer.precision)
@@ -70,6 +71,28 @@ def fit_setup_problems(trainer: Any, module: Any) -> list[str]:
                                 f"under two names ({listed}): its mixed precision cannot assign the shared "
                                 "gradient; register the tied module once, or use configs/strategy/fsdp2.yaml")
     problems.extend(context_parallel_problems(trainer.strategy, module))
+    problems.extend(batch_plan_problems(trainer, module, data if data is not None else
+                                        getattr(trainer, "datamodule", None)))
+    return problems
+
+
+def batch_plan_problems(trainer: Any, module: Any, data: Any) -> list[str]:
+    """Why this run's buckets or token budget cannot be trained, if they cannot: a bucket the pyramid does not
+    fit (one line naming it), or global alignment, which needs equal batches on every rank."""
+    buckets, budget = getattr(data, "buckets", None), getattr(data, "token_budget", None)
+    if buckets is None and budget is None:
+        return []
+    problems = []
+    try:
+        data.batch_plan(module)
+    except ValueError as error:
+        problems.append(str(error))
+    strategy = trainer.strategy
+    world = getattr(strategy, "num_nodes", 1) * getattr(strategy, "num_processes", 1)
+    if module.settings.objective.alignment_scope == "global" and module.settings.objective.alignment and world > 1:
+        problems.append("model.init_args.objective.alignment_scope=global cannot run with data.init_args.buckets or "
+                        "token_budget on several processes: their batches differ in size and shape between ranks; "
+                        "expected local")
     return problems
 
 
@@ -90,8 +113,8 @@ def context_parallel_problems(strategy: Any, module: Any) -> list[str]:
     return problems
 
 
-def check_fit_setup(trainer: Any, module: Any) -> None:
+def check_fit_setup(trainer: Any, module: Any, data: Any = None) -> None:
     """Raise ValueError (one line per problem) when ``fit_setup_problems`` finds any."""
-    problems = fit_setup_problems(trainer, module)
+    problems = fit_setup_problems(trainer, module, data)
     if problems:
         raise ValueError("; ".join(problems))
