@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS, DEFAULT, ROOT, shrink_args
+from tpdiff_lightning.data.video_io import decode_mp4
 
 STEPS = 10
 # The tiny clips (16 frames of 16×16, the default DiT's patch 8) hold 16, 32 and 64 tokens at stages 0, 1, 2. A
@@ -22,13 +23,18 @@ MIN_TOKENS = "--trainer.strategy.init_args.context_parallel_min_tokens=48"
 BATCH = 3
 
 
-def fit(out: Path, data_root: Path, overlay: str | None, devices: int, max_steps: int, extra: list[str] = ()) -> None:
-    """``lightning_cli.py fit`` on the default config with CPU processes (gloo), checkpointing every 5 steps."""
+def fit(out: Path, data_root: Path, overlay: str | None, devices: int, max_steps: int, extra: list[str] = (),
+        command: str = "fit") -> None:
+    """``lightning_cli.py fit`` (or ``command``) on the default config with CPU processes (gloo), checkpointing
+    every 5 steps."""
     callbacks = [{"class_path": "tpdiff_lightning.callbacks.checkpoint.LinkedLastCheckpoint",
                   "init_args": {"every_n_train_steps": 5, "save_top_k": -1}}]
+    if command == "predict":
+        callbacks = [{"class_path": "tpdiff_lightning.callbacks.prediction_writer.VideoPredictionWriter",
+                      "init_args": {"output_dir": str(out / "predictions")}}]
     strategy = ["--config", str(CONFIGS / "strategy" / f"{overlay}.yaml"),
                 "--trainer.strategy.init_args.process_group_backend=gloo"] if overlay else []
-    cmd = [sys.executable, str(ROOT / "lightning_cli.py"), "fit", "--config", str(DEFAULT), *strategy,
+    cmd = [sys.executable, str(ROOT / "lightning_cli.py"), command, "--config", str(DEFAULT), *strategy,
            *shrink_args(out, data_root, max_steps=max_steps, steps_per_epoch=2 * STEPS, callbacks=callbacks),
            "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.limit_val_batches=0",
            f"--data.init_args.batch_size={BATCH}", *extra]
@@ -80,6 +86,21 @@ def test_data_parallel_1_context_parallel_2_fits_like_one_process_and_resumes_wi
         fit(tmp_path / name, tiny_data_root, overlay, devices, STEPS, [*extra, "--ckpt_path", str(mid)])
         resumed[name], _ = curves(tmp_path / name)
     assert_same_curve(resumed["same"], resumed["none"], range(5, STEPS))  # both start at step 5
+
+    # Sampling splits the sequence too (one clip per batch: fewer clips than ranks): predictions from the sharded
+    # checkpoint under the group equal one process's.
+    frames = {}
+    for name, overlay, devices, extra in (("predict_cp", "context_parallel", 2, [MIN_TOKENS]),
+                                          ("predict_one", "fsdp2", 1, [])):
+        fit(tmp_path / name, tiny_data_root, overlay, devices, STEPS, [
+            *extra, "--ckpt_path", str(mid), "--data.init_args.predict_prompts=[a red square moving right fast, "
+            "a blue circle moving up slow]", "--data.init_args.batch_size=1", "--model.init_args.sampling.steps=3",
+            "--return_predictions=false"], command="predict")
+        frames[name] = {p.name.split("_")[0]: decode_mp4(p.read_bytes()).astype(int)
+                        for p in sorted((tmp_path / name / "predictions").glob("*.mp4"))}
+    assert sorted(frames["predict_cp"]) == sorted(frames["predict_one"]) == ["0000", "0001"]
+    for index, video in frames["predict_one"].items():  # float32 sums in another order: a uint8 level at most
+        assert abs(frames["predict_cp"][index] - video).max() <= 1, index
 
 
 @pytest.mark.slow
