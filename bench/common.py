@@ -52,6 +52,15 @@ def finish_machine_info(info: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def free_port() -> int:
+    """A TCP port on the loopback address that nothing listens on now (for a spawned process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import (build_dit, machine_info, parameter_storages, parse_bench_args, print_table, pyramid_from_config,
-                    random_text, sync, write_json)
+from common import (build_dit, free_port, machine_info, parameter_storages, parse_bench_args, print_table,
+                    pyramid_from_config, random_text, sync, write_json)
 from tpdiff_lightning.distributed.context_parallel import (DEFAULT_MIN_TOKENS, ContextParallel, batch_split_forward,
                                                            sequence_split_forward)
 from tpdiff_lightning.models.token_split import token_count
@@ -142,14 +142,6 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             queue.put({"rows": rows, "activation_bytes": float(peak)})
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_degree(world: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import parse_bench_args
+from common import free_port, parse_bench_args
 from tpdiff_lightning.method.alignment import align_noise, alignment_cost, hungarian_permutation
 from tpdiff_lightning.method.global_alignment import align_noise_global, gather
 
@@ -69,12 +68,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             Path(out).write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

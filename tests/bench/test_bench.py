@@ -487,3 +487,16 @@ def test_context_parallel_quick_compares_both_splits_per_stage_and_measures_memo
     one, two, four = (m["fraction_of_one_process"] for m in result["activation_memory"])
     assert one == 1.0 and four < two < 0.65, result["activation_memory"]
     assert len(result["summary"]) == 4 and all(s["stage_aware_step_s"] > 0 for s in result["summary"])
+
+
+def test_token_budget_quick_runs_the_real_fit_with_both_batchings(tmp_path):
+    """Fixed and stage-aware token-budget batches through the real fit, side by side: both train, the budget run
+    logs its tokens, and each run's clip shares by stage are read from its own logs."""
+    import token_budget
+
+    out = tmp_path / "tb.json"
+    token_budget.main(["--quick", "--out", str(out)])
+    rows = {r["batches"]: r for r in load_json(out)["rows"]}
+    assert set(rows) == {"fixed", "token budget"}
+    assert rows["token budget"]["tokens_per_s"] > 0 and rows["fixed"]["tokens_per_s"] is None
+    assert all(r["clips_per_s"] > 0 and abs(sum(r["clip_share_by_stage"]) - 1) < 1e-9 for r in rows.values())
