@@ -28,15 +28,20 @@ TokenSplitFactory = Callable[[int], "TokenSplit | None"]
 """Given a sequence's token count, its split for this forward pass (None: not split)."""
 
 
-def token_count(backbone: nn.Module, shape: Sequence[int]) -> int:
-    """Tokens per clip of latents of ``shape`` ``(F, H, W)`` in ``backbone``: its ``patch_size`` is spatial (an int,
-    ``(p_h, p_w)``) or ``(p_t, p_h, p_w)`` (Wan); a backbone without one (a UNet) counts latents."""
-    F, H, W = shape
+def patch_size(backbone: nn.Module) -> tuple[int, int, int]:
+    """The backbone's patch ``(p_t, p_h, p_w)`` from its ``patch_size`` (an int, ``(p_h, p_w)`` or Wan's
+    ``(p_t, p_h, p_w)``, on the backbone or its diffusers model's config); ``(1, 1, 1)`` without one (a UNet)."""
     patch = getattr(backbone, "patch_size", None)
     if patch is None and hasattr(backbone, "model"):
         patch = getattr(getattr(backbone.model, "config", None), "patch_size", None)
     if isinstance(patch, (tuple, list)):
-        p_t, p_h, p_w = (1, *patch) if len(patch) == 2 else tuple(patch)
-    else:
-        p_t, p_h, p_w = 1, patch or 1, patch or 1
+        return (1, *patch) if len(patch) == 2 else tuple(patch)
+    return 1, patch or 1, patch or 1
+
+
+def token_count(backbone: nn.Module, shape: Sequence[int]) -> int:
+    """Tokens per clip of latents of ``shape`` ``(F, H, W)`` in ``backbone`` (its ``patch_size``; a backbone without
+    one, a UNet, counts latents)."""
+    F, H, W = shape
+    p_t, p_h, p_w = patch_size(backbone)
     return (F // p_t) * (H // p_h) * (W // p_w)

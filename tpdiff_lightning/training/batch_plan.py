@@ -8,19 +8,9 @@ from typing import Any, Sequence
 from tpdiff_lightning.data.buckets import Bucket
 from tpdiff_lightning.data.token_batches import BatchPlan
 from tpdiff_lightning.method.pyramid import TemporalPyramid
-from tpdiff_lightning.models.token_split import token_count
+from tpdiff_lightning.models.token_split import patch_size, token_count
 
 KEY = "data.init_args.buckets"
-
-
-def patch_sides(backbone: Any) -> tuple[int, int]:
-    """The backbone's spatial patch ``(p_h, p_w)``: an int, ``(p_h, p_w)`` or Wan's ``(p_t, p_h, p_w)``; 1 for a UNet."""
-    patch = getattr(backbone, "patch_size", None)
-    if patch is None and hasattr(backbone, "model"):
-        patch = getattr(getattr(backbone.model, "config", None), "patch_size", None)
-    if isinstance(patch, (tuple, list)):
-        return tuple(patch)[-2], tuple(patch)[-1]
-    return patch or 1, patch or 1
 
 
 def bucket_pyramid(module: Any, bucket: Bucket, n: int) -> tuple[TemporalPyramid, int, int]:
@@ -34,7 +24,7 @@ def bucket_pyramid(module: Any, bucket: Bucket, n: int) -> tuple[TemporalPyramid
         raise ValueError(f"{where} does not fit the pyramid: {error}") from None
     c = getattr(module.codec, "spatial_compression", 1)
     P = pyramid.stages[0].spatial_stride
-    p_h, p_w = patch_sides(module.backbone)
+    _, p_h, p_w = patch_size(module.backbone)
     if bucket.height % (c * P * p_h) or bucket.width % (c * P * p_w):
         raise ValueError(f"{where} does not fit the pyramid: expected height divisible by {c * P * p_h} and width by "
                          f"{c * P * p_w} (the codec's {c}x x stage 0's spatial stride {P} x the backbone's patch "
