@@ -18,6 +18,10 @@ can win; the fewest tokens at which it did is what ``context_parallel_min_tokens
 
 Activation memory: the bytes autograd saves for backward on one rank at the full-rate stage with one clip
 (sequence split), for degrees 1, 2 and 4, the measure of ``bench/train_throughput.py``.
+
+Attention paths: at the full-rate stage with one clip, the same step by each way a split sequence can attend
+(``context_parallel_attention``: Ulysses where the degree divides the heads, ring attention, gathered keys and
+values), side by side: time, bytes sent and activation bytes per rank.
 Prints tables and writes JSON (``--out``).
 """
 
@@ -28,6 +32,7 @@ import itertools
 import os
 import statistics
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -138,10 +143,44 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                                                                  device), text, mask))
         peak = torch.tensor(memory, dtype=torch.float64, device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        paths = attention_paths(net, cp, clips(1, full.num_frames, args.latent[-1], args.channels, device), text, mask,
+                                args, device)
         if rank == 0:
-            queue.put({"rows": rows, "activation_bytes": float(peak)})
+            queue.put({"rows": rows, "activation_bytes": float(peak), "paths": paths})
     finally:
         dist.destroy_process_group()
+
+
+def slowest(value: float, device: str) -> float:
+    """The largest of every rank's ``value``."""
+    value = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value)
+
+
+def attention_paths(net, cp: ContextParallel, x, text, mask, args: argparse.Namespace, device: str) -> list[dict]:
+    """One clip's step with its tokens split, by each attention path (side by side, alternating): the slowest
+    rank's median time, bytes sent and activation bytes per rank."""
+    heads = next(m.heads for m in net.modules() if isinstance(getattr(m, "heads", None), int))
+    paths = [p for p in ("ulysses", "ring", "gathered") if p != "ulysses" or heads % cp.size == 0]
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    sent = {}
+    for repeat in range(args.warmup + args.repeats):
+        for path in paths:
+            dist.barrier()
+            with SentBytes() as counter:
+                start = time.perf_counter()
+                forward(net, replace(cp, attention=path), x, text, mask).float().square().mean().backward()
+                sync(device)
+                elapsed = slowest(time.perf_counter() - start, device)
+            net.zero_grad(set_to_none=True)
+            if repeat >= args.warmup:
+                times[path].append(elapsed)
+            sent[path] = counter.bytes
+    return [{"degree": cp.size, "path": p, "tokens": token_count(net, x.shape[2:]), "heads": heads,
+             "step_s": statistics.median(times[p]), "sent_mb": sent[p] / 2 ** 20,
+             "activation_mb": slowest(saved_bytes(net, lambda: forward(net, replace(cp, attention=p), x, text, mask)),
+                                      device) / 2 ** 20} for p in paths]
 
 
 def run_degree(world: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -193,9 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     single_bytes = single_process_bytes(args)
     memory = [{"degree": 1, "activation_mb": single_bytes / 2 ** 20, "fraction_of_one_process": 1.0}]
     rows: list[dict] = []
+    paths: list[dict] = []
     for world in args.degrees:
         result = run_degree(world, args)
         rows += result["rows"]
+        paths += result["paths"]
         memory.append({"degree": world, "activation_mb": result["activation_bytes"] / 2 ** 20,
                        "fraction_of_one_process": result["activation_bytes"] / single_bytes})
 
@@ -225,8 +266,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print_table(["degree", "activation MB/rank", "of one process"],
                 [[m["degree"], f"{m['activation_mb']:.1f}", f"{m['fraction_of_one_process']:.3f}"] for m in memory])
+    print()
+    print_table(["degree", "tokens", "heads", "attention", "step s", "sent MB/rank", "activation MB/rank"],
+                [[p["degree"], p["tokens"], p["heads"], p["path"], f"{p['step_s']:.3f}", f"{p['sent_mb']:.2f}",
+                  f"{p['activation_mb']:.1f}"] for p in paths])
     result = {"machine": machine_info(args.device), "args": vars(args), "stages": rows, "summary": summary,
-              "activation_memory": memory}
+              "activation_memory": memory, "attention_paths": paths}
     write_json(args.out, result)
     return result
 

@@ -18,8 +18,10 @@ its weights sharded over every rank and a (data, context) mesh of ``gpus / degre
   activated values); attention itself is flash attention, linear in the tokens.
 - traffic per rank and step, forward and backward, plus the recompute's forward with checkpointing. Ulysses
   (the degree divides the heads): four all-to-alls per block (q, k, v, out), each sending ``(d - 1) / d`` of the
-  rank's ``tokens / d x dim`` bf16 values. Gathered keys and values (it does not): the rank's k and v sent to
-  each of the ``d - 1`` others, ``d / 2`` times Ulysses' volume.
+  rank's ``tokens / d x dim`` bf16 values. Ulysses × ring (``context_parallel_attention: auto`` where the heads
+  and the degree share a factor ``u``, ring attention alone where ``u = 1``): Ulysses over ``u`` ranks, then a ring
+  of ``r = d / u``: forward passes the rank's k and v on ``r - 1`` times, backward passes them again and passes
+  their float32 gradients ``r`` times (``tpdiff_lightning/distributed/ring_attention.py``).
 
 What the projection leaves out (the CUDA context, allocator fragmentation, the text encoder and VAE if kept on
 the GPU, temporary buffers of the loss) is why a configuration is called a fit only with ``--headroom`` to spare.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
+from math import gcd
 
 from common import ROOT, parse_bench_args, print_table, pyramid_from_config, write_json
 
@@ -79,12 +82,18 @@ def sent_gb(model: Transformer, tokens: int, degree: int, checkpointing: bool) -
     if degree == 1:
         return 0.0
     values = -(-tokens // degree) * model.dim * 2  # bytes of one (tokens / d, dim) bf16 tensor
-    if model.heads % degree == 0:
-        per_layer = 4 * values * (degree - 1) / degree
-    else:
-        per_layer = 2 * values * (degree - 1)
-    passes = 3 if checkpointing else 2  # forward, backward (as much again), and the recomputed forward
-    return model.layers * per_layer * passes / GB
+    u = gcd(model.heads, degree)  # Ulysses degree; the ring takes the rest
+    ring = degree // u
+    ulysses = 4 * values * (u - 1) / u  # q, k, v and the output, one all-to-all each, per pass
+    forward = ulysses + 2 * values * (ring - 1)  # k and v round the ring (each chunk: H / u heads of u shares)
+    backward = ulysses + (2 * values * (ring - 1) + 2 * 2 * values * ring if ring > 1 else 0)  # + float32 dk, dv
+    return model.layers * (forward * (2 if checkpointing else 1) + backward) / GB
+
+
+def attention_path(model: Transformer, degree: int) -> str:
+    """What ``context_parallel_attention: auto`` runs for this model and degree."""
+    u = gcd(model.heads, degree)
+    return "-" if degree == 1 else "Ulysses" if u == degree else "ring" if u == 1 else f"Ulysses {u} x ring {degree // u}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,14 +117,14 @@ def main(argv: list[str] | None = None) -> dict:
                         continue
                     mem = memory_gb(model, stage_tokens[-1], degree, args.gpus, checkpointing)
                     rows.append({"model": key, "resolution": res, "checkpointing": checkpointing, "degree": degree,
-                                 "ulysses": model.heads % degree == 0, "stage_tokens": stage_tokens,
+                                 "attention": attention_path(model, degree), "stage_tokens": stage_tokens,
                                  "rank_tokens": [-(-t // degree) for t in stage_tokens], **mem,
                                  "fits": mem["total_gb"] <= usable,
                                  "sent_gb_per_step": sent_gb(model, stage_tokens[-1], degree, checkpointing)})
     print_table(["model", "res", "ckpt", "CP", "attention", "tokens/rank by stage", "states GB", "activ. GB", "total GB", "fits",
                  "sent GB/step"],
                 [[r["model"], r["resolution"], "on" if r["checkpointing"] else "off", r["degree"],
-                  "-" if r["degree"] == 1 else "ulysses" if r["ulysses"] else "gathered kv",
+                  r["attention"],
                   "/".join(str(t) for t in r["rank_tokens"]), f"{r['states_gb']:.1f}", f"{r['activations_gb']:.1f}",
                   f"{r['total_gb']:.1f}", "yes" if r["fits"] else "no", f"{r['sent_gb_per_step']:.1f}"]
                  for r in rows])

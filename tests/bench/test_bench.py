@@ -487,6 +487,12 @@ def test_context_parallel_quick_compares_both_splits_per_stage_and_measures_memo
     one, two, four = (m["fraction_of_one_process"] for m in result["activation_memory"])
     assert one == 1.0 and four < two < 0.65, result["activation_memory"]
     assert len(result["summary"]) == 4 and all(s["stage_aware_step_s"] > 0 for s in result["summary"])
+    # every attention path side by side (dit-nano's 2 heads: Ulysses at degree 2 only); a ring holds one chunk of
+    # keys and values at a time, the gathered path all of them
+    paths = {(p["degree"], p["path"]): p for p in result["attention_paths"]}
+    assert set(paths) == {(2, "ulysses"), (2, "ring"), (2, "gathered"), (4, "ring"), (4, "gathered")}
+    assert all(p["step_s"] > 0 and p["sent_mb"] > 0 for p in paths.values())
+    assert paths[4, "ring"]["activation_mb"] < paths[4, "gathered"]["activation_mb"]
 
 
 def test_token_budget_quick_runs_the_real_fit_with_both_batchings(tmp_path):

@@ -5,11 +5,16 @@ Each rank of a context-parallel group embeds and transforms only its own contigu
 
 - **Ulysses** (when the degree divides the head count): two all-to-alls turn "my tokens, all heads" into "all
   tokens, my heads" and back, so each rank attends over the whole sequence for its share of the heads.
-- **Gathered keys and values** (any degree, e.g. 8 ranks with Wan's 12 heads): each rank gathers every rank's keys
-  and values and attends its own queries over them (the context parallelism of Llama 3's training). It moves
-  more data than Ulysses and holds the full K and V during attention, but needs no divisibility.
+- **Ring** (``ring_attention.py``; when the degree and the head count share no factor, e.g. 4 ranks and 3 heads):
+  each rank attends its queries over the chunks of keys and values passed round the group, one at a time.
+- **Ulysses × ring** (when they share a factor ``u`` that is not the degree, e.g. 8 ranks and Wan's 12 heads:
+  ``u = 4``): Ulysses over groups of ``u`` neighbouring ranks gives each ``H / u`` heads of ``u`` ranks' tokens, and
+  a ring over the ``degree / u`` such groups covers the rest of the sequence.
+- **Gathered keys and values** (on request, any degree): each rank gathers every rank's keys and values and
+  attends its own queries over them (the context parallelism of Llama 3's training). It moves more data than
+  Ulysses and holds the full K and V during attention, but is a single exchange.
 
-Both are written with ``all_to_all_single``, which NCCL and gloo (the tests' CPU backend) implement with uneven
+All are written with ``all_to_all_single``, which NCCL and gloo (the tests' CPU backend) implement with uneven
 splits, so a token count that does not divide by the degree is split unevenly, never padded. Public libraries were
 checked first: torch's ``context_parallel`` dispatches only GPU attention kernels and assumes causal load
 balancing; yunchang's Ulysses needs evenly divisible sequences and its ring path needs flash-attention kernels;
@@ -25,13 +30,20 @@ measured by ``bench/context_parallel.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from math import gcd
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as nnf
 from torch import Tensor, nn
+
+from tpdiff_lightning.distributed.ring_attention import ring_attention
+
+ATTENTION_MODES = ("auto", "ulysses", "ring", "gathered")
+"""How a split sequence attends: ``auto`` (Ulysses where the degree divides the heads, Ulysses × ring where they
+share a factor, else ring), or one way for every layer."""
 
 DEFAULT_MIN_TOKENS = 1024
 """Tokens per clip from which an uneven batch splits its sequence rather than its clips (bench/context_parallel.py)."""
@@ -50,6 +62,11 @@ class ContextParallel:
     min_tokens: int = DEFAULT_MIN_TOKENS
     """For a batch that does not divide evenly over the group: tokens per clip from which the sequence is split
     (every rank gets an equal share) rather than the batch (some ranks get one clip more)."""
+    attention: str = "auto"
+    """One of ``ATTENTION_MODES``."""
+    subgroups: Mapping[int, tuple["ContextParallel", "ContextParallel"]] = field(default_factory=dict)
+    """For each factor ``u`` of the degree (``1 < u < size``): this rank's Ulysses group of ``u`` neighbouring ranks
+    and its ring group of the ``size / u`` ranks at the same place in the other Ulysses groups."""
 
     def splits_sequence(self, tokens: int, batch: int) -> bool:
         """Whether a batch of ``batch`` clips of ``tokens`` tokens each splits its sequence over the group rather
@@ -182,16 +199,61 @@ def gathered_kv_attention(q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel, 
     return attend(q, everyone(k), everyone(v))  # (B, H, prefix + n_rank, d)
 
 
+def attention_path(cp: ContextParallel, heads: int) -> str:
+    """How ``cp`` attends with ``heads`` heads: ``ulysses``, ``ulysses-ring``, ``ring`` or ``gathered``."""
+    if cp.attention == "ulysses" and heads % cp.size:
+        raise ValueError(f"trainer.strategy.init_args.context_parallel_attention='ulysses' needs the degree "
+                         f"{cp.size} to divide the backbone's {heads} attention heads; expected 'auto', 'ring' or "
+                         "'gathered' for this degree")
+    if cp.attention != "auto":
+        return cp.attention
+    if heads % cp.size == 0:
+        return "ulysses"
+    return "ulysses-ring" if gcd(heads, cp.size) in cp.subgroups else "ring"
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, cp: ContextParallel | None, sizes: list[int] | None,
-              attend: Attend = nnf.scaled_dot_product_attention, prefix: int = 0) -> Tensor:
+              prefix: int = 0, mask: Tensor | None = None) -> Tensor:
     """Self-attention of ``(B, H, prefix + n, d)`` tokens, the first ``prefix`` the same on every rank (a caption in
-    joint attention): plain without a group, Ulysses when the degree divides the heads, else over gathered keys and
-    values. ``attend`` sees every key (a key mask over the prefix and the whole sequence applies as it is)."""
+    joint attention), over every rank's tokens, by the path ``attention_path`` picks; ``mask`` is a key mask over the
+    prefix and the whole sequence, as ``scaled_dot_product_attention`` takes it."""
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     if cp is None:
         return attend(q, k, v)
-    if q.shape[1] % cp.size == 0:
+    path = attention_path(cp, q.shape[1])
+    if path == "ulysses":
         return ulysses_attention(q, k, v, cp, sizes, attend, prefix)
-    return gathered_kv_attention(q, k, v, cp, sizes, attend, prefix)
+    if path == "gathered":
+        return gathered_kv_attention(q, k, v, cp, sizes, attend, prefix)
+    if path == "ring":
+        return ring_attention(q, k, v, cp.group, cp.size, cp.rank, sizes, prefix, mask)
+    u = gcd(q.shape[1], cp.size)
+    ulysses, ring = cp.subgroups[u]  # my u neighbours; the ranks at my place in the other Ulysses groups
+    blocks = [sum(sizes[j * u:(j + 1) * u]) for j in range(ring.size)]  # tokens of each Ulysses group
+
+    def ring_over_groups(q: Tensor, k: Tensor, v: Tensor) -> Tensor:  # (B, H / u, prefix + my group's tokens, d)
+        return ring_attention(q, k, v, ring.group, ring.size, ring.rank, blocks, prefix, mask)
+
+    return ulysses_attention(q, k, v, ulysses, sizes[ring.rank * u:(ring.rank + 1) * u], ring_over_groups, prefix)
+
+
+def build_subgroups(groups: Sequence[Sequence[int]], rank: int, min_tokens: int = DEFAULT_MIN_TOKENS
+                    ) -> dict[int, tuple[ContextParallel, ContextParallel]]:
+    """``ContextParallel.subgroups`` for global rank ``rank``, given the global ranks of every context-parallel group
+    (all the same size). Every process must call it, in the same order (``new_group`` is collective)."""
+    size = len(groups[0])
+    subgroups = {}
+    for u in (u for u in range(2, size) if size % u == 0):
+        for ranks in groups:
+            lines = [list(ranks[j * u:(j + 1) * u]) for j in range(size // u)]  # Ulysses groups: neighbours
+            lines += [list(ranks[i::u]) for i in range(u)]  # ring groups: the same place in each Ulysses group
+            made = [(members, dist.new_group(members)) for members in lines]
+            if rank in ranks:
+                mine = [ContextParallel(g, len(m), m.index(rank), min_tokens) for m, g in made if rank in m]
+                subgroups[u] = (mine[0], mine[1])
+    return subgroups
 
 
 def split_rows(n: int, cp: ContextParallel) -> slice:
@@ -241,9 +303,7 @@ class SequenceSplit:
         return x.narrow(dim, self.start, self.end - self.start)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, prefix: int = 0, mask: Tensor | None = None) -> Tensor:
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return nnf.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return attention(q, k, v, self.cp, self.sizes, attend, prefix)
+        return attention(q, k, v, self.cp, self.sizes, prefix, mask)
 
     def gather(self, x: Tensor) -> Tensor:
         return gather_sequence(x, self.cp, self.sizes, shared_loss=True)

@@ -31,7 +31,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from tpdiff_lightning.distributed.context_parallel import DEFAULT_MIN_TOKENS, ContextParallel
+from tpdiff_lightning.distributed.context_parallel import (ATTENTION_MODES, DEFAULT_MIN_TOKENS, ContextParallel,
+                                                           build_subgroups)
 
 DEFAULT_BLOCK_CLASSES = (
     "tpdiff_lightning.models.dit.DiTBlock",
@@ -207,6 +208,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             clip from which a stage splits every clip's tokens (equal shares, attention traffic) rather than the
             clips (some ranks one clip more, no traffic). A batch that divides evenly always splits its clips, one
             smaller than the degree always its tokens.
+        context_parallel_attention: how a split sequence attends: ``auto`` (Ulysses where the degree divides the
+            heads, Ulysses × ring where they share a factor, ring attention where they share none), ``ulysses``,
+            ``ring`` or ``gathered`` (every rank gathers all keys and values).
     """
 
     def __init__(
@@ -224,6 +228,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         timeout: timedelta | None = timedelta(minutes=30),
         context_parallel_size: int = 1,
         context_parallel_min_tokens: int = DEFAULT_MIN_TOKENS,
+        context_parallel_attention: str = "auto",
     ):
         super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint,
                          process_group_backend, timeout)
@@ -237,7 +242,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         if not (isinstance(context_parallel_min_tokens, int) and context_parallel_min_tokens >= 0):
             raise ValueError(f"trainer.strategy.init_args.context_parallel_min_tokens={context_parallel_min_tokens!r} "
                              "is invalid; expected an integer >= 0 (0: split the tokens of every batch that does not divide evenly)")
+        if context_parallel_attention not in ATTENTION_MODES:
+            raise ValueError(f"trainer.strategy.init_args.context_parallel_attention={context_parallel_attention!r} "
+                             f"is invalid; expected one of {', '.join(ATTENTION_MODES)}")
         self.context_parallel_size = context_parallel_size
+        self.context_parallel_attention = context_parallel_attention
         self.context_parallel_min_tokens = context_parallel_min_tokens
         self.context_parallel: ContextParallel | None = None
         self.fsdp2 = FSDP2Settings(tuple(block_classes), activation_checkpointing, reshard_after_forward,
@@ -255,8 +264,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
         if cp > 1:
             group_mesh = self.device_mesh["tensor_parallel"]
+            groups = [list(range(g * cp, (g + 1) * cp)) for g in range(world // cp)]  # the mesh's rows
+            subgroups = build_subgroups(groups, self.global_rank, self.context_parallel_min_tokens)
             self.context_parallel = ContextParallel(group_mesh.get_group(), cp, group_mesh.get_local_rank(),
-                                                    self.context_parallel_min_tokens)
+                                                    self.context_parallel_min_tokens, self.context_parallel_attention,
+                                                    subgroups)
 
     @property
     def data_parallel_rank(self) -> int:

@@ -106,6 +106,11 @@ def context_parallel_problems(strategy: Any, module: Any) -> list[str]:
     if not hasattr(module.backbone, "token_split"):
         problems.append(f"{key}={degree} needs a backbone that splits its tokens over ranks (the built-in DiT, the "
                         f"Flux-style DiT or Wan); {type(module.backbone).__name__} does not; expected 1")
+    heads = sorted({m.heads for m in module.backbone.modules() if isinstance(getattr(m, "heads", None), int)})
+    odd = [h for h in heads if h % degree]
+    if getattr(strategy, "context_parallel_attention", "auto") == "ulysses" and odd:
+        problems.append(f"trainer.strategy.init_args.context_parallel_attention='ulysses' needs the degree {degree} "
+                        f"to divide the backbone's attention heads ({odd[0]}); expected auto, ring or gathered")
     world = getattr(strategy, "num_nodes", 1) * getattr(strategy, "num_processes", 1)
     if world % degree:
         problems.append(f"{key}={degree} does not divide the {world} processes (trainer.devices x "
