@@ -267,3 +267,23 @@ def test_a_bad_attention_setting_is_one_line_naming_the_key():
                         "divide the backbone's attention heads (2); expected auto, ring or gathered"]
     strategy.context_parallel_attention = "auto"
     assert context_parallel_problems(strategy, Module()) == []
+
+
+def test_subgroups_pair_neighbours_for_ulysses_and_the_same_place_of_each_pair_for_the_ring(monkeypatch):
+    """16 ranks in context-parallel groups of 8: every rank builds every subgroup (collectively), keeping its own
+    Ulysses group of neighbours and the ring through the same place of the other Ulysses groups."""
+    import torch.distributed as dist
+
+    from tpdiff_lightning.distributed.context_parallel import build_subgroups
+
+    made = []
+    monkeypatch.setattr(dist, "new_group", lambda members: made.append(tuple(members)) or tuple(members))
+    groups = [list(range(8)), list(range(8, 16))]
+    subgroups = build_subgroups(groups, 13)
+    assert set(subgroups) == {2, 4}
+    ulysses, ring = subgroups[4]
+    assert (ulysses.group, ulysses.size, ulysses.rank) == ((12, 13, 14, 15), 4, 1)
+    assert (ring.group, ring.size, ring.rank) == ((9, 13), 2, 1)
+    ulysses, ring = subgroups[2]
+    assert (ulysses.group, ulysses.rank) == ((12, 13), 1) and (ring.group, ring.rank) == ((9, 11, 13, 15), 2)
+    assert len(made) == 2 * (4 + 2 + 2 + 4) and build_subgroups(groups, 0) and len(made) == 4 * 12  # all, each time
