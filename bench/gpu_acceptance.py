@@ -490,7 +490,8 @@ def run_context_parallel(args: argparse.Namespace) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"bench/context_parallel.py failed:\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
-    return {"summary": result["summary"], "activation_memory": result["activation_memory"], "args": result["args"]}
+    return {"summary": result["summary"], "activation_memory": result["activation_memory"],
+            "attention_paths": result["attention_paths"], "args": result["args"]}
 
 
 def fvd_overhead(table3: list[dict[str, Any]], i3d: dict[str, Any]) -> list[dict[str, Any]]:
@@ -639,6 +640,9 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
         rows.append(["  CP activation bytes per rank, of one GPU's", "",
                      " ".join(f"d={m['degree']}: {m['fraction_of_one_process']:.2f}" for m in cp["activation_memory"]),
                      "", ""])
+        for r in cp.get("attention_paths", []):
+            rows.append([f"  CP degree {r['degree']}, {r['tokens']} tokens, {r['path']} attention", f"{r['step_s']:.3f} s",
+                         f"{r['activation_mb']:.0f} MB/rank", f"{r['sent_mb']:.0f} MB sent/rank", ""])
     for part, why in result.get("skipped", {}).items():
         rows.append([f"{part}: skipped", "", "", why, ""])
     for part, error in result.get("errors", {}).items():

@@ -332,7 +332,7 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     assert "steps 2:2:1" in result["table"]
     cp = saved["context_parallel"]
     assert [m["degree"] for m in cp["activation_memory"]] == [1, 2] and len(cp["summary"]) == 2
-    assert "CP degree 2, 3 clips" in result["table"]
+    assert "CP degree 2, 3 clips" in result["table"] and "ring attention" in result["table"]
     printed = capsys.readouterr().out
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
 
