@@ -2,8 +2,8 @@
 
     python bench/synthetic_caption_accuracy.py outputs/synthetic/tpdiff-flow/predictions
 
-Reads the mp4 files that ``predict`` wrote (their names hold the caption), finds the shape by its
-distance from the background colour, fits its centroid's velocity, and compares with the caption.
+Reads the mp4 files that ``predict`` wrote (their names hold the caption) and checks each against its caption
+with ``tpdiff_lightning.metrics.caption_accuracy`` (the shape's colour and its centroid's direction of motion).
 Prints one line per clip and the totals, and writes JSON next to the clips.
 """
 
@@ -13,27 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-from tpdiff_lightning.data.synthetic import BACKGROUND, DIRECTIONS, PALETTE
 from tpdiff_lightning.data.video_io import decode_mp4
-
-
-def clip_report(frames: np.ndarray, colour: str, direction: str) -> dict:
-    """Colour and direction check of one uint8 clip ``(F, H, W, 3)``."""
-    video = frames.astype(np.int64)
-    mask = np.abs(video - np.asarray(BACKGROUND)).sum(-1) > 90  # (F, H, W)
-    ys, xs = np.mgrid[: video.shape[1], : video.shape[2]]
-    area = np.maximum(mask.sum((1, 2)), 1)
-    centroid = np.stack([(xs * mask).sum((1, 2)) / area, (ys * mask).sum((1, 2)) / area], 1)  # (F, 2)
-    velocity = np.polyfit(np.arange(len(centroid)), centroid, 1)[0]  # (vx, vy) in px/frame
-    mean_rgb = video[mask].mean(0) if mask.any() else np.asarray(BACKGROUND, float)
-    nearest = min(PALETTE, key=lambda k: np.abs(np.asarray(PALETTE[k]) - mean_rgb).sum())
-    # The captioned axis must carry most of the motion, in the captioned sense.
-    along = float(velocity @ np.asarray(DIRECTIONS[direction], float))
-    direction_ok = along > 0.1 and along > np.abs(velocity).max() - 1e-9
-    return {"colour": nearest, "colour_ok": nearest == colour, "velocity": velocity.round(3).tolist(),
-            "direction_ok": bool(direction_ok)}
+from tpdiff_lightning.metrics.caption_accuracy import DIRECTION_CHANCE, clip_report
 
 
 def main() -> None:
@@ -52,7 +33,7 @@ def main() -> None:
         raise SystemExit(f"no mp4 files in {args.folder}")
     summary = {"clips": len(rows), "colour_accuracy": sum(r["colour_ok"] for r in rows) / len(rows),
                "direction_accuracy": sum(r["direction_ok"] for r in rows) / len(rows),
-               "direction_chance": 0.25}
+               "direction_chance": DIRECTION_CHANCE}
     print(json.dumps(summary))
     (args.folder / "caption_accuracy.json").write_text(json.dumps({"summary": summary, "clips": rows}, indent=2))
 

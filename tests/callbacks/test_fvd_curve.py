@@ -49,13 +49,32 @@ def _scalars(run_dir, tag):
     return [(e.step, e.value) for e in ea.Scalars(tag)] if tag in ea.Tags()["scalars"] else []
 
 
-def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_data_root):
-    cli, cb = _fit(tmp_path, tiny_data_root, 4)
+def curve_with_captions(data_root, cache):
+    return FVDCurve(eval_root=str(data_root), num_videos=4, every_n_steps=2, cache_dir=str(cache),
+                    feature_extractor=ColourFeatures(), extractor_name="colour-test", num_steps=3,
+                    caption_accuracy=True)
+
+
+def test_fvd_curve_logs_against_steps_gpu_hours_and_flops_and_resumes(tmp_path, tiny_data_root):
+    """FVD and the caption accuracy (colour, direction, their chance levels) against steps, GPU-hours and training
+    FLOPs; a resume continues all three axes."""
+    cli, cb = _fit(tmp_path, tiny_data_root, 4, callback=curve_with_captions(tiny_data_root, tmp_path / "cache"))
     run_dir = tmp_path / "out" / "synthetic" / "tpdiff-flow"
     by_step = _scalars(run_dir, "fvd/synthetic-4")
     assert [s for s, _ in by_step] == [2, 4] and all(v >= 0 for _, v in by_step)
     by_hours = _scalars(run_dir / "gpu_hours", "fvd/synthetic-4@mGPUh")
     assert len(by_hours) == 2 and [v for _, v in by_hours] == [v for _, v in by_step]
+    by_flops = _scalars(run_dir / "flops", "fvd/synthetic-4@GFLOP")
+    assert [v for _, v in by_flops] == [v for _, v in by_step] and 0 < by_flops[0][0] < by_flops[1][0]
+    assert by_flops[1][0] == round(cb.flops.total / 1e9) and len(cb.flops.per_step) <= 3  # one count per stage
+    for tag in ("caption/colour_accuracy", "caption/direction_accuracy"):
+        points = _scalars(run_dir, tag)
+        assert [s for s, _ in points] == [2, 4] and all(0 <= v <= 1 for _, v in points)
+        assert len(_scalars(run_dir / "gpu_hours", f"{tag}@mGPUh")) == 2
+        assert len(_scalars(run_dir / "flops", f"{tag}@GFLOP")) == 2
+    assert {v for _, v in _scalars(run_dir, "caption/direction_chance")} == {0.25}
+    assert {v for _, v in _scalars(run_dir, "caption/colour_chance")} == {0.25}
+    flops = cb.flops.total
     hours = [v for _, v in _scalars(run_dir, "compute/gpu_hours")]
     assert len(hours) == 2 and 0 < hours[0] < hours[1]
     assert len(list((tmp_path / "cache").glob("synthetic-*.pt"))) == 1  # real statistics cached once
@@ -63,16 +82,18 @@ def test_fvd_curve_logs_against_steps_and_gpu_hours_and_resumes(tmp_path, tiny_d
     assert trained > 0 and cb.eval_seconds > 0
 
     # Resume: the GPU-hours come back from the checkpoint and keep growing.
-    resumed = FVDCurve(eval_root=str(tiny_data_root), num_videos=4, every_n_steps=2, cache_dir=str(tmp_path / "cache"),
-                       feature_extractor=ColourFeatures(), extractor_name="colour-test", num_steps=3)
+    resumed = curve_with_captions(tiny_data_root, tmp_path / "cache")
     _fit(tmp_path, tiny_data_root, 6, ckpt_path="last", callback=resumed)
-    assert resumed.train_seconds > trained
+    assert resumed.train_seconds > trained and resumed.flops.total > flops
     hours = [v for _, v in _scalars(run_dir, "compute/gpu_hours")]
     assert hours == sorted(hours) and len(hours) == 3
     # The curve continues: one point per evaluation, none repeated or missing, on both x-axes.
     assert [s for s, _ in _scalars(run_dir, "fvd/synthetic-4")] == [2, 4, 6]
     mgpuh = [s for s, _ in _scalars(run_dir / "gpu_hours", "fvd/synthetic-4@mGPUh")]
     assert len(mgpuh) == 3 and mgpuh == sorted(mgpuh)
+    gflops = [s for s, _ in _scalars(run_dir / "flops", "fvd/synthetic-4@GFLOP")]
+    assert len(gflops) == 3 and gflops == sorted(gflops) and gflops[-1] == round(resumed.flops.total / 1e9)
+    assert [s for s, _ in _scalars(run_dir, "caption/direction_accuracy")] == [2, 4, 6]
 
 
 def test_a_resume_keeps_the_gpu_hours_curve_and_the_checkpoint_steps_point(tmp_path, tiny_data_root):

@@ -1,4 +1,6 @@
-"""FVD against GPU-hours in TensorBoard: sample fixed prompts every N steps and score them against real clips."""
+"""FVD against steps, GPU-hours and training FLOPs in TensorBoard: sample fixed prompts every N steps and score
+them against real clips; on the synthetic dataset, also how often the samples show their caption's colour and
+direction of motion."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from tpdiff_lightning.callbacks.visualize import gif_bytes, side_by_side
 from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.ranks import context_parallel_rank, data_parallel
 from tpdiff_lightning.data.synthetic import read_manifest
+from tpdiff_lightning.metrics.caption_accuracy import COLOUR_CHANCE, DIRECTION_CHANCE, caption_accuracy
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.runs.tensorboard import purge_step_of
+from tpdiff_lightning.training.flop_meter import FlopMeter
 from tpdiff_lightning.training.module import to_uint8_video
 
 
@@ -33,9 +37,15 @@ class FVDCurve(L.Callback):
 
     Logged to TensorBoard: ``fvd/<name>-<N>`` against the global step, the same value at
     x = milli-GPU-hours in ``fvd/<name>-<N>@mGPUh`` (in the run folder's ``gpu_hours`` sub-run, which resumes on
-    its own axis), ``compute/gpu_hours`` (training wall clock × devices,
-    FVD evaluation excluded) and ``compute/fvd_eval_hours``. The GPU-hours live in the callback state, so a
-    resumed run continues the x-axis.
+    its own axis) and at x = training GFLOPs in ``fvd/<name>-<N>@GFLOP`` (the ``flops`` sub-run; counted by
+    ``training.flop_meter``), ``compute/gpu_hours`` (training wall clock × devices, FVD evaluation excluded),
+    ``compute/train_tflops`` and ``compute/fvd_eval_hours``. The GPU-hours and FLOPs live in the callback state,
+    so a resumed run continues the x-axes.
+
+    With ``caption_accuracy`` (the synthetic dataset, whose captions name a colour and a direction of motion), the
+    same generated clips are checked against their captions (``metrics.caption_accuracy``) and
+    ``caption/colour_accuracy``, ``caption/direction_accuracy`` and their chance levels ``caption/colour_chance``
+    and ``caption/direction_chance`` are logged on the same three axes.
 
     Args:
         eval_root: folder of the eval set (a shard folder with ``manifest.json``).
@@ -48,25 +58,29 @@ class FVDCurve(L.Callback):
         cache_dir: where real statistics are cached.
         num_sample_videos: how many of the generated clips to log as one GIF.
         feature_extractor: ``videos -> features`` override (default: I3D); ``extractor_name`` keys its cache.
+        caption_accuracy: also check the clips against their synthetic captions (colour and direction).
     """
 
     def __init__(self, eval_root: str = "data/synthetic", eval_split: str = "eval", name: str = "synthetic",
                  num_videos: int = 16, every_n_steps: int = 500, seed: int = 0, num_steps: int | None = None,
                  cache_dir: str = "outputs/fvd_cache", num_sample_videos: int = 4,
-                 feature_extractor: Callable | None = None, extractor_name: str = "i3d-kinetics400"):
+                 feature_extractor: Callable | None = None, extractor_name: str = "i3d-kinetics400",
+                 caption_accuracy: bool = False):
         if num_videos < 2 or every_n_steps < 1:
             raise ValueError(f"num_videos={num_videos} and every_n_steps={every_n_steps}; expected >= 2 and >= 1")
         self.eval_root, self.eval_split, self.name = Path(eval_root), eval_split, name
         self.num_videos, self.every_n_steps, self.seed, self.num_steps = num_videos, every_n_steps, seed, num_steps
         self.cache_dir, self.num_sample_videos = Path(cache_dir), num_sample_videos
         self.feature_extractor, self.extractor_name = feature_extractor, extractor_name
+        self.caption_accuracy = caption_accuracy
         self.train_seconds = 0.0
         self.eval_seconds = 0.0
+        self.flops = FlopMeter()
+        self._axis_writers: dict[str, Any] = {}  # sub-runs with an x-axis of their own (see `axis_writer`)
+        self._axis_purge: dict[str, int] = {}
         self._clock: float | None = None
         self._last_eval_step = -1
         self._last_value: float | None = None
-        self._hours_writer = None  # the GPU-hours axis, a sub-run of its own (see `hours_writer`)
-        self._hours_purge: int | None = None
         self._real: tuple | None = None
         self._captions: list[str] | None = None
 
@@ -76,16 +90,22 @@ class FVDCurve(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-                "last_eval_step": self._last_eval_step, "last_value": self._last_value}
+                "last_eval_step": self._last_eval_step, "last_value": self._last_value, "train_flops": self.flops.total}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_seconds = state_dict["train_seconds"]
         self.eval_seconds = state_dict["eval_seconds"]
         self._last_eval_step = state_dict.get("last_eval_step", -1)
         self._last_value = state_dict.get("last_value")
+        self.flops = FlopMeter(state_dict.get("train_flops", 0.0))
 
     def gpu_hours(self, trainer: L.Trainer) -> float:
         return self.train_seconds * trainer.num_devices * trainer.num_nodes / 3600
+
+    def axes(self, trainer: L.Trainer) -> dict[str, tuple[str, int]]:
+        """The sub-runs with an x-axis of their own: ``{sub-run folder: (tag suffix, x now)}``."""
+        return {"gpu_hours": ("@mGPUh", int(round(self.gpu_hours(trainer) * 1000))),
+                "flops": ("@GFLOP", int(round(self.flops.total / 1e9)))}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Check the eval set before training starts, not at the first evaluation thousands of steps in."""
@@ -113,8 +133,8 @@ class FVDCurve(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._clock = time.perf_counter()
-        if trainer.global_step > 0:  # resumed: the GPU-hours axis drops the points past this checkpoint's hours
-            self._hours_purge = int(round(self.gpu_hours(trainer) * 1000)) + 1
+        if trainer.global_step > 0:  # resumed: the GPU-hours and FLOPs axes drop the points past this checkpoint's
+            self._axis_purge = {run: x + 1 for run, (_, x) in self.axes(trainer).items()}
             logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
             purged = purge_step_of(logger)  # set by the CLI's resume
             if (purged is not None and purged <= trainer.global_step == self._last_eval_step
@@ -123,22 +143,28 @@ class FVDCurve(L.Callback):
                 # purge on resume (events at >= that step) removed it; it is not evaluated again, so log it again.
                 self._log(trainer, self._last_value, None, hours_axis=False)
 
-    def hours_writer(self, logger: TensorBoardLogger):
-        """The writer of ``fvd/...@mGPUh``: the run folder's ``gpu_hours`` sub-run. Its x-axis is GPU-hours, not
-        steps, so it needs a purge of its own on resume: the step axis's (events at >= the resumed step) would
-        wipe every earlier point whose milli-GPU-hours exceed the step count, as on 8 GPUs they soon do."""
-        if self._hours_writer is None:
+    def axis_writer(self, logger: TensorBoardLogger, run: str):
+        """The writer of the tags whose x-axis is not steps (GPU-hours, FLOPs): a sub-run of the run folder each.
+        Its x-axis needs a purge of its own on resume: the step axis's (events at >= the resumed step) would wipe
+        every earlier point whose x exceeds the step count, as milli-GPU-hours on 8 GPUs and GFLOPs soon do."""
+        if run not in self._axis_writers:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._hours_writer = SummaryWriter(str(Path(logger.log_dir) / "gpu_hours"), purge_step=self._hours_purge)
-        return self._hours_writer
+            self._axis_writers[run] = SummaryWriter(str(Path(logger.log_dir) / run),
+                                                    purge_step=self._axis_purge.get(run))
+        return self._axis_writers[run]
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self._hours_writer is not None:
-            self._hours_writer.close()
-            self._hours_writer = None
+        for writer in self._axis_writers.values():
+            writer.close()
+        self._axis_writers = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        shape = next((tuple(batch[k].shape) for k in ("latents", "video") if k in batch), None)
+        self.flops.begin((pl_module.batch_stage(batch, batch_idx), shape))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.flops.end(trainer.world_size)
         now = time.perf_counter()
         self.train_seconds += now - (self._clock or now)
         self._clock = now
@@ -212,27 +238,52 @@ class FVDCurve(L.Callback):
         videos = pl_module.generate([self._captions[k] for k in indices], [self.seed + k for k in indices],
                                     num_steps=self.num_steps)
         frames = to_uint8_video(videos)[torch.tensor([k < self.num_videos for k in slots])]  # (n, T, H, W, 3)
-        if len(frames) and context_parallel_rank(trainer) == 0:  # a group's clips are counted once
+        counted = len(frames) and context_parallel_rank(trainer) == 0  # a group's clips are counted once
+        if counted:
             metric.update(frames, real=False)
         value = float(metric.compute())
+        captions = self.caption_scores(trainer, frames, [self._captions[k] for k in slots if k < self.num_videos],
+                                       counted) if self.caption_accuracy else {}
         self._last_value = value
         self.eval_seconds += time.perf_counter() - start
-        self._log(trainer, value, frames)
+        self._log(trainer, value, frames, captions=captions)
         self._clock = time.perf_counter()  # evaluation time is not training time
         return value
 
-    def _log(self, trainer: L.Trainer, value: float, frames: torch.Tensor | None, hours_axis: bool = True) -> None:
+    def caption_scores(self, trainer: L.Trainer, frames: torch.Tensor, captions: list[str], counted: bool
+                       ) -> dict[str, float]:
+        """Colour and direction accuracy of the generated clips against their captions, over every rank's clips,
+        with their chance levels."""
+        report = caption_accuracy(list(frames.numpy()), captions) if counted and len(frames) else None
+        hits = torch.tensor([report["colour_accuracy"] * report["clips"], report["direction_accuracy"] * report["clips"],
+                             report["clips"]] if report else [0.0, 0.0, 0.0], dtype=torch.float64)
+        if trainer.world_size > 1:
+            hits = trainer.strategy.reduce(hits.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        colour, direction, clips = hits.tolist()
+        return {"caption/colour_accuracy": colour / clips, "caption/direction_accuracy": direction / clips,
+                "caption/colour_chance": COLOUR_CHANCE, "caption/direction_chance": DIRECTION_CHANCE}
+
+    def _log(self, trainer: L.Trainer, value: float, frames: torch.Tensor | None, hours_axis: bool = True,
+             captions: dict[str, float] | None = None) -> None:
         logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if logger is None or trainer.global_rank != 0:
             return
         writer, step = logger.experiment, trainer.global_step
         hours = self.gpu_hours(trainer)
-        writer.add_scalar(self.tag, value, step)
+        values = {self.tag: value, **(captions or {})}
+        for tag, v in values.items():
+            writer.add_scalar(tag, v, step)
         if hours_axis:
-            by_hours = self.hours_writer(logger)
-            by_hours.add_scalar(f"{self.tag}@mGPUh", value, int(round(hours * 1000)))
-            by_hours.flush()
+            for run, (suffix, x) in self.axes(trainer).items():
+                if run == "flops" and not self.flops.total:
+                    continue  # not counted (a strategy the counter cannot read)
+                axis = self.axis_writer(logger, run)
+                for tag, v in values.items():
+                    if not tag.endswith("_chance"):
+                        axis.add_scalar(f"{tag}{suffix}", v, x)
+                axis.flush()
         writer.add_scalar("compute/gpu_hours", hours, step)
+        writer.add_scalar("compute/train_tflops", self.flops.total / 1e12, step)
         writer.add_scalar("compute/fvd_eval_hours", self.eval_seconds / 3600, step)
         shown = frames[: self.num_sample_videos].numpy() if frames is not None else []
         if len(shown):

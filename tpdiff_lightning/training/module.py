@@ -239,6 +239,13 @@ class TPDiffModule(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.global_step * accumulate + batch_idx % accumulate
 
+    def batch_stage(self, batch: dict[str, Any], batch_idx: int) -> int:
+        """The stage micro-batch ``batch_idx`` trains: a token-budget batch was assembled for the stage drawn for
+        its step (``data.token_batches``); any other is drawn from the step here."""
+        if "stage" in batch:
+            return int(batch["stage"])
+        return self.pyramid.sample_stage(self.stage_generator(self.micro_step(batch_idx)))
+
     def batch_plan(self, buckets: Sequence[Any], budget: int | None, stage_aware: bool,
                    clips: int | None = None) -> Any:
         """The data's plan of bucketed or token-budget batches for this model (``training.batch_plan``)."""
@@ -354,8 +361,7 @@ class TPDiffModule(L.LightningModule):
         seed = self.noise_seed(step, self.data_parallel_rank())  # a context-parallel group draws the same noise
         captions = self.drop_captions(batch["caption"], torch.Generator().manual_seed(seed))
         text, text_mask = self.batch_text(batch, captions)  # (B, L, D)
-        # A token-budget batch was assembled for the stage drawn for its step (data.token_batches); else draw it.
-        i = batch["stage"] if "stage" in batch else self.pyramid.sample_stage(self.stage_generator(step))
+        i = self.batch_stage(batch, batch_idx)
         finite = finite_rows(x0).all()  # read from the device together with the loss: one host sync, not two
         try:
             loss = self.stage_loss(x0, text, text_mask, i, torch.Generator(x0.device).manual_seed(seed))
