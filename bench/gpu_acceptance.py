@@ -431,6 +431,7 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
                "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
                "--trainer.log_every_n_steps=1", f"--trainer.logger.init_args.save_dir={save}",
                f"--data.init_args.root={data}", f"--data.init_args.resolution={size}",
+               "--data.init_args.build_synthetic=false",  # the shards written above, not a rebuild at the config's size
                f"--data.init_args.num_workers={0 if args.dry_run else 8}",
                f"--data.init_args.train_steps_per_epoch={steps}"]
         if not args.dry_run:

@@ -60,7 +60,8 @@ def fit(tags: list[str], args: argparse.Namespace, data: Path, out: Path) -> dic
            "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
            f"--trainer.logger.init_args.save_dir={out}", f"--data.init_args.root={data}",
            f"--data.init_args.resolution={args.resolution}", f"--data.init_args.batch_size={args.batch}",
-           "--data.init_args.num_workers=0", f"--data.init_args.train_steps_per_epoch={steps + 10}"]
+           "--data.init_args.num_workers=0", f"--data.init_args.train_steps_per_epoch={steps + 10}",
+           "--data.init_args.build_synthetic=false"]  # the shards written here, not a rebuild at the config's size
     if "budget" in tags:
         cmd.append(f"--data.init_args.token_budget={args.batch * full_rate_tokens(args.resolution, args.frames)}")
     start = time.perf_counter()
