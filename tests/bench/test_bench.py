@@ -471,6 +471,31 @@ def test_step_split_quality_samples_every_split_with_the_same_prompts(tmp_path, 
     assert load_json(tmp_path / "q.json")["num_videos"] == 2
 
 
+def test_caption_probe_swaps_each_factor_of_the_caption_at_every_stage(tmp_path, tiny_data_root):
+    """The probe's loss with each caption factor swapped, per stage, against the true caption's; a random model
+    uses no word, so its gaps are small, and swapping nothing would give exactly 0."""
+    import caption_probe
+    import lightning
+    import torch
+
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    torch.manual_seed(0)
+    model = TPDiffModule(clip={"num_frames": 16, "resolution": 16}, optimization={"ema_decay": None})
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 7,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    result = caption_probe.main([str(path), "--data-root", str(tiny_data_root), "--clips", "4", "--draws", "1",
+                                 "--out", str(tmp_path / "p.json")])
+    assert [r["stage"] for r in result["stages"]] == [0, 1, 2] and result["step"] == 7
+    for row in result["stages"]:
+        assert set(row["gap"]) == {"colour swapped", "direction swapped", "shape swapped", "speed swapped",
+                                   "no caption"}
+        assert all(abs(g) < 0.5 for g in row["gap"].values()) and row["loss"]["true"] > 0
+    assert caption_probe.swapped("a red circle moving left fast", caption_probe.SWAPS["direction"]) == \
+        "a red circle moving right fast"
+
+
 def test_context_parallel_quick_compares_both_splits_per_stage_and_measures_memory_per_rank(tmp_path):
     """The stage-aware benchmark on gloo at degrees 2 and 4: both splits timed for every stage, the sequence split's
     traffic counted, and each rank's activation bytes falling with the degree (memory, not timing, is asserted)."""
