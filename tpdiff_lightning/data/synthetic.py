@@ -37,8 +37,6 @@ DIRECTIONS: dict[str, tuple[float, float]] = {"left": (-1, 0), "right": (1, 0), 
 SPEEDS: dict[str, float] = {"slow": 0.6 / 32, "fast": 1.2 / 32}
 BACKGROUND = (16, 16, 24)
 SHAPE_FRACTION = 0.35
-CENTRE_JITTER = 1 / 16  # the path's midpoint lies within this fraction of the side from the frame's centre
-MOTION = "centred-path"  # recorded in the manifest: builds of an earlier motion rule are rebuilt
 SPLIT_IDS = {"train": 0, "eval": 1}
 MANIFEST = "manifest.json"
 GENERATOR_NAME = "tpdiff_lightning.data.synthetic"
@@ -84,24 +82,13 @@ def render_clip(
 
 
 def start_position(rng: np.random.Generator, direction: str, speed: str, num_frames: int, size: int) -> tuple[float, float]:
-    """A random start (x, y) whose path is centred on the frame along the direction of motion (within
-    ``CENTRE_JITTER`` of the frame side) and anywhere across it, with the whole shape in frame; wraps only if it
-    cannot stay in.
-
-    Centring the path makes where the shape is in each frame a matter of its direction and speed, so the direction
-    of motion carries as much of a clip's pixels as its colour does; with the start drawn anywhere on the path's
-    free length, an unconditional model loses little by ignoring the direction word and a small one never learns
-    it (docs/benchmarks.md, "Learning the direction of motion")."""
+    """A random start (x, y) from which the whole shape stays in frame for the clip; wraps only if it cannot."""
     half = SHAPE_FRACTION * size / 2 + 1.0  # plus the anti-aliased edge
     travel = SPEEDS[speed] * size * (num_frames - 1)
     start = []
     for v in DIRECTIONS[direction]:
-        if v:  # along the motion: the path's midpoint near the frame's centre
-            room = max(0.0, (size - 2 * half - travel) / 2)
-            jitter = min(room, CENTRE_JITTER * size)
-            start.append(size / 2 - v * travel / 2 + float(rng.uniform(-jitter, jitter)))
-        else:  # across it: anywhere the shape fits
-            start.append(float(rng.uniform(half, size - half)))
+        low, high = half + (travel if v < 0 else 0.0), size - half - (travel if v > 0 else 0.0)
+        start.append(float(rng.uniform(low, high)) if low <= high else float(rng.uniform(0, size)))
     return start[0], start[1]
 
 
@@ -183,7 +170,6 @@ def _shard_clips(num_clips: int, clips_per_shard: int) -> list[int]:
 def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes=None) -> dict:
     """Collect and check the arguments that fully determine a synthetic build."""
     args = dict(
-        motion=MOTION,
         num_train=num_train,
         num_eval=num_eval,
         num_frames=num_frames,
