@@ -115,8 +115,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         pyramid = pyramid_from_config(num_frames=args.frames)
         rows = []
         cp = ContextParallel(dist.group.WORLD, world, rank)
-        for batch, latent, (i, stage) in itertools.product((world, world + 1), args.latent,
-                                                            enumerate(pyramid.stages)):
+        stages = [] if args.paths_only else list(itertools.product((world, world + 1), args.latent,
+                                                                    enumerate(pyramid.stages)))
+        for batch, latent, (i, stage) in stages:
             x = clips(batch, stage.num_frames, latent, args.channels, device)
             times: dict[str, list[float]] = {m: [] for m in MODES}
             sent = {}
@@ -139,8 +140,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
                          **{f"{m}_s": statistics.median(times[m]) for m in MODES},
                          **{f"{m}_sent_mb": sent[m] / 2 ** 20 for m in MODES}})
         full = pyramid.stages[-1]
-        memory = saved_bytes(net, lambda: forward(net, cp, clips(1, full.num_frames, args.latent[-1], args.channels,
-                                                                 device), text, mask))
+        memory = 0 if args.paths_only else saved_bytes(net, lambda: forward(
+            net, cp, clips(1, full.num_frames, args.latent[-1], args.channels, device), text, mask))
         peak = torch.tensor(memory, dtype=torch.float64, device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         paths = attention_paths(net, cp, clips(1, full.num_frames, args.latent[-1], args.channels, device), text, mask,
@@ -183,6 +184,12 @@ def attention_paths(net, cp: ContextParallel, x, text, mask, args: argparse.Name
                                       device) / 2 ** 20} for p in paths]
 
 
+def print_paths(paths: list[dict]) -> None:
+    print_table(["degree", "tokens", "heads", "attention", "step s", "sent MB/rank", "activation MB/rank"],
+                [[p["degree"], p["tokens"], p["heads"], p["path"], f"{p['step_s']:.3f}", f"{p['sent_mb']:.2f}",
+                  f"{p['activation_mb']:.1f}"] for p in paths])
+
+
 def run_degree(world: int, args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -221,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: gloo, one thread per rank; cuda: NCCL, one GPU per rank, bf16 autocast")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (numbers not meaningful)")
+    parser.add_argument("--paths-only", action="store_true",
+                        help="only the attention paths at the full-rate stage (the largest --latent)")
     parser.add_argument("--out", default="bench/results/context_parallel.json")
     args = parse_bench_args(parser, argv)
     if args.quick:
@@ -229,6 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.device == "cuda" and max(args.degrees) > torch.cuda.device_count():
         parser.error(f"--degrees {max(args.degrees)}: only {torch.cuda.device_count()} GPUs are visible")
+    if args.paths_only:
+        paths = [p for world in args.degrees for p in run_degree(world, args)["paths"]]
+        print_paths(paths)
+        result = {"machine": machine_info(args.device), "args": vars(args), "attention_paths": paths}
+        write_json(args.out, result)
+        return result
     single_bytes = single_process_bytes(args)
     memory = [{"degree": 1, "activation_mb": single_bytes / 2 ** 20, "fraction_of_one_process": 1.0}]
     rows: list[dict] = []
@@ -267,9 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_table(["degree", "activation MB/rank", "of one process"],
                 [[m["degree"], f"{m['activation_mb']:.1f}", f"{m['fraction_of_one_process']:.3f}"] for m in memory])
     print()
-    print_table(["degree", "tokens", "heads", "attention", "step s", "sent MB/rank", "activation MB/rank"],
-                [[p["degree"], p["tokens"], p["heads"], p["path"], f"{p['step_s']:.3f}", f"{p['sent_mb']:.2f}",
-                  f"{p['activation_mb']:.1f}"] for p in paths])
+    print_paths(paths)
     result = {"machine": machine_info(args.device), "args": vars(args), "stages": rows, "summary": summary,
               "activation_memory": memory, "attention_paths": paths}
     write_json(args.out, result)
