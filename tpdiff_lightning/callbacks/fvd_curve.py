@@ -97,7 +97,7 @@ class FVDCurve(L.Callback):
         self.eval_seconds = state_dict["eval_seconds"]
         self._last_eval_step = state_dict.get("last_eval_step", -1)
         self._last_value = state_dict.get("last_value")
-        self.flops = FlopMeter(state_dict.get("train_flops", 0.0))
+        self.flops.total = state_dict.get("train_flops", 0.0)  # the meter keeps what setup decided
 
     def gpu_hours(self, trainer: L.Trainer) -> float:
         return self.train_seconds * trainer.num_devices * trainer.num_nodes / 3600
@@ -108,9 +108,14 @@ class FVDCurve(L.Callback):
                 "flops": ("@GFLOP", int(round(self.flops.total / 1e9)))}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Check the eval set before training starts, not at the first evaluation thousands of steps in."""
+        """Check the eval set before training starts, not at the first evaluation thousands of steps in; count
+        FLOPs only where every rank computes on whole tensors (one device, DDP): under sharded strategies the
+        counter would see sharded weights and collectives, so their FLOPs axis stays empty."""
         if stage == "fit":
             self.eval_urls()
+            from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+            self.flops.enabled = type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
 
     def eval_urls(self) -> list[str]:
         """The shards of ``eval_split`` listed by ``eval_root``'s manifest; a clear error if there are none."""
