@@ -7,7 +7,7 @@
 
 Every checkpoint samples the same captions with the same seeds (its EMA weights, its own ``sample_steps``
 unless ``--steps``). The sheet has one block per caption, one row per checkpoint, frames left to right. Each
-clip is also checked against its caption by ``tpdiff_lightning.metrics.caption_accuracy.clip_report`` (the shape's colour and
+clip is also checked against its caption by ``tpdiff_lightning.data.caption_accuracy.clip_report`` (the shape's colour and
 its direction of motion), a second, coarser quality measure beside FVD. The checkpoints' steps and, where the
 convergence study's ``TrainingBudget`` counted them, backbone training TFLOPs go in the table, so the sheet can
 be read at equal compute. Prints a table, writes the PNG and ``bench/results/equal_compute_samples.json``.
@@ -24,8 +24,8 @@ import torch
 
 from common import ROOT, finish_machine_info, machine_info, print_table, write_json
 from tpdiff_lightning.callbacks.visualize import save_contact_sheet
+from tpdiff_lightning.data.caption_accuracy import clip_report
 from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, SHAPES, SPEEDS, caption_for
-from tpdiff_lightning.metrics.caption_accuracy import clip_report
 from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
 
 

@@ -6,7 +6,7 @@
 The same prompts (the captions of the first ``--videos`` eval clips) and seeds are sampled with every split, so
 the FVD differences are not prompt or noise draws. Reported per split: the steps per stage, the backbone's
 sampling FLOPs relative to the first split (``torch`` FLOP counts at each stage's shape), FVD against those eval
-clips (I3D), and how often the clip shows its caption's colour and direction (``tpdiff_lightning.metrics.caption_accuracy``).
+clips (I3D), and how often the clip shows its caption's colour and direction (``tpdiff_lightning.data.caption_accuracy``).
 Prints a table and writes ``bench/results/step_split_quality.json``.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from common import ROOT, count_flops, finish_machine_info, machine_info, print_table, write_json
+from tpdiff_lightning.data.caption_accuracy import clip_report
 from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.method.sampling import split_steps
-from tpdiff_lightning.metrics.caption_accuracy import clip_report
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.metrics.i3d import i3d_features, load_i3d
 from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video

@@ -3,7 +3,7 @@
     python bench/synthetic_caption_accuracy.py outputs/synthetic/tpdiff-flow/predictions
 
 Reads the mp4 files that ``predict`` wrote (their names hold the caption) and checks each against its caption
-with ``tpdiff_lightning.metrics.caption_accuracy`` (the shape's colour and its centroid's direction of motion).
+with ``tpdiff_lightning.data.caption_accuracy`` (the shape's colour and its centroid's direction of motion).
 Prints one line per clip and the totals, and writes JSON next to the clips.
 """
 
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from tpdiff_lightning.data.video_io import decode_mp4
-from tpdiff_lightning.metrics.caption_accuracy import DIRECTION_CHANCE, clip_report
+from tpdiff_lightning.data.caption_accuracy import DIRECTION_CHANCE, clip_report
 
 
 def main() -> None:

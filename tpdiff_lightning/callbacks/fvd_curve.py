@@ -19,7 +19,7 @@ from tpdiff_lightning.callbacks.visualize import gif_bytes, side_by_side
 from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.ranks import context_parallel_rank, data_parallel
 from tpdiff_lightning.data.synthetic import read_manifest
-from tpdiff_lightning.metrics.caption_accuracy import COLOUR_CHANCE, DIRECTION_CHANCE, caption_accuracy
+from tpdiff_lightning.data.caption_accuracy import COLOUR_CHANCE, DIRECTION_CHANCE, caption_accuracy
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.runs.tensorboard import purge_step_of
 from tpdiff_lightning.training.flop_meter import FlopMeter
@@ -43,7 +43,7 @@ class FVDCurve(L.Callback):
     so a resumed run continues the x-axes.
 
     With ``caption_accuracy`` (the synthetic dataset, whose captions name a colour and a direction of motion), the
-    same generated clips are checked against their captions (``metrics.caption_accuracy``) and
+    same generated clips are checked against their captions (``data.caption_accuracy``) and
     ``caption/colour_accuracy``, ``caption/direction_accuracy`` and their chance levels ``caption/colour_chance``
     and ``caption/direction_chance`` are logged on the same three axes.
 

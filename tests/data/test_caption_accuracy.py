@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
-from tpdiff_lightning.metrics.caption_accuracy import caption_accuracy, caption_factors
+from tpdiff_lightning.data.caption_accuracy import caption_accuracy, caption_factors
 from tpdiff_lightning.training.flop_meter import FlopMeter
 
 
