@@ -4,7 +4,7 @@ browser on its Time Series page with a tag filter, the page saved as a PNG.
     python bench/tensorboard_screenshot.py outputs/synthetic --filter "caption/direction|fvd/synthetic-12$" \
         --out docs/tensorboard_caption_accuracy.png
 
-Needs a Chromium (``--chromium``, default the first of chromium, chromium-browser, google-chrome on the PATH;
+Charts are drawn by WebGL in software (SwiftShader). Needs a Chromium (``--chromium``, default the first of chromium, chromium-browser, google-chrome on the PATH;
 on Debian ``apt-get install chromium``); the project does not install one, so no test depends on it.
 """
 
@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> Path:
             query["runFilter"] = args.runs
         url = f"{base}/?{urllib.parse.urlencode(query)}#timeseries"
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--window-size={args.size}", f"--virtual-time-budget={args.wait_ms}",
-                        f"--screenshot={args.out.resolve()}", url],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=180)
+        # Twice: the first visit makes TensorBoard load every run's events, so the second one's charts have data by
+        # the time the page is drawn (a cold server leaves empty cards).
+        for _ in range(2):
+            subprocess.run([browser, "--headless", "--no-sandbox", "--use-gl=swiftshader", "--hide-scrollbars",
+                            "--run-all-compositor-stages-before-draw", f"--window-size={args.size}",
+                            f"--virtual-time-budget={args.wait_ms}", f"--screenshot={args.out.resolve()}", url],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=240)
     finally:
         server.terminate()
         server.wait(timeout=30)
