@@ -204,3 +204,22 @@ def test_real_clips_follow_the_training_data_frame_step(tiny_data_root):
     assert every_other.shape == (2, 8, 16, 16, 3)
     assert torch.equal(every_other, every_frame[:, ::2])
     assert callback.cache_key(*context(8, 1)) != callback.cache_key(*context(8, 2))
+
+
+def test_flops_are_counted_on_one_device_and_ddp_only(tiny_data_root):
+    """Sharded strategies (the counter would see sharded weights) and compiled backbones leave the FLOPs axis
+    empty; a resumed total is kept either way."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from tpdiff_lightning.distributed.fsdp2 import FSDP2Strategy
+
+    def enabled(strategy, compile=False):
+        curve = FVDCurve(eval_root=str(tiny_data_root), num_videos=2)
+        module = SimpleNamespace(backbone=SimpleNamespace(compile=compile))
+        curve.setup(SimpleNamespace(strategy=strategy), module, "fit")
+        curve.load_state_dict({"train_seconds": 1.0, "eval_seconds": 0.0, "train_flops": 5e12})
+        assert curve.flops.total == 5e12
+        return curve.flops.enabled
+
+    assert enabled(SingleDeviceStrategy("cpu")) and enabled(DDPStrategy())
+    assert not enabled(FSDP2Strategy()) and not enabled(SingleDeviceStrategy("cpu"), compile=True)

@@ -109,13 +109,16 @@ class FVDCurve(L.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Check the eval set before training starts, not at the first evaluation thousands of steps in; count
-        FLOPs only where every rank computes on whole tensors (one device, DDP): under sharded strategies the
-        counter would see sharded weights and collectives, so their FLOPs axis stays empty."""
+        FLOPs only where every rank computes on whole tensors (one device, DDP) and the backbone is not compiled:
+        under sharded strategies the counter would see sharded weights and collectives, so their FLOPs axis stays
+        empty."""
         if stage == "fit":
             self.eval_urls()
             from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-            self.flops.enabled = type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
+            # A compiled backbone runs its graph under the counter's dispatch mode untested: not counted either.
+            self.flops.enabled = (type(trainer.strategy) in (SingleDeviceStrategy, DDPStrategy)
+                                  and not getattr(pl_module.backbone, "compile", False))
 
     def eval_urls(self) -> list[str]:
         """The shards of ``eval_split`` listed by ``eval_root``'s manifest; a clear error if there are none."""
