@@ -531,3 +531,19 @@ def test_token_budget_quick_runs_the_real_fit_with_both_batchings(tmp_path):
     assert set(rows) == {"fixed", "token budget"}
     assert rows["token budget"]["tokens_per_s"] > 0 and rows["fixed"]["tokens_per_s"] is None
     assert all(r["clips_per_s"] > 0 and abs(sum(r["clip_share_by_stage"]) - 1) < 1e-9 for r in rows.values())
+
+
+def test_tensorboard_screenshot_names_what_is_missing_in_one_line(tmp_path, monkeypatch, capsys):
+    """No browser is installed with the project: the screenshot command says so (and a missing log folder) in one
+    line before starting anything."""
+    import shutil
+
+    import tensorboard_screenshot
+
+    with pytest.raises(SystemExit):
+        tensorboard_screenshot.main([str(tmp_path / "nowhere")])
+    assert f"logdir '{tmp_path / 'nowhere'}' is not a folder" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit):
+        tensorboard_screenshot.main([str(tmp_path)])
+    assert "no Chromium found" in capsys.readouterr().err
