@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common import ROOT, count_flops, finish_machine_info, machine_info, print_table, write_json
-from tpdiff_lightning.data.caption_accuracy import clip_report
+from tpdiff_lightning.data.caption_accuracy import caption_factors, clip_report
 from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.method.sampling import split_steps
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metric.set_real_statistics(*real_stats)
         metric.update(clips, real=False)
         fvd = float(metric.compute())
-        words = [c.split() for c in captions]  # "a red circle moving left fast"
-        reports = [clip_report(clip.numpy(), w[1], w[4]) for clip, w in zip(clips, words)]
+        reports = [clip_report(clip.numpy(), *caption_factors(c)) for clip, c in zip(clips, captions)]
         flops = sum(f * n for f, n in zip(per_stage, steps))
         results.append({"step_weights": weights, "steps": steps, "sampling_flops": flops, "fvd": fvd,
                         "colour_ok": sum(r["colour_ok"] for r in reports) / len(reports),
