@@ -13,8 +13,9 @@ runs in pieces and resumes; a run stopped half-way resumes from its ``last.ckpt`
 finished runs from theirs to a larger budget (the FVD points after that checkpoint are replaced).
 
 Compute has two axes: training seconds (wall clock, noisy on a shared machine) and backbone training
-FLOPs, counted per stage with torch's counter and summed over the stages the run actually drew (the
-module's stage draw is a pure function of the step and ``stage_seed``), which no other process can disturb.
+FLOPs, counted with torch's counter for each (stage, batch shape) the run trained and summed over its steps
+(``TrainingBudget`` logs them), which no other process can disturb. Each FVD point also carries the caption
+accuracy (colour and direction) of the same generated clips.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ RUNS: dict[str, list[str]] = {
     "tpdiff-flow-global": ["configs/flow_velocity_global.yaml"],
     "tpdiff-flow-spatiotemporal": ["configs/spatiotemporal.yaml"],
     "tpdiff-flow-spatiotemporal-centre": ["configs/spatiotemporal.yaml", "configs/spatiotemporal_centre.yaml"],
+    "tpdiff-flow-token-budget": ["configs/token_budget.yaml"],
 }
 RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
@@ -53,8 +55,9 @@ PAIRS = {"flow": ("tpdiff-flow", "vanilla-flow"), "ddim": ("tpdiff-ddim", "vanil
 
 class TrainingBudget(L.Callback):
     """Stop training once the FVD curve's training clock (evaluation excluded) reaches ``minutes``, or once
-    the backbone's training FLOPs reach ``tflops`` (counted per stage on the first batch, summed over the
-    stages drawn): a budget that other processes on the machine cannot shift."""
+    the backbone's training FLOPs reach ``tflops``: a budget that other processes on the machine cannot shift.
+    The FLOPs are counted with torch's counter on the first step of each (stage, batch shape) and summed over
+    the steps trained, and logged at every step as ``compute/backbone_tflops`` (the FVD points' x axis)."""
 
     def __init__(self, minutes: float | None = None, tflops: float | None = None):
         budget = minutes if tflops is None else tflops
@@ -62,36 +65,42 @@ class TrainingBudget(L.Callback):
             raise ValueError(f"minutes={minutes}, tflops={tflops}; expected exactly one positive budget")
         self.minutes, self.tflops = minutes, tflops
         self.flops = 0.0
-        self._per_stage: list[float] | None = None
+        self._per_step: dict[tuple[int, tuple[int, ...]], float] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"flops": self.flops, "tflops": self.tflops}  # flops are counted only under a TFLOPs budget
+        return {"flops": self.flops, "tflops": self.tflops}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.flops = state_dict["flops"]
 
-    def stage_flops(self, pl_module, batch) -> list[float]:
+    @staticmethod
+    def step_flops(pl_module, batch, stage: int) -> float:
+        """Backbone forward+backward FLOPs of one training step of ``batch``'s shape at ``stage``."""
         import torch
 
         from common import count_flops
 
         x0 = pl_module.batch_latents(batch)  # (B, C, F, H, W)
+        pyramid = pl_module.pyramid_for(x0.shape[2])
         text, mask = pl_module.text_encoder(list(batch["caption"]))
-        out = []
-        for s in pl_module.pyramid.stages:
-            x = torch.zeros(pl_module.pyramid.stage_shape(x0, s.index), device=x0.device)
-            t = torch.full((x.shape[0],), 500.0, device=x0.device)
-            out.append(count_flops(lambda: pl_module.backbone(x, t, text.detach(), mask, **pl_module.stage_strides(s))
-                                   .square().mean().backward()))
+        s = pyramid.stages[stage]
+        x = torch.zeros(pyramid.stage_shape(x0, s.index), device=x0.device)
+        t = torch.full((x.shape[0],), 500.0, device=x0.device)
+        flops = count_flops(lambda: pl_module.backbone(x, t, text.detach(), mask, **pl_module.stage_strides(s))
+                            .square().mean().backward())
         pl_module.backbone.zero_grad(set_to_none=True)
-        return out
+        return flops
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Counted per (stage, batch shape): token-budget batches hold more clips at the cheap stages.
+        stage = pl_module.batch_stage(batch, batch_idx)
+        key = (stage, next(tuple(batch[k].shape) for k in ("latent", "video") if k in batch))
+        if key not in self._per_step:
+            self._per_step[key] = self.step_flops(pl_module, batch, stage)
+        self.flops += self._per_step[key]
+        if trainer.logger is not None:  # the FLOPs at every step, for the FVD points to be read against
+            trainer.logger.log_metrics({"compute/backbone_tflops": self.flops / 1e12}, step=trainer.global_step)
         if self.tflops is not None:
-            if self._per_stage is None:
-                self._per_stage = self.stage_flops(pl_module, batch)
-            step = trainer.global_step - 1  # the micro-step this batch trained (no accumulation here)
-            self.flops += self._per_stage[pl_module.pyramid.sample_stage(pl_module.stage_generator(step))]
             if self.flops >= 1e12 * self.tflops:
                 trainer.should_stop = True
             return
@@ -111,7 +120,8 @@ def callbacks(args: argparse.Namespace) -> list[dict[str, Any]]:
          "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": args.fvd_every}},
         {"class_path": "tpdiff_lightning.callbacks.fvd_curve.FVDCurve",
          "init_args": {"eval_root": args.data_root, "name": "synthetic", "num_videos": args.fvd_videos,
-                       "every_n_steps": args.fvd_every, "num_steps": args.fvd_steps, "cache_dir": args.cache_dir}},
+                       "every_n_steps": args.fvd_every, "num_steps": args.fvd_steps, "cache_dir": args.cache_dir,
+                       "caption_accuracy": True}},
         {"class_path": "bench.convergence.TrainingBudget",
          "init_args": {"tflops": args.budget_tflops} if args.budget_tflops else {"minutes": args.budget_minutes}},
     ]
@@ -145,51 +155,29 @@ def command(args: argparse.Namespace, run: str, seed: int) -> list[str]:
 
 
 def read_points(folder: Path, num_videos: int) -> list[dict[str, float]]:
-    """FVD points of a finished run: step, training seconds and FVD, from its TensorBoard events."""
+    """FVD points of a finished run from its TensorBoard events: step, training seconds, backbone training FLOPs,
+    FVD, and the caption accuracy of the same clips where the run logged it."""
+    import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     ea.Reload()
-    tag = f"fvd/synthetic-{num_videos}"
-    if tag not in ea.Tags()["scalars"]:
-        raise FileNotFoundError(f"no {tag!r} scalars in {folder}; expected a finished FVDCurve run")
+    tag, tags = f"fvd/synthetic-{num_videos}", ea.Tags()["scalars"]
+    for needed in (tag, "compute/backbone_tflops"):
+        if needed not in tags:
+            raise FileNotFoundError(f"no {needed!r} scalars in {folder}; expected a finished run with FVDCurve and "
+                                    "TrainingBudget")
     hours = {e.step: e.value for e in ea.Scalars("compute/gpu_hours")}
-    return [{"step": e.step, "train_seconds": 3600 * hours[e.step], "fvd": e.value} for e in ea.Scalars(tag)]
-
-
-def stage_flops(run: str, resolution: int, batch: int) -> list[float]:
-    """Backbone forward+backward FLOPs of one training step in each stage of the run's pyramid."""
-    import torch
-
-    from common import build_dit, count_flops, pyramid_from_config, random_text
-
-    pyramid = pyramid_from_config([ROOT / o for o in RUNS[run]])
-    net = build_dit().train()
-    text, mask = random_text(batch, 128)
-    out = []
-    for s in pyramid.stages:
-        x = torch.randn(batch, 3, s.num_frames, *pyramid.stage_size(resolution, resolution, s.index))
-        strides = {"stride": s.stride} if s.spatial_stride == 1 else {"stride": s.stride, "spatial_stride": s.spatial_stride}
-        out.append(count_flops(lambda: net(x, torch.full((batch,), 500.0), text, mask, **strides)
-                               .square().mean().backward()))
-    return out
-
-
-def cumulative_flops(run: str, seed: int, steps: list[int], per_stage: list[float]) -> list[float]:
-    """Training FLOPs spent before each of ``steps``, replaying the module's stage draw."""
-    import torch
-
-    from common import pyramid_from_config
-
-    pyramid = pyramid_from_config([ROOT / o for o in RUNS[run]])
-    total, out, done = 0.0, [], 0
-    for target in steps:
-        while done < target:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + done)  # TPDiffModule.stage_generator
-            total += per_stage[pyramid.sample_stage(g)]
-            done += 1
-        out.append(total)
-    return out
+    counted = ea.Scalars("compute/backbone_tflops")
+    captions = {name: {e.step: e.value for e in ea.Scalars(f"caption/{name}")}
+                for name in ("colour_accuracy", "direction_accuracy") if f"caption/{name}" in tags}
+    points = []
+    for e in ea.Scalars(tag):
+        flops = 1e12 * float(np.interp(e.step, [c.step for c in counted], [c.value for c in counted], left=0.0))
+        point = {"step": e.step, "train_seconds": 3600 * hours[e.step], "train_flops": flops, "fvd": e.value}
+        point.update({name: values[e.step] for name, values in captions.items() if e.step in values})
+        points.append(point)
+    return points
 
 
 def first_reach(points: list[dict[str, float]], level: float, axis: str) -> float | None:
@@ -342,9 +330,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 raise RuntimeError(f"run {run} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             points = read_points(run_dir(args, run, seed), args.fvd_videos)
             resolution = args.resolution or 32
-            flops = cumulative_flops(run, seed, [p["step"] for p in points], stage_flops(run, resolution, args.batch))
-            for p, f in zip(points, flops):
-                p["train_flops"] = f
             from common import finish_machine_info, machine_info
 
             result = load(out)  # again: another process of the study may have added runs meanwhile

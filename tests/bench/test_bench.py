@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
@@ -217,16 +219,33 @@ def test_a_quick_run_never_writes_over_the_measured_results():
     assert parse_bench_args(parser, []).out == "bench/results/x.json"  # a full run writes the results
 
 
-def test_convergence_flops_replay_the_modules_stage_draw():
+def test_training_budget_counts_each_stage_and_batch_shape_it_trains():
     import convergence
 
     from tpdiff_lightning.training.module import TPDiffModule
 
-    module = TPDiffModule(objective={"stage_seed": 3}, optimization={"ema_decay": None})
-    per_stage = [1.0, 10.0, 100.0]
-    draws = [module.pyramid.sample_stage(module.stage_generator(step)) for step in range(40)]
-    expected = [sum(per_stage[i] for i in draws[:n]) for n in (10, 40)]
-    assert convergence.cumulative_flops("tpdiff-flow", 3, [10, 40], per_stage) == expected
+    module = TPDiffModule(optimization={"ema_decay": None})
+    budget = convergence.TrainingBudget(tflops=0.02)
+    trainer = SimpleNamespace(logger=None, global_step=0, should_stop=False)
+
+    def batch(clips, stage):  # a token-budget batch: the stage drawn for its step travels with it
+        return {"video": torch.zeros(clips, 3, 16, 32, 32), "caption": ["a red circle moving left"] * clips,
+                "stage": torch.tensor(stage)}
+
+    counted = []
+    for clips, stage in ((4, 0), (4, 0), (16, 0), (4, 2)):
+        before = budget.flops
+        budget.on_train_batch_end(trainer, module, None, batch(clips, stage), 0)
+        counted.append(budget.flops - before)
+    assert counted[0] == counted[1] > 0  # the same kind of step costs the same
+    assert counted[2] == pytest.approx(4 * counted[0], rel=0.05)  # 4x the clips at stage 0: ~4x the FLOPs
+    assert counted[3] > 2 * counted[0]  # the full-rate stage costs more than stage 0 per clip
+    assert len(budget._per_step) == 3 and not trainer.should_stop
+    budget.on_train_batch_end(trainer, module, None, batch(16, 2), 0)
+    assert trainer.should_stop  # past 20 GFLOPs
+    restored = convergence.TrainingBudget(tflops=0.02)
+    restored.load_state_dict(budget.state_dict())
+    assert restored.flops == budget.flops
 
 
 def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():

@@ -146,3 +146,14 @@ def test_fit_refuses_a_bucket_the_pyramid_cannot_take_and_global_alignment_with_
     (line,) = problems("--data.init_args.token_budget=256", "--trainer.devices=2", "--trainer.strategy=ddp",
                        "--model.init_args.objective.alignment_scope=global")
     assert "alignment_scope=global cannot run with data.init_args.buckets or token_budget" in line
+
+
+def test_batches_by_bucket_yield_every_clip_once_in_batches_of_one_bucket():
+    from tpdiff_lightning.data.pipelines import batches_by_bucket
+
+    shapes = [Bucket(16, 32, 16), Bucket(16, 16, 16), Bucket(8, 16, 16)]
+    clips = [{"bucket": shapes[i % 3 if i < 12 else 0], "id": i} for i in range(17)]  # 9, 4, 4 clips
+    batches = list(batches_by_bucket(3, lambda group: list(group))(iter(clips)))
+    assert sorted(c["id"] for b in batches for c in b) == list(range(17))
+    assert all(len({c["bucket"] for c in b}) == 1 and 1 <= len(b) <= 3 for b in batches)
+    assert sorted(len(b) for b in batches) == [1, 1, 3, 3, 3, 3, 3]  # 9 = 3+3+3, 4 = 3+1 twice

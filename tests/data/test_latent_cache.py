@@ -127,7 +127,8 @@ def test_reencoding_a_split_lists_and_keeps_only_this_runs_shards(tmp_path):
     assert first["shards"] == [f"train-{i:06d}.tar" for i in range(3)]
     (out / "eval-000000.tar").write_bytes(b"another split's shard")
     second = encode_split(IdentityCodec(), None, _video_batches(3), out, "train", clips_per_shard=256)
-    assert second == {"shards": ["train-000000.tar"], "num_clips": 6, "shard_clips": [6], "skipped": 0}
+    assert second == {"shards": ["train-000000.tar"], "num_clips": 6, "shard_clips": [6], "skipped": 0,
+                      "buckets": {"4x4x4": 6}}
     assert sorted(p.name for p in out.glob("*.tar")) == ["eval-000000.tar", "train-000000.tar"]
     samples = list(wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False, empty_check=False))
     assert len(samples) == 6

@@ -168,7 +168,7 @@ class FVDCurve(L.Callback):
         self._axis_writers = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        shape = next((tuple(batch[k].shape) for k in ("latents", "video") if k in batch), None)
+        shape = next((tuple(batch[k].shape) for k in ("latent", "video") if k in batch), None)
         self.flops.begin((pl_module.batch_stage(batch, batch_idx), shape))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -6,6 +6,9 @@
 Clips are read with the config's data settings (clip length, resolution, frame step), each clip once
 from its first frame, so training from latents loses the random clip start of raw-video training.
 Caption embeddings are stored only when the text encoder is frozen: a trained one would make them stale.
+With ``data.init_args.buckets`` in the config, the train split is encoded per bucket: each clip at the bucket
+nearest its shape (resized to cover it and centre-cropped), the bucket named in its metadata and counted in the
+manifest; the other splits stay at ``num_frames`` x ``resolution``, the evaluation shape.
 Every requested split is checked before any is encoded; encoding a split again into the same folder
 replaces that split's shards, and the new manifest lists only the splits of this run.
 """
@@ -19,7 +22,7 @@ import torch
 
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.data.latent_cache import encode_split, write_latent_manifest
-from tpdiff_lightning.data.pipelines import eval_pipeline
+from tpdiff_lightning.data.pipelines import bucketed_eval_pipeline, eval_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -88,12 +91,18 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "manifest.json").unlink(missing_ok=True)
     splits = {}
     for split in args.splits:
-        batches = eval_pipeline(urls[split], data.num_frames, data.resolution, args.batch_size,
-                                frame_stride=data.frame_stride, target_fps=data.target_fps)
+        if split == "train" and data.buckets:  # a latent cache per bucket; evaluation keeps its one shape
+            batches = bucketed_eval_pipeline(urls[split], data.buckets, args.batch_size,
+                                             frame_stride=data.frame_stride, target_fps=data.target_fps)
+        else:
+            batches = eval_pipeline(urls[split], data.num_frames, data.resolution, args.batch_size,
+                                    frame_stride=data.frame_stride, target_fps=data.target_fps)
         splits[split] = encode_split(module.codec, text_encoder, batches, args.out, split, args.clips_per_shard,
                                      DTYPES[args.dtype])
     for split, entry in splits.items():
-        print(f"{split}: {entry['num_clips']} clips in {len(entry['shards'])} shards, {entry['skipped']} skipped")
+        shapes = ", ".join(f"{shape}: {n}" for shape, n in entry["buckets"].items())
+        print(f"{split}: {entry['num_clips']} clips in {len(entry['shards'])} shards ({shapes}), "
+              f"{entry['skipped']} skipped")
     empty = {split: entry["skipped"] for split, entry in splits.items() if entry["num_clips"] == 0}
     if empty:  # no manifest: an empty latent folder must not pass for a finished one
         raise SystemExit(f"no clips were encoded for {sorted(empty)} ({empty} samples skipped); check num_frames, "

@@ -155,7 +155,8 @@ class ShortClipTally:
 
 class DecodeClips:
     """Pipeline stage that decodes raw samples into clips and counts (never raises on) the ones it cannot use.
-    With ``buckets``, each clip is decoded at its bucket's shape (``decode_bucketed_clip``).
+    With ``buckets``, each clip is decoded at its bucket's shape (``decode_bucketed_clip``); a latent clip keeps
+    the bucket it was encoded at.
 
     The one exception: given `max_short`, once that many samples from at least `min_short_shards` shards were
     skipped as too short before any usable clip, it raises NoUsableClipsError, since then no clip is long enough
@@ -187,9 +188,6 @@ class DecodeClips:
         self.sample_format = check_format(sample_format)
         self.random_start = random_start
         self.buckets = list(buckets) if buckets else None
-        if self.buckets and self.sample_format == LATENT_FORMAT:
-            raise ValueError("data.init_args.buckets works on video shards; latent shards hold one encoded shape "
-                             "(encode a latent cache per bucket and train on each with its own shape)")
         self.seed_args = (seed, rank, resume_step)
         self.passes = 0
 
@@ -199,7 +197,7 @@ class DecodeClips:
         for sample in src:
             try:
                 if self.sample_format == LATENT_FORMAT:
-                    clip = decode_latent(sample, self.clip_args[0], rng=rng)
+                    clip = decode_latent(sample, self.clip_args[0], rng=rng, buckets=self.buckets)
                 elif self.buckets:
                     clip = decode_bucketed_clip(sample, self.buckets, self.clip_args[1], rng, self.target_fps)
                 else:

@@ -4,6 +4,11 @@ embeddings), so training skips decoding and encoding.
 A latent sample is ``{"__key__", "latent.pth": (C, F', H', W'), "txt": caption, "json": metadata,
 ["text.pth": {"emb": (L, D), "mask": (L,)}]}``. The metadata and the manifest name the codec and the
 text encoder; a model with another codec refuses the shards with a clear error.
+
+A cache encoded per bucket (a config with ``data.init_args.buckets``): each clip is encoded at its bucket's
+shape, its metadata names the bucket (``"bucket": [frames, height, width]``, video frames and pixels), and the
+manifest counts the clips of each bucket (``splits.<split>.buckets``), so training from the cache batches
+clips of one bucket together and a config whose buckets do not cover the cache is refused before it runs.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ import io
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import webdataset as wds
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tpdiff_lightning.data.buckets import Bucket
 from tpdiff_lightning.data.shard_records import remove_shard, write_json_atomic, write_split_records
 from tpdiff_lightning.data.video_io import ClipLengthError
 
@@ -74,15 +81,29 @@ def latent_sample(key: str, latent: Tensor, caption: str, meta: dict, text: tupl
     return sample
 
 
-def decode_latent(sample: dict, num_frames: int, rng: random.Random | None) -> dict:
+def decode_latent(sample: dict, num_frames: int, rng: random.Random | None,
+                  buckets: Sequence[Bucket] | None = None) -> dict:
     """Read one latent sample into ``{"latent": (C, F', H', W'), "caption", "codec", ["text_emb", "text_mask"]}``.
 
     ``num_frames`` counts video frames, as everywhere. Without temporal compression a window of that many
     latent frames is taken (random with ``rng``, else the first); a temporally compressing codec's latents are
     taken whole, and must have been encoded from clips of exactly ``num_frames`` frames.
+
+    With ``buckets``, the sample's own bucket (from its metadata; one of ``buckets``) sets the frames instead,
+    and the clip gains ``bucket``.
     """
     latent = tensor_from_bytes(sample["latent.pth"]).float()  # (C, F', H', W')
     meta = json.loads(sample["json"])
+    bucket = None
+    if buckets is not None:
+        if "bucket" not in meta:
+            raise ValueError("latent sample has no bucket in its metadata (encoded before buckets); re-encode with "
+                             "`python data/encode_latents.py`")
+        bucket = Bucket(*meta["bucket"])
+        if bucket not in buckets:
+            raise ValueError(f"latent sample of bucket {bucket} is not one of data.init_args.buckets "
+                             f"{[str(b) for b in buckets]}")
+        num_frames = bucket.frames
     if int(meta["codec"].get("temporal_compression", 1)) != 1:
         encoded = meta.get("num_frames")
         if encoded != num_frames:
@@ -100,6 +121,8 @@ def decode_latent(sample: dict, num_frames: int, rng: random.Random | None) -> d
     start = 0 if rng is None else rng.randint(0, latent.shape[1] - num_frames)
     out = {"latent": latent[:, start : start + num_frames], "caption": sample["txt"].decode("utf-8"),
            "codec": json.dumps(meta["codec"], sort_keys=True)}
+    if bucket is not None:
+        out["bucket"] = bucket
     if "text.pth" in sample:
         text = tensor_from_bytes(sample["text.pth"])
         out["text_emb"], out["text_mask"] = text["emb"].float(), text["mask"].bool()
@@ -125,14 +148,16 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
                  total: int | None = None) -> dict:
     """Encode every clip of ``batches`` (dicts with "video" and "caption") into ``<split>-%06d.tar`` latent shards.
 
-    Returns the split's manifest entry, which lists the shards of this run only; ``<split>`` shards of an earlier
-    encoding in ``out_dir`` are deleted first. ``text_encoder`` None stores no caption embeddings.
+    Returns the split's manifest entry, which lists the shards of this run only and counts the clips of each
+    shape (``buckets``: ``{"FxHxW": clips}``); ``<split>`` shards of an earlier encoding in ``out_dir`` are
+    deleted first. ``text_encoder`` None stores no caption embeddings. A batch holds clips of one shape (its
+    bucket, when the clips were decoded at their buckets).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_split_shards(out_dir, split)
     codec_id = module_identity(codec)
     text_id = module_identity(text_encoder) if text_encoder is not None else None
-    count, skipped = 0, 0
+    count, skipped, shapes = 0, 0, Counter()
     pattern = str(out_dir / f"{split}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=clips_per_shard, verbose=0, start_shard=0) as sink, \
             tqdm(total=total, desc=f"encoding {split}", unit="clip") as bar:
@@ -144,18 +169,21 @@ def encode_split(codec: nn.Module, text_encoder: nn.Module | None, batches: Iter
             if text_encoder is not None:
                 emb, mask = text_encoder(list(batch["caption"]))
                 texts = [(emb[b][mask[b]].to(dtype).cpu(), mask[b][mask[b]].cpu()) for b in range(len(emb))]
+            bucket = Bucket(*batch["video"].shape[2:])  # video frames and pixels
             for b, caption in enumerate(batch["caption"]):
                 meta = {"codec": codec_id, "text_encoder": text_id, "shape": list(latents[b].shape),
-                        "num_frames": int(batch["video"].shape[2])}
+                        "num_frames": bucket.frames, "bucket": [bucket.frames, bucket.height, bucket.width]}
                 sink.write(latent_sample(f"{split}-{count:08d}", latents[b], caption, meta,
                                          texts[b] if texts else None))
                 count += 1
+                shapes[str(bucket)] += 1
                 bar.update(1)
         num_shards = sink.shard  # shards opened by this writer, numbered from 0
     shards = [Path(pattern % index).name for index in range(num_shards)]
     shard_clips = [min(clips_per_shard, count - index * clips_per_shard) for index in range(num_shards)]
     write_split_records(out_dir, shards, shard_clips)
-    return {"shards": shards, "num_clips": count, "shard_clips": shard_clips, "skipped": skipped}
+    return {"shards": shards, "num_clips": count, "shard_clips": shard_clips, "skipped": skipped,
+            "buckets": dict(sorted(shapes.items()))}
 
 
 def remove_split_shards(out_dir: Path, split: str) -> list[str]:

@@ -9,10 +9,12 @@ frames, lost to a truncated tar) for the first time since its previous batch; `n
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator, Sequence
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator, Sequence
 
 import webdataset as wds
 
+from tpdiff_lightning.data.buckets import Bucket
 from tpdiff_lightning.data.collation import collate_clips
 from tpdiff_lightning.data.decoding import DecodeClips
 from tpdiff_lightning.data.lost_clips import CountedShardSamples, SkipCounter
@@ -111,4 +113,43 @@ def eval_pipeline(
         DecodeClips(counter, num_frames, frame_stride, resolution, random_start=False, target_fps=target_fps,
                     sample_format=sample_format),
         wds.batched(batch_size, collation_fn=functools.partial(collate_clips, counter=counter), partial=True),
+    )
+
+
+def batches_by_bucket(batch_size: int, collate: Callable[[list[dict]], dict]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """Pipeline stage: clips (each with its ``bucket``) into batches of one bucket, ``batch_size`` clips each as a
+    bucket fills, then every bucket's remainder as a last, partial batch: each clip exactly once."""
+
+    def stage(src: Iterable[dict]) -> Iterator[dict]:
+        waiting: dict[Bucket, list[dict]] = defaultdict(list)
+        for clip in src:
+            group = waiting[clip["bucket"]]
+            group.append(clip)
+            if len(group) == batch_size:
+                yield collate(group)
+                group.clear()
+        for group in waiting.values():
+            if group:
+                yield collate(group)
+
+    return stage
+
+
+def bucketed_eval_pipeline(
+    urls: list[str],
+    buckets: Sequence[Bucket],
+    batch_size: int,
+    frame_stride: int = 1,
+    target_fps: float | None = None,
+    shard_clips: dict[str, int] | None = None,
+) -> wds.DataPipeline:
+    """Each clip of ``urls`` once, from its first frame, decoded at its bucket (``decode_bucketed_clip``), in
+    batches of one bucket (``batches_by_bucket``): what a latent cache per bucket encodes. One process, in order."""
+    counter = SkipCounter()
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        CountedShardSamples(counter, shard_clips),
+        DecodeClips(counter, min(b.frames for b in buckets), frame_stride, (buckets[0].height, buckets[0].width),
+                    random_start=False, target_fps=target_fps, buckets=buckets),
+        batches_by_bucket(batch_size, functools.partial(collate_clips, counter=counter)),
     )

@@ -78,15 +78,18 @@ def fit_setup_problems(trainer: Any, module: Any, data: Any = None) -> list[str]
 
 def batch_plan_problems(trainer: Any, module: Any, data: Any) -> list[str]:
     """Why this run's buckets or token budget cannot be trained, if they cannot: a bucket the pyramid does not
-    fit (one line naming it), or global alignment, which needs equal batches on every rank."""
+    fit (one line naming it), a latent cache its buckets do not cover, or global alignment, which needs equal
+    batches on every rank."""
     buckets, budget = getattr(data, "buckets", None), getattr(data, "token_budget", None)
     if buckets is None and budget is None:
-        return []
+        return latent_bucket_problems(data, None)
     problems = []
     try:
-        data.batch_plan(module)
+        plan = data.batch_plan(module)
     except ValueError as error:
         problems.append(str(error))
+    else:
+        problems.extend(latent_bucket_problems(data, [str(b) for b in plan.stage_tokens]))
     strategy = trainer.strategy
     world = getattr(strategy, "num_nodes", 1) * getattr(strategy, "num_processes", 1)
     if module.settings.objective.alignment_scope == "global" and module.settings.objective.alignment and world > 1:
@@ -94,6 +97,37 @@ def batch_plan_problems(trainer: Any, module: Any, data: Any) -> list[str]:
                         "token_budget on several processes: their batches differ in size and shape between ranks; "
                         "expected local")
     return problems
+
+
+def latent_bucket_problems(data: Any, buckets: list[str] | None) -> list[str]:
+    """Why the latent cache the run trains from cannot feed batches of ``buckets`` (``"FxHxW"``; None: one fixed
+    shape), if it cannot: its manifest counts the clips of each shape it was encoded at."""
+    if data is None or not hasattr(data, "resolved_format") or getattr(data, "train_shards", None) is not None:
+        return []  # no data module, or shards named by a pattern: no manifest to read
+    from tpdiff_lightning.data.latent_cache import LATENT_FORMAT
+    from tpdiff_lightning.data.synthetic import read_manifest
+
+    if data.resolved_format() != LATENT_FORMAT:
+        return []
+    train = ((read_manifest(data.root) or {}).get("splits") or {}).get("train") or {}
+    encoded = train.get("buckets")
+    key, where = "data.init_args.buckets", f"the latent shards at {data.root}"
+    configured = None if data.buckets is None else [[b.frames, b.height, b.width] for b in data.buckets]
+    if buckets is None:
+        if encoded is not None and len(encoded) > 1:
+            return [f"{key}=null, but {where} were encoded per bucket ({', '.join(encoded)}); expected {key} "
+                    "listing those shapes"]
+        return []
+    if encoded is None:
+        return [f"{key}={configured} (or token_budget) needs {where} to name each clip's bucket, but they were "
+                "encoded without (an older data/encode_latents.py); expected shards re-encoded with "
+                "`python data/encode_latents.py`"]
+    uncovered = [shape for shape in encoded if shape not in buckets]
+    if uncovered:
+        return [f"{key}={configured} does not cover {where}: {', '.join(uncovered)} "
+                f"({sum(encoded[u] for u in uncovered)} clips) were encoded at shapes it lacks; expected buckets "
+                f"including {', '.join(encoded)}, or shards re-encoded with these buckets"]
+    return []
 
 
 def context_parallel_problems(strategy: Any, module: Any) -> list[str]:
