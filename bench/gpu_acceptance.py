@@ -18,7 +18,10 @@ c. ``train_step``: one training step per stage and for vanilla under bf16 autoca
    against a measured bf16 matmul peak: the built-in DiT-L (batch 4, 16x64x64 px, 16k tokens) and the Wan
    LoRA step (rank 128, gradient checkpointing, 81x480x832).
 d. ``fit``: the real ``lightning_cli.py fit`` loop, TPDiff against vanilla (dit-b, 32x32, batch 16,
-   bf16-mixed), clips/s from the run's own ``ClipThroughput`` logging after warm-up, beside (c)'s ratio.
+   bf16-mixed), clips/s from the run's own ``ClipThroughput`` logging after warm-up, beside (c)'s ratio; and
+   TPDiff with stage-aware token-budget batches (``configs/token_budget.yaml``, 16 full-rate clips' tokens per
+   batch). Each TPDiff speed-up is given as a fraction of the FLOP bound (vanilla's training FLOPs per clip over
+   the stage-weighted mean of TPDiff's); the goal is that a real fit keeps at least 95% of it.
 e. ``i3d``: I3D clips/s (16 frames, 224x224); with (b) it gives the FVD-evaluation cost of each paper config's
    FVD curve directly (its N clips sampled at its step count, plus their I3D features).
 f. ``spatiotemporal``: Wan2.1-1.3B at 81x448x832, 30 steps, batched CFG: vanilla against the temporal pyramid and
@@ -410,8 +413,48 @@ def wan_lora_steps(args: argparse.Namespace, peak: float) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ d. fit
+FIT_VARIANTS = {"tpdiff": [], "tpdiff token budget": ["--config", "configs/token_budget.yaml"],
+                "vanilla": ["--config", "configs/vanilla.yaml"]}
+FIT_VERSIONS = {"tpdiff": "tpdiff-flow", "tpdiff token budget": "tpdiff-flow-token-budget", "vanilla": "vanilla-flow"}
+FIT_GOAL = 0.95  # of the FLOP bound, kept by the real fit (issue: token-budget batches on a GPU)
+
+
+def fit_model_args(args: argparse.Namespace, data: Path, size: int) -> list[str]:
+    """The fit's data and model overrides (shared by the runs and their FLOP count)."""
+    out = [f"--data.init_args.root={data}", f"--data.init_args.resolution={size}",
+           "--data.init_args.build_synthetic=false"]  # the shards written above, not a rebuild at the config's size
+    return out if args.dry_run else [*out, "--model.init_args.backbone.init_args.size=dit-b"]
+
+
+def fit_flop_bound(model_args: list[str]) -> dict[str, Any]:
+    """Training FLOPs per clip at each stage of the fit's model (counted on the meta device), the speed-up over
+    vanilla they allow (the FLOP bound: vanilla's FLOPs per clip over the stage-weighted mean), and the token
+    budget of ``batch_size`` full-rate clips."""
+    from tpdiff_lightning.cli.main import main as cli_main
+    from tpdiff_lightning.models.token_split import token_count
+
+    def build(overlays: list[str]) -> Any:
+        overlays = [str(ROOT / o) if o.endswith(".yaml") else o for o in overlays]  # from any working folder
+        return cli_main(["--config", str(ROOT / "configs" / "default.yaml"), *overlays, *model_args], run=False)
+
+    cli = build([])
+    module, batch = cli.model, cli.datamodule.batch_size
+    captions = ["a red circle moving left"] * batch
+    shape = (batch, module.codec.latent_channels, module.pyramid.num_frames, *module.latent_size())
+    per_clip = [train_step_flops(lambda: build([]).model, shape, captions, i) / batch
+                for i in range(len(module.pyramid.stages))]
+    vanilla = train_step_flops(lambda: build(FIT_VARIANTS["vanilla"]).model, shape, captions, 0) / batch
+    weights = [w / sum(module.pyramid.stage_weights) for w in module.pyramid.stage_weights]
+    expected = sum(w * f for w, f in zip(weights, per_clip))
+    return {"train_flops_per_clip": {"stages": per_clip, "vanilla": vanilla}, "stage_weights": weights,
+            "flop_bound": vanilla / expected, "batch_size": batch,
+            "token_budget": batch * token_count(module.backbone, shape[2:])}
+
+
 def run_fit(args: argparse.Namespace) -> dict[str, Any]:
-    """``lightning_cli.py fit`` for TPDiff and vanilla; clips/s from ClipThroughput after the warm-up steps."""
+    """``lightning_cli.py fit`` for TPDiff with fixed batches, TPDiff with stage-aware token-budget batches
+    (``configs/token_budget.yaml``, the budget = ``batch_size`` full-rate clips' tokens) and vanilla; clips/s from
+    ClipThroughput after the warm-up steps, and each TPDiff speed-up as a fraction of the FLOP bound."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from tpdiff_lightning.data.synthetic import write_synthetic_shards
@@ -421,33 +464,38 @@ def run_fit(args: argparse.Namespace) -> dict[str, Any]:
     size = 16 if args.dry_run else 32
     write_synthetic_shards(data, num_train=64 if args.dry_run else 512, num_eval=4, num_frames=16, size=size, seed=0,
                            progress=False)
+    model_args = fit_model_args(args, data, size)
+    out: dict[str, Any] = fit_flop_bound(model_args)
     callbacks = [{"class_path": "tpdiff_lightning.callbacks.throughput.ClipThroughput",
                   "init_args": {"every_n_batches": 1}}]
-    out = {}
-    for variant, overlays in (("tpdiff", []), ("vanilla", ["--config", "configs/vanilla.yaml"])):
+    for variant, overlays in FIT_VARIANTS.items():
         save = Path(args.tmp) / "fit_runs"
         cmd = [sys.executable, "lightning_cli.py", "fit", "--config", "configs/default.yaml", *overlays,
                f"--trainer.max_steps={steps}", f"--trainer.callbacks={json.dumps(callbacks)}",
                "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-               "--trainer.log_every_n_steps=1", f"--trainer.logger.init_args.save_dir={save}",
-               f"--data.init_args.root={data}", f"--data.init_args.resolution={size}",
-               "--data.init_args.build_synthetic=false",  # the shards written above, not a rebuild at the config's size
+               "--trainer.log_every_n_steps=1", f"--trainer.logger.init_args.save_dir={save}", *model_args,
                f"--data.init_args.num_workers={0 if args.dry_run else 8}",
                f"--data.init_args.train_steps_per_epoch={steps}"]
+        if variant == "tpdiff token budget":
+            cmd.append(f"--data.init_args.token_budget={out['token_budget']}")
         if not args.dry_run:
-            cmd += ["--trainer.precision=bf16-mixed", "--model.init_args.backbone.init_args.size=dit-b"]
+            cmd.append("--trainer.precision=bf16-mixed")
         start = time.perf_counter()
         free_memory(args.device)  # this process's cached CUDA blocks would be memory the fit cannot have
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.budget.timeout(args.fit_timeout))
         if proc.returncode != 0:
             raise RuntimeError(f"fit ({variant}) failed:\n{proc.stderr[-3000:]}")
-        version = "vanilla-flow" if variant == "vanilla" else "tpdiff-flow"
-        acc = EventAccumulator(str(save / "synthetic" / version), size_guidance={"scalars": 0})
+        acc = EventAccumulator(str(save / "synthetic" / FIT_VERSIONS[variant]), size_guidance={"scalars": 0})
         acc.Reload()
         points = [e.value for e in acc.Scalars("data/clips_per_s") if e.step > warm]
         out[variant] = {"clips_per_s": sum(points) / len(points), "points": len(points), "steps": steps,
                         "warmup_steps": warm, "wall_s": time.perf_counter() - start}
-    out["speedup"] = out["tpdiff"]["clips_per_s"] / out["vanilla"]["clips_per_s"]
+    for variant, key in (("tpdiff", "speedup"), ("tpdiff token budget", "speedup_token_budget")):
+        out[key] = out[variant]["clips_per_s"] / out["vanilla"]["clips_per_s"]
+    out["fraction_of_flop_bound"] = {"fixed": out["speedup"] / out["flop_bound"],
+                                     "token budget": out["speedup_token_budget"] / out["flop_bound"]}
+    out["goal"] = f">= {FIT_GOAL:.0%} of the FLOP bound"
+    out["meets_goal"] = {k: v >= FIT_GOAL for k, v in out["fraction_of_flop_bound"].items()}
     return out
 
 
@@ -617,7 +665,12 @@ def table_rows(result: dict[str, Any]) -> list[list[Any]]:
     if fit:
         beside = f" (step bench {step['dit']['speedup_samples_per_s']:.2f}x)" if step else ""
         rows.append(["real fit, clips/s", f"{fit['vanilla']['clips_per_s']:.1f}", f"{fit['tpdiff']['clips_per_s']:.1f}",
-                     f"{fit['speedup']:.2f}x{beside}", ""])
+                     f"{fit['speedup']:.2f}x{beside}", f"{fit['flop_bound']:.2f}x"])
+        rows.append(["real fit, token-budget batches, clips/s", "",
+                     f"{fit['tpdiff token budget']['clips_per_s']:.1f}", f"{fit['speedup_token_budget']:.2f}x",
+                     f"{fit['flop_bound']:.2f}x"])
+        rows.append([f"  fit speed-up / FLOP bound (goal {fit['goal']})", "",
+                     " ".join(f"{k}: {v:.0%}" for k, v in fit["fraction_of_flop_bound"].items()), "", ""])
     st = result.get("spatiotemporal")
     if st:
         labels = {"temporal": "temporal (2-2)", "spatiotemporal": "spatio-temporal (2-2, spatial 2-2)",

@@ -342,7 +342,10 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
         assert r["stage_frames"][-1] == r["latent_shape"][1] and r["stage_frames"][0] < r["stage_frames"][-1]
         assert r["flop_predicted_speedup"] > 1 and r["seconds"]["tpdiff+decode"]["median_s"] > 0
     assert len(saved["train_step"]["dit"]["stages"]) == 3 and saved["train_step"]["wan_lora"]["train_flops"]["vanilla"] > 0
-    assert saved["fit"]["tpdiff"]["points"] > 0 and saved["fit"]["vanilla"]["points"] > 0
+    fit = saved["fit"]
+    assert fit["tpdiff"]["points"] > 0 and fit["vanilla"]["points"] > 0 and fit["tpdiff token budget"]["points"] > 0
+    assert fit["flop_bound"] > 1 and set(fit["fraction_of_flop_bound"]) == {"fixed", "token budget"}
+    assert fit["token_budget"] == fit["batch_size"] * 16 * (16 // 8) ** 2  # batch x full-rate tokens (patch 8)
     assert saved["i3d"]["clips_per_s"] > 0 and len(saved["fvd_overhead"]) == 3
     st = saved["spatiotemporal"]
     assert st["stage_shapes"]["spatiotemporal"][0][1:] == [st["latent_shape"][2] // 4, st["latent_shape"][3] // 4]
@@ -354,6 +357,7 @@ def test_gpu_acceptance_dry_run_runs_every_part_and_writes_one_table(tmp_path, c
     assert "CP degree 2, 3 clips" in result["table"] and "ring attention" in result["table"]
     printed = capsys.readouterr().out
     assert result["table"] in printed and "real fit, clips/s" in result["table"]
+    assert "real fit, token-budget batches" in result["table"] and "FLOP bound" in result["table"]
 
 
 def test_gpu_acceptance_keeps_every_other_parts_result_when_one_part_fails(tmp_path, monkeypatch):
