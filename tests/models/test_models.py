@@ -284,3 +284,18 @@ def test_compiled_forward_builds_one_graph_per_stage_shape_and_keeps_the_numbers
 def test_bad_compile_value_names_the_key():
     with pytest.raises(ValueError, match=r"compile='yes' is invalid; expected true or false"):
         make_model(compile="yes")
+
+
+def test_absolute_positions_sit_at_the_stage_consistent_positions_and_change_only_the_input():
+    model = perturb(make_model(absolute_positions=True))
+    full = model.position_embedding(8, 4, 4, 1, 1, "cpu").view(8, 4, 4, -1)  # (F, h, w, D)
+    assert full.shape[-1] == DIT_SIZES[model.size].hidden
+    assert_close(model.position_embedding(4, 4, 4, 2, 1, "cpu").view(4, 4, 4, -1), full[::2])  # frame j at 2j
+    assert_close(model.position_embedding(8, 2, 2, 1, 2, "cpu").view(8, 2, 2, -1), full[:, ::2, ::2])  # row a at 2a
+    assert torch.unique(full.flatten(0, 2), dim=0).shape[0] == 8 * 4 * 4  # every token its own position
+    plain = make_model()
+    plain.load_state_dict(model.state_dict())  # no new weights: the same checkpoints load either way
+    x, t, text, mask = inputs(F=4)
+    assert not torch.allclose(model(x, t, text, mask), plain(x, t, text, mask))
+    with pytest.raises(ValueError, match="absolute_positions='yes' is invalid"):
+        make_model(absolute_positions="yes")

@@ -180,6 +180,10 @@ class VideoDiT(nn.Module):
             the hidden width is below the patch's pixel count (see `PixelSkip`).
         spatial_positions: where the tokens of a stage with spatial stride P sit on the full-resolution token
             grid: `"corner"` (default, `a·P`) or `"centre"` (`(a + ½)·P − ½`). No effect at P = 1.
+        absolute_positions: also add a fixed sin-cos embedding of each token's (frame, row, column) position to
+            its patch embedding, at the same stage-consistent positions as the RoPE (`j·S`, `a·P`), so a token
+            knows where and when it is, not only its offsets to others; without it (the default) positions
+            enter through the RoPE alone.
     """
 
     token_split: TokenSplitFactory | None = None
@@ -196,6 +200,7 @@ class VideoDiT(nn.Module):
         pixel_skip: bool | None = None,
         spatial_positions: str = "corner",
         compile: bool = False,
+        absolute_positions: bool = False,
     ):
         super().__init__()
         if spatial_positions not in SPATIAL_POSITIONS:
@@ -221,6 +226,9 @@ class VideoDiT(nn.Module):
         self.caption_pool = CaptionPoolEmbedder(text_dim, D) if caption_pooling else None
         self.text_proj = nn.Sequential(nn.Linear(text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.rope = RoPE3D(D // cfg.heads)
+        if not isinstance(absolute_positions, bool):
+            raise ValueError(f"absolute_positions={absolute_positions!r} is invalid; expected true or false")
+        self.absolute_positions = RoPE3D(D) if absolute_positions else None  # the angles of a D-wide table
         self.blocks = nn.ModuleList(DiTBlock(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, p, in_channels)
         patch_dim = in_channels * p * p
@@ -251,6 +259,11 @@ class VideoDiT(nn.Module):
     def temporal_positions(self, num_frames: int, stride: int) -> Tensor:
         """Temporal RoPE positions `j·S` of the F frames of a stage with stride S (SPEC, Eq. 14)."""
         return temporal_positions(num_frames, stride)
+
+    def position_embedding(self, F: int, h: int, w: int, stride: int, spatial_stride: int, device) -> Tensor:
+        """The fixed sin-cos embedding `(F·h·w, D)` of the tokens' (frame, row, column) positions."""
+        cos, sin = self.absolute_positions(F, h, w, stride, device, spatial_stride, self.spatial_positions)
+        return torch.cat([cos, sin], dim=-1)
 
     def patchify(self, x: Tensor) -> Tensor:
         """Cut each frame of `x (B, C, F, H, W)` into p×p patches: tokens `(B, F·h·w, C·p·p)`."""
@@ -312,6 +325,8 @@ class VideoDiT(nn.Module):
         h, w = H // self.patch_size, W // self.patch_size
         patches = self.patchify(x)  # (B, N, C*p*p)
         tokens = self.patch_embed(patches)  # (B, N, D)
+        if self.absolute_positions is not None:
+            tokens = tokens + self.position_embedding(F, h, w, stride, spatial_stride, x.device).to(tokens.dtype)
         c = self.t_embedder(t)  # (B, D)
         if self.caption_pool is not None:
             c = c + self.caption_pool(text, text_mask)  # (B, D)
