@@ -65,7 +65,7 @@ class TrainingBudget(L.Callback):
             raise ValueError(f"minutes={minutes}, tflops={tflops}; expected exactly one positive budget")
         self.minutes, self.tflops = minutes, tflops
         self.flops = 0.0
-        self._per_step: dict[tuple[int, tuple[int, ...]], float] = {}
+        self._per_step: dict[tuple[int, tuple[int, ...] | None], float] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"flops": self.flops, "tflops": self.tflops}
@@ -93,10 +93,11 @@ class TrainingBudget(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Counted per (stage, batch shape): token-budget batches hold more clips at the cheap stages.
-        stage = pl_module.batch_stage(batch, batch_idx)
-        key = (stage, next(tuple(batch[k].shape) for k in ("latent", "video") if k in batch))
+        from tpdiff_lightning.training.flop_meter import step_kind
+
+        key = step_kind(pl_module, batch, batch_idx)
         if key not in self._per_step:
-            self._per_step[key] = self.step_flops(pl_module, batch, stage)
+            self._per_step[key] = self.step_flops(pl_module, batch, key[0])
         self.flops += self._per_step[key]
         if trainer.logger is not None:  # the FLOPs at every step, for the FVD points to be read against
             trainer.logger.log_metrics({"compute/backbone_tflops": self.flops / 1e12}, step=trainer.global_step)

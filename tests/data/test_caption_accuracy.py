@@ -9,7 +9,7 @@ import torch
 
 from tpdiff_lightning.data.synthetic import clip_rng, make_clip
 from tpdiff_lightning.data.caption_accuracy import caption_accuracy, caption_factors
-from tpdiff_lightning.training.flop_meter import FlopMeter
+from tpdiff_lightning.training.flop_meter import FlopMeter, step_kind
 
 
 def real_clips(count: int = 16):
@@ -55,3 +55,13 @@ def test_the_flop_meter_counts_each_kind_of_step_once_and_adds_it_every_time():
     a @ b
     resumed.end()
     assert resumed.total == meter.total + one
+
+
+def test_a_steps_kind_is_its_stage_and_its_pixel_or_latent_batch_shape():
+    class Module:
+        def batch_stage(self, batch, batch_idx):
+            return int(batch.get("stage", 7))
+
+    latent = {"latent": torch.zeros(6, 16, 5, 4, 4), "stage": 1}
+    assert step_kind(Module(), latent, 0) == (1, (6, 16, 5, 4, 4))  # latent shards: the latents' shape
+    assert step_kind(Module(), {"video": torch.zeros(2, 3, 8, 16, 16)}, 0) == (7, (2, 3, 8, 16, 16))

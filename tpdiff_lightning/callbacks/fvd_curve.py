@@ -22,7 +22,7 @@ from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.data.caption_accuracy import COLOUR_CHANCE, DIRECTION_CHANCE, caption_accuracy
 from tpdiff_lightning.metrics.fvd import FVD
 from tpdiff_lightning.runs.tensorboard import purge_step_of
-from tpdiff_lightning.training.flop_meter import FlopMeter
+from tpdiff_lightning.training.flop_meter import FlopMeter, step_kind
 from tpdiff_lightning.training.module import to_uint8_video
 
 
@@ -168,8 +168,7 @@ class FVDCurve(L.Callback):
         self._axis_writers = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        shape = next((tuple(batch[k].shape) for k in ("latent", "video") if k in batch), None)
-        self.flops.begin((pl_module.batch_stage(batch, batch_idx), shape))
+        self.flops.begin(step_kind(pl_module, batch, batch_idx))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.flops.end(trainer.world_size)

@@ -5,7 +5,7 @@ and every later step of the same kind adds that count. Times the world size, sin
 from __future__ import annotations
 
 import warnings
-from typing import Hashable
+from typing import Any, Hashable
 
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -41,3 +41,10 @@ class FlopMeter:
         if self._key is not None and self._key in self.per_step:
             self.total += self.per_step[self._key] * world_size
         self._key = None
+
+
+def step_kind(module: Any, batch: dict[str, Any], batch_idx: int) -> tuple[int, tuple[int, ...] | None]:
+    """What a training step's FLOPs depend on: the stage it trains and its batch's shape (the pixels', or the
+    latents' for latent shards); steps of one kind cost the same."""
+    shape = next((tuple(batch[k].shape) for k in ("latent", "video") if k in batch), None)
+    return module.batch_stage(batch, batch_idx), shape
