@@ -51,6 +51,9 @@ RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
 PAIRS = {"flow": ("tpdiff-flow", "vanilla-flow"), "ddim": ("tpdiff-ddim", "vanilla-ddim"),
          "flow-noalign": ("tpdiff-flow-noalign", "vanilla-flow")}
+# Two ways of training TPDiff compared at equal FLOPs (seed means only): (option, baseline).
+COMPARISONS = {"flow-token-budget": ("tpdiff-flow-token-budget", "tpdiff-flow")}
+CAPTION_FACTORS = ("colour_accuracy", "direction_accuracy")
 
 
 class TrainingBudget(L.Callback):
@@ -242,6 +245,28 @@ def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
         mean = seed_mean_curves(runs, (tp, va))
         if mean is not None:
             out[f"{pair}-seed-mean"] = mean
+    for name, names in COMPARISONS.items():
+        mean = seed_mean_curves(runs, names)
+        if mean is not None:
+            mean["final_caption_accuracy"] = final_caption_accuracy(runs, names, mean["seeds"])
+            out[f"{name}-seed-mean"] = mean
+    return out
+
+
+def final_caption_accuracy(runs: list[dict[str, Any]], names: tuple[str, ...], seeds: list[int]
+                           ) -> dict[str, dict[str, dict[str, float]]]:
+    """Each run's caption accuracy at its last FVD point, mean and standard error over ``seeds`` (runs that
+    logged it)."""
+    import numpy as np
+
+    by_key = {(r["run"], r["seed"]): r for r in runs}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in names:
+        for factor in CAPTION_FACTORS:
+            values = [by_key[(name, s)]["points"][-1].get(factor) for s in seeds]
+            if all(v is not None for v in values):
+                sem = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+                out.setdefault(name, {})[factor] = {"mean": float(np.mean(values)), "sem": sem}
     return out
 
 
@@ -349,6 +374,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for pair, rows in result["analysis"].items():
+        if pair.removesuffix("-seed-mean") in COMPARISONS:
+            finals = " vs ".join(f"{name} {v:.1f}" for name, v in rows["mean_final_fvd"].items())
+            captions = "; ".join(f"{name} " + ", ".join(f"{f.split('_')[0]} {v['mean']:.0%} ± {v['sem']:.0%}"
+                                                        for f, v in factors.items())
+                                 for name, factors in rows["final_caption_accuracy"].items())
+            print(f"{pair} over seeds {rows['seeds']}: final FVD {finals} (gap {rows['final_gap_mean']:+.1f} ± "
+                  f"{rows['final_gap_sem']:.1f} s.e.); caption accuracy {captions or 'not logged'}")
+            continue
         if pair.endswith("-seed-mean"):
             finals = " vs ".join(f"{name} {v:.1f}" for name, v in rows["mean_final_fvd"].items())
             print(f"{pair} over seeds {rows['seeds']}: final FVD {finals} (gap {rows['final_gap_mean']:+.1f} "

@@ -287,6 +287,26 @@ def test_convergence_seed_means_average_the_curves_on_one_flop_grid():
     assert mean["reach_train_flops_fraction"] == pytest.approx(0.25, abs=1 / 39)
 
 
+def test_convergence_compares_token_budget_batches_with_fixed_ones_by_fvd_and_caption_accuracy():
+    import convergence
+
+    def run(name, seed, fvd, direction):
+        return {"run": name, "seed": seed, "points": [
+            {"fvd": 900.0, "train_flops": 0.0, "train_seconds": 0.0, "colour_accuracy": 0.5, "direction_accuracy": 0.2},
+            {"fvd": fvd, "train_flops": 100.0, "train_seconds": 1.0, "colour_accuracy": 0.9,
+             "direction_accuracy": direction}]}
+
+    runs = [run("tpdiff-flow-token-budget", 0, 500, 0.5), run("tpdiff-flow-token-budget", 1, 700, 0.3),
+            run("tpdiff-flow", 0, 600, 0.25), run("tpdiff-flow", 1, 600, 0.25)]
+    mean = convergence.analyse(runs)["flow-token-budget-seed-mean"]
+    assert mean["mean_final_fvd"] == {"tpdiff-flow-token-budget": 600, "tpdiff-flow": 600}
+    captions = mean["final_caption_accuracy"]
+    assert captions["tpdiff-flow-token-budget"]["direction_accuracy"]["mean"] == pytest.approx(0.4)
+    assert captions["tpdiff-flow-token-budget"]["direction_accuracy"]["sem"] == pytest.approx(0.1)
+    assert captions["tpdiff-flow"]["colour_accuracy"] == {"mean": pytest.approx(0.9), "sem": 0.0}
+    assert "flow-token-budget" not in convergence.analyse(runs)  # no per-seed TPDiff/vanilla rows for it
+
+
 def test_training_budget_needs_exactly_one_positive_budget():
     import convergence
 
