@@ -403,3 +403,17 @@ def bar_plot(path: str | Path, groups: Sequence[str], series: dict[str, Sequence
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def full_rate_tokens(resolution: int, frames: int | None = None) -> int:
+    """Tokens of one clip at the full rate in the default config's backbone (patch from the config), at
+    ``frames`` frames (default: the config's ``num_frames``)."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    frames = frames or cfg["data"]["init_args"]["num_frames"]
+    from tpdiff_lightning.models.dit import DIT_SIZES
+
+    backbone = cfg["model"]["init_args"]["backbone"]["init_args"]
+    patch = backbone.get("patch_size") or DIT_SIZES[backbone.get("size", "dit-tiny")].patch
+    return frames * (resolution // patch) ** 2

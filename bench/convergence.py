@@ -69,6 +69,7 @@ class TrainingBudget(L.Callback):
         self.minutes, self.tflops = minutes, tflops
         self.flops = 0.0
         self._per_step: dict[tuple[int, tuple[int, ...] | None], float] = {}
+        self._key: tuple[int, tuple[int, ...] | None] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"flops": self.flops, "tflops": self.tflops}
@@ -94,11 +95,15 @@ class TrainingBudget(L.Callback):
         pl_module.backbone.zero_grad(set_to_none=True)
         return flops
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Counted per (stage, batch shape): token-budget batches hold more clips at the cheap stages.
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Counted per (stage, batch shape): token-budget batches hold more clips at the cheap stages. Read
+        # before the step, while the module's step counter still names the step this batch trains.
         from tpdiff_lightning.training.flop_meter import step_kind
 
-        key = step_kind(pl_module, batch, batch_idx)
+        self._key = step_kind(pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        key = self._key
         if key not in self._per_step:
             self._per_step[key] = self.step_flops(pl_module, batch, key[0])
         self.flops += self._per_step[key]
@@ -152,6 +157,10 @@ def command(args: argparse.Namespace, run: str, seed: int) -> list[str]:
     ]
     if args.resolution:
         cmd += [f"--data.init_args.resolution={args.resolution}"]
+    if "configs/token_budget.yaml" in RUNS[run]:  # the tokens of --batch full-rate clips, at this run's size
+        from common import full_rate_tokens
+
+        cmd += [f"--data.init_args.token_budget={args.batch * full_rate_tokens(args.resolution or 32)}"]
     cmd += args.extra
     if (run_dir(args, run, seed) / "checkpoints" / "last.ckpt").is_file():
         cmd += ["--ckpt_path", "last"]
@@ -173,6 +182,10 @@ def read_points(folder: Path, num_videos: int) -> list[dict[str, float]]:
                                     "TrainingBudget")
     hours = {e.step: e.value for e in ea.Scalars("compute/gpu_hours")}
     counted = ea.Scalars("compute/backbone_tflops")
+    first_fvd = ea.Scalars(tag)[0].step
+    if counted[0].step > max(first_fvd, 1):  # resumed from a run that did not log its FLOPs yet
+        raise SystemExit(f"{folder}: its FLOPs are logged from step {counted[0].step} only, after its first FVD point "
+                         f"(step {first_fvd}); the run predates the FLOP log: rerun it with --force")
     captions = {name: {e.step: e.value for e in ea.Scalars(f"caption/{name}")}
                 for name in ("colour_accuracy", "direction_accuracy") if f"caption/{name}" in tags}
     points = []

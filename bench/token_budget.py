@@ -29,22 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, machine_info, parse_bench_args, print_table, write_json
+from common import ROOT, full_rate_tokens, machine_info, parse_bench_args, print_table, write_json
 
 VARIANTS = {("tpdiff", "fixed"): [], ("tpdiff", "token budget"): ["budget"],
             ("vanilla", "fixed"): ["vanilla"], ("vanilla", "token budget"): ["vanilla", "budget"]}
-
-
-def full_rate_tokens(resolution: int, frames: int) -> int:
-    """Tokens of one clip at the full rate in the default config's backbone (patch from the config)."""
-    import yaml
-
-    cfg = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
-    from tpdiff_lightning.models.dit import DIT_SIZES
-
-    backbone = cfg["model"]["init_args"]["backbone"]["init_args"]
-    patch = backbone.get("patch_size") or DIT_SIZES[backbone.get("size", "dit-tiny")].patch
-    return frames * (resolution // patch) ** 2
 
 
 def fit(tags: list[str], args: argparse.Namespace, data: Path, out: Path) -> dict[str, Any]:

@@ -232,16 +232,20 @@ def test_training_budget_counts_each_stage_and_batch_shape_it_trains():
         return {"video": torch.zeros(clips, 3, 16, 32, 32), "caption": ["a red circle moving left"] * clips,
                 "stage": torch.tensor(stage)}
 
+    def train(b):  # the hooks around one training step
+        budget.on_train_batch_start(trainer, module, b, 0)
+        budget.on_train_batch_end(trainer, module, None, b, 0)
+
     counted = []
     for clips, stage in ((4, 0), (4, 0), (16, 0), (4, 2)):
         before = budget.flops
-        budget.on_train_batch_end(trainer, module, None, batch(clips, stage), 0)
+        train(batch(clips, stage))
         counted.append(budget.flops - before)
     assert counted[0] == counted[1] > 0  # the same kind of step costs the same
     assert counted[2] == pytest.approx(4 * counted[0], rel=0.05)  # 4x the clips at stage 0: ~4x the FLOPs
     assert counted[3] > 2 * counted[0]  # the full-rate stage costs more than stage 0 per clip
     assert len(budget._per_step) == 3 and not trainer.should_stop
-    budget.on_train_batch_end(trainer, module, None, batch(16, 2), 0)
+    train(batch(16, 2))
     assert trainer.should_stop  # past 20 GFLOPs
     restored = convergence.TrainingBudget(tflops=0.02)
     restored.load_state_dict(budget.state_dict())

@@ -92,6 +92,8 @@ def test_a_latent_cache_per_bucket_keeps_every_clip_at_its_bucket_and_trains_on_
     events.Reload()
     assert len({e.value for e in events.Scalars("data/bucket_index")}) >= 2
     assert all(0 < e.value <= BUDGET for e in events.Scalars("data/tokens_per_step"))
+    accounting = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ClipAccounting")
+    assert len(accounting.lost_training_clips) == 0  # no latent clip dropped for its shape
 
     # Buckets that do not cover the cache, or none at all, are refused in one line before a step.
     narrow = main([*args[1:-4], f"--data.init_args.buckets={json.dumps(BUCKETS[:2])}",

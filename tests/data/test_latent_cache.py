@@ -17,7 +17,7 @@ from tpdiff_lightning.data import decoding, pipelines
 from tpdiff_lightning.data.collation import collate_clips
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.data.decoding import NoUsableClipsError
-from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity
+from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity, tensor_bytes
 from tpdiff_lightning.data.lost_clips import CorruptSampleWarning, SkipCounter
 from tpdiff_lightning.data.pipelines import eval_pipeline, train_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
@@ -185,3 +185,45 @@ def test_encoding_checks_every_split_before_encoding_any(tmp_path, tiny_data_roo
     with pytest.raises(SystemExit, match=rf"split 'eval': {real}.*it has \['train'\].*nothing was encoded"):
         encode_main(["--config", str(DEFAULT), "--config", str(_overlay(tmp_path, real)), "--out", str(out)])
     assert not out.exists() or not any(out.iterdir())
+
+
+def _latent_sample(bucket=None):
+    meta = {"codec": module_identity(IdentityCodec()), "num_frames": 4}
+    if bucket is not None:
+        meta["bucket"] = bucket
+    return {"__key__": "k", "__url__": "u.tar", "latent.pth": tensor_bytes(torch.zeros(3, 4, 8, 8)),
+            "txt": b"a red circle moving left slow", "json": json.dumps(meta).encode()}
+
+
+def test_a_latent_clip_keeps_its_bucket_and_one_the_run_lacks_stops_the_stream():
+    from tpdiff_lightning.data.buckets import Bucket
+    from tpdiff_lightning.data.latent_cache import LatentBucketError, decode_latent
+
+    buckets = [Bucket(4, 8, 8), Bucket(8, 8, 16)]
+    clip = decode_latent(_latent_sample([4, 8, 8]), 99, rng=None, buckets=buckets)
+    assert clip["bucket"] == Bucket(4, 8, 8) and clip["latent"].shape == (3, 4, 8, 8)
+    for sample, why in ((_latent_sample([4, 16, 8]), "not one of data.init_args.buckets"),
+                        (_latent_sample(), "no bucket in its metadata")):
+        with pytest.raises(LatentBucketError, match=why):
+            decode_latent(sample, 4, rng=None, buckets=buckets)
+        # In the stream it is not skipped like a damaged sample (which would skip every clip forever): it stops.
+        stage = decoding.DecodeClips(SkipCounter(), 4, 1, 8, random_start=False, sample_format="latent",
+                                     buckets=buckets)
+        with pytest.raises(LatentBucketError):
+            list(stage(iter([sample])))
+
+
+def test_a_latent_cache_of_another_shape_is_refused_before_the_run_in_one_line(tmp_path):
+    from tpdiff_lightning.data.shard_records import write_json_atomic
+    from tpdiff_lightning.training.fit_checks import latent_bucket_problems
+
+    write_json_atomic(tmp_path / "manifest.json", {"format": "latent", "splits": {"train": {
+        "shards": ["train-000000.tar"], "num_clips": 4, "buckets": {"16x16x32": 4}}}})
+    data = VideoDataModule(root=str(tmp_path), num_frames=16, resolution=16, build_synthetic=False)
+    (problem,) = latent_bucket_problems(data, None)
+    assert problem.startswith("data.init_args.resolution=16, but the latent shards at") and "16x32" in problem
+    assert latent_bucket_problems(VideoDataModule(root=str(tmp_path), num_frames=16, resolution=[16, 32],
+                                                  build_synthetic=False), None) == []
+    budget = VideoDataModule(root=str(tmp_path), num_frames=16, resolution=16, build_synthetic=False, token_budget=64)
+    (problem,) = latent_bucket_problems(budget, ["16x16x16"])
+    assert problem.startswith("data.init_args.token_budget=64 (one shape, 16x16x16) does not cover") and "\n" not in problem

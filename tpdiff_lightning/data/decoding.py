@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tpdiff_lightning.data.buckets import Bucket, nearest_bucket
 from tpdiff_lightning.data.frame_size import frame_size
-from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, decode_latent
+from tpdiff_lightning.data.latent_cache import LATENT_FORMAT, LatentBucketError, decode_latent
 from tpdiff_lightning.data.lost_clips import SkipCounter
 from tpdiff_lightning.data.shard_formats import check_format
 from tpdiff_lightning.data.shuffling import worker_seed
@@ -202,6 +202,8 @@ class DecodeClips:
                     clip = decode_bucketed_clip(sample, self.buckets, self.clip_args[1], rng, self.target_fps)
                 else:
                     clip = decode_clip(sample, *self.clip_args, rng=rng, target_fps=self.target_fps)
+            except LatentBucketError:  # the cache does not fit the config: every sample would be skipped
+                raise
             except Exception as exn:  # a bad sample must cost only itself, whatever the decoder raised
                 self.counter.skip(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn,
                                   f"{sample.get('__url__')}:{sample.get('__key__')}")

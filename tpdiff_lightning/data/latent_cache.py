@@ -33,6 +33,11 @@ from tpdiff_lightning.data.video_io import ClipLengthError
 LATENT_FORMAT = "latent"
 
 
+class LatentBucketError(ValueError):
+    """A latent clip carries no bucket, or one the run's buckets lack: the cache does not fit the config, which
+    skipping samples cannot mend, so the stream stops on it instead of skipping every clip."""
+
+
 def module_identity(module: nn.Module) -> dict:
     """What must match between the shards and the model: class, and the codec's declared name and shape factors."""
     identity = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
@@ -97,12 +102,12 @@ def decode_latent(sample: dict, num_frames: int, rng: random.Random | None,
     bucket = None
     if buckets is not None:
         if "bucket" not in meta:
-            raise ValueError("latent sample has no bucket in its metadata (encoded before buckets); re-encode with "
-                             "`python data/encode_latents.py`")
+            raise LatentBucketError("latent sample has no bucket in its metadata (encoded before buckets); re-encode "
+                                    "with `python data/encode_latents.py`")
         bucket = Bucket(*meta["bucket"])
         if bucket not in buckets:
-            raise ValueError(f"latent sample of bucket {bucket} is not one of data.init_args.buckets "
-                             f"{[str(b) for b in buckets]}")
+            raise LatentBucketError(f"latent sample of bucket {bucket} is not one of data.init_args.buckets "
+                                    f"{[str(b) for b in buckets]}; expected shards encoded with these buckets")
         num_frames = bucket.frames
     if int(meta["codec"].get("temporal_compression", 1)) != 1:
         encoded = meta.get("num_frames")

@@ -101,9 +101,11 @@ def batch_plan_problems(trainer: Any, module: Any, data: Any) -> list[str]:
 
 def latent_bucket_problems(data: Any, buckets: list[str] | None) -> list[str]:
     """Why the latent cache the run trains from cannot feed batches of ``buckets`` (``"FxHxW"``; None: one fixed
-    shape), if it cannot: its manifest counts the clips of each shape it was encoded at."""
+    shape, ``num_frames`` x ``resolution``), if it cannot: its manifest counts the clips of each shape it was
+    encoded at."""
     if data is None or not hasattr(data, "resolved_format") or getattr(data, "train_shards", None) is not None:
         return []  # no data module, or shards named by a pattern: no manifest to read
+    from tpdiff_lightning.data.frame_size import frame_size
     from tpdiff_lightning.data.latent_cache import LATENT_FORMAT
     from tpdiff_lightning.data.synthetic import read_manifest
 
@@ -112,19 +114,28 @@ def latent_bucket_problems(data: Any, buckets: list[str] | None) -> list[str]:
     train = ((read_manifest(data.root) or {}).get("splits") or {}).get("train") or {}
     encoded = train.get("buckets")
     key, where = "data.init_args.buckets", f"the latent shards at {data.root}"
-    configured = None if data.buckets is None else [[b.frames, b.height, b.width] for b in data.buckets]
     if buckets is None:
-        if encoded is not None and len(encoded) > 1:
+        if encoded is None:
+            return []  # an older single-shape cache: the module checks each batch's size
+        if len(encoded) > 1:
             return [f"{key}=null, but {where} were encoded per bucket ({', '.join(encoded)}); expected {key} "
                     "listing those shapes"]
+        (shape,) = encoded
+        size = tuple(int(v) for v in shape.split("x")[1:])
+        if size != frame_size(data.resolution):
+            return [f"data.init_args.resolution={data.resolution!r}, but {where} were encoded at "
+                    f"{size[0]}x{size[1]}; expected resolution {list(size)}, or shards re-encoded at this resolution"]
         return []
+    if data.buckets is not None:
+        setting = f"{key}={[[b.frames, b.height, b.width] for b in data.buckets]}"
+    else:
+        setting = f"data.init_args.token_budget={data.token_budget} (one shape, {buckets[0]})"
     if encoded is None:
-        return [f"{key}={configured} (or token_budget) needs {where} to name each clip's bucket, but they were "
-                "encoded without (an older data/encode_latents.py); expected shards re-encoded with "
-                "`python data/encode_latents.py`"]
+        return [f"{setting} needs {where} to name each clip's bucket, but they were encoded without (an older "
+                "data/encode_latents.py); expected shards re-encoded with `python data/encode_latents.py`"]
     uncovered = [shape for shape in encoded if shape not in buckets]
     if uncovered:
-        return [f"{key}={configured} does not cover {where}: {', '.join(uncovered)} "
+        return [f"{setting} does not cover {where}: {', '.join(uncovered)} "
                 f"({sum(encoded[u] for u in uncovered)} clips) were encoded at shapes it lacks; expected buckets "
                 f"including {', '.join(encoded)}, or shards re-encoded with these buckets"]
     return []
