@@ -529,16 +529,28 @@ def test_caption_probe_swaps_each_factor_of_the_caption_at_every_stage(tmp_path,
 
     torch.manual_seed(0)
     model = TPDiffModule(clip={"num_frames": 16, "resolution": 16}, optimization={"ema_decay": None})
+    with torch.no_grad():  # off the zero init of adaLN, so that the pooled caption's path is live too
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     path = tmp_path / "m.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 7,
                 "pytorch-lightning_version": lightning.__version__}, path)
     result = caption_probe.main([str(path), "--data-root", str(tiny_data_root), "--clips", "4", "--draws", "1",
-                                 "--out", str(tmp_path / "p.json")])
+                                 "--paths", "--out", str(tmp_path / "p.json")])
     assert [r["stage"] for r in result["stages"]] == [0, 1, 2] and result["step"] == 7
     for row in result["stages"]:
         assert set(row["gap"]) == {"colour swapped", "direction swapped", "shape swapped", "speed swapped",
                                    "no caption"}
         assert all(abs(g) < 0.5 for g in row["gap"].values()) and row["loss"]["true"] > 0
+        # Each path swapped alone: a gap of its own, and the pooled path really read the swapped caption (a model
+        # whose pooled path saw the true one would give exactly 0 there, as its cross-attention reads the truth).
+        assert set(row["paths"]) == set(caption_probe.SWAPS)
+        assert all(p["pooled"] != 0 and abs(p["cross_attention"]) < 0.5 for p in row["paths"].values())
+    assert "via cross-attention / pooled" in result["table"]
+    pool = model.backbone.caption_pool
+    with caption_probe.pooled_caption(model.backbone, torch.zeros(1, 2, 128), torch.ones(1, 2, dtype=torch.bool)):
+        assert "forward" in vars(pool)
+    assert "forward" not in vars(pool)  # the class's forward again
     assert caption_probe.swapped("a red circle moving left fast", caption_probe.SWAPS["direction"]) == \
         "a red circle moving right fast"
 
