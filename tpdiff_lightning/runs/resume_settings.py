@@ -12,6 +12,8 @@ or is refused in one line that says how to get what the user asked for.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any
 
 from tpdiff_lightning.runs.checkpoint_match import flatten_settings
@@ -34,15 +36,35 @@ def _flat(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flatten_settings(dict(settings)).items() if k.split(".")[0] not in IGNORED_KEYS}
 
 
+_MISSING = object()
+
+
+def _default(key: str, flat: dict[str, Any]) -> Any:
+    """The default of the part argument ``key`` (``...init_args.<name>``) in the class its ``class_path`` names, or
+    ``_MISSING``: what a checkpoint saved before the argument existed was trained with."""
+    parts = key.split(".")
+    class_path = flat.get(".".join(parts[:-2] + ["class_path"])) if len(parts) >= 2 and parts[-2] == "init_args" else None
+    if not isinstance(class_path, str):
+        return _MISSING
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameter = inspect.signature(getattr(importlib.import_module(module), name)).parameters.get(parts[-1])
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return _MISSING
+    return _MISSING if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
 def setting_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (stored, current)}`` for every setting that differs (a key only one side has included)."""
+    """``{dotted key: (stored, current)}`` for every setting that differs (a key only one side has included). A
+    part argument the stored settings lack (added to the code since) counts as unchanged at its default."""
     theirs, ours = _flat(stored), _flat(current)
-    missing = object()
     changes = {}
     for key in sorted(set(theirs) | set(ours)):
-        a, b = theirs.get(key, missing), ours.get(key, missing)
+        a, b = theirs.get(key, _MISSING), ours.get(key, _MISSING)
+        if a is _MISSING and b is not _MISSING and b == _default(key, ours):
+            continue  # a checkpoint from before the argument existed: trained as its default
         if a != b:
-            changes[key] = (None if a is missing else a, None if b is missing else b)
+            changes[key] = (None if a is _MISSING else a, None if b is _MISSING else b)
     return changes
 
 
