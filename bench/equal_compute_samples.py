@@ -6,8 +6,8 @@
         --checkpoint spatio-temporal=outputs/contact/tpdiff-flow-spatiotemporal-s0/checkpoints/last.ckpt
 
 Every checkpoint samples the same captions with the same seeds (its EMA weights, its own ``sample_steps``
-unless ``--steps``). The sheet has one block per caption, one row per checkpoint, frames left to right. Each
-clip is also checked against its caption by ``tpdiff_lightning.data.caption_accuracy.clip_report`` (the shape's colour and
+unless ``--steps``, its own guidance scale unless ``--guidance``). The sheet has one block per caption, one row
+per checkpoint, frames left to right. Each clip is also checked against its caption by ``tpdiff_lightning.data.caption_accuracy.clip_report`` (the shape's colour and
 its direction of motion), a second, coarser quality measure beside FVD. The checkpoints' steps and, where the
 convergence study's ``TrainingBudget`` counted them, backbone training TFLOPs go in the table, so the sheet can
 be read at equal compute. Prints a table, writes the PNG and ``bench/results/equal_compute_samples.json``.
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sheet-captions", type=int, default=6, help="captions shown on the contact sheet")
     parser.add_argument("--seed", type=int, default=0, help="clip i is drawn with seed + i")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: each model's own)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: each model's own)")
     parser.add_argument("--png", default=str(ROOT / "docs" / "equal_compute_samples.png"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "equal_compute_samples.json"))
     args = parser.parse_args(argv)
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.captions < 1 or not 0 < args.sheet_captions <= args.captions:
         parser.error(f"--captions {args.captions} --sheet-captions {args.sheet_captions}: expected "
                      "1 <= sheet captions <= captions")
+    if args.guidance is not None and args.guidance < 0:
+        parser.error(f"--guidance {args.guidance}: expected a scale >= 0 (1: no guidance, 0: unconditional)")
     torch.manual_seed(0)
     prompts = captions(args.captions)
     seeds = [args.seed + i for i in range(args.captions)]
@@ -75,19 +79,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         model = TPDiffModule.load_from_checkpoint(path, map_location="cpu").eval()
         with torch.no_grad():
-            clips = to_uint8_video(model.generate([p for p, _, _ in prompts], seeds, num_steps=args.steps)).numpy()
+            clips = to_uint8_video(model.generate([p for p, _, _ in prompts], seeds, num_steps=args.steps,
+                                                  guidance_scale=args.guidance)).numpy()
         reports = [clip_report(clip, colour, direction) for clip, (_, colour, direction) in zip(clips, prompts)]
         colour = sum(r["colour_ok"] for r in reports) / len(reports)
         direction = sum(r["direction_ok"] for r in reports) / len(reports)
         both = sum(r["colour_ok"] and r["direction_ok"] for r in reports) / len(reports)
         tflops = trained_flops(checkpoint)
         results[name] = {"checkpoint": str(path), "step": checkpoint.get("global_step"), "train_tflops": tflops,
+                         "guidance_scale": model.settings.sampling.guidance_scale if args.guidance is None
+                         else args.guidance,
                          "colour_ok": colour, "direction_ok": direction, "both_ok": both, "clips": reports}
         videos[name] = clips
         rows.append([name, checkpoint.get("global_step"), "-" if tflops is None else f"{tflops:.1f}",
+                     f"{results[name]['guidance_scale']:g}",
                      f"{colour:.0%}", f"{direction:.0%}", f"{both:.0%}"])
     print(f"{args.captions} captions, one clip each, seeds {seeds[0]}..{seeds[-1]}")
-    table = print_table(["checkpoint", "step", "train TFLOPs", "colour right", "direction right", "both"], rows)
+    table = print_table(["checkpoint", "step", "train TFLOPs", "guidance", "colour right", "direction right", "both"], rows)
     sheet, labels = [], []
     for i in range(args.sheet_captions):
         for name in videos:

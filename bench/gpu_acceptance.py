@@ -40,6 +40,7 @@ sizes on the CPU in about a minute; its numbers mean nothing, it checks that the
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import re
@@ -441,7 +442,8 @@ def fit_flop_bound(model_args: list[str]) -> dict[str, Any]:
     module, batch = cli.model, cli.datamodule.batch_size
     captions = ["a red circle moving left"] * batch
     shape = (batch, module.codec.latent_channels, module.pyramid.num_frames, *module.latent_size())
-    per_clip = [train_step_flops(lambda: build([]).model, shape, captions, i) / batch
+    # train_step_flops moves the module it is given to the meta device: each stage counts a copy of the one built.
+    per_clip = [train_step_flops(lambda: copy.deepcopy(module), shape, captions, i) / batch
                 for i in range(len(module.pyramid.stages))]
     vanilla = train_step_flops(lambda: build(FIT_VARIANTS["vanilla"]).model, shape, captions, 0) / batch
     weights = [w / sum(module.pyramid.stage_weights) for w in module.pyramid.stage_weights]

@@ -496,6 +496,71 @@ def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_pa
     assert load_json(tmp_path / "s.json")["captions"] == [p for p, _, _ in equal_compute_samples.captions(3)]
 
 
+def test_equal_compute_samples_guidance_overrides_the_checkpoints_scale(tmp_path):
+    """``--guidance`` samples every checkpoint at the given scale (recorded per checkpoint), which changes the clips of
+    a model that reads its caption; without it each checkpoint samples at its own scale."""
+    import equal_compute_samples
+    import lightning
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    torch.manual_seed(0)
+    model = TPDiffModule(clip={"num_frames": 8, "resolution": 16}, sampling={"steps": 3, "guidance_scale": 1.0},
+                         optimization={"ema_decay": None})
+    with torch.no_grad():  # off the zero init of adaLN and the output layer, so the caption changes the output
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 1,
+                "pytorch-lightning_version": lightning.__version__}, path)
+
+    def run(*extra: str) -> tuple[dict, np.ndarray]:
+        result = equal_compute_samples.main(["--checkpoint", f"a={path}", "--captions", "2", "--sheet-captions", "1",
+                                             "--png", str(tmp_path / "s.png"), "--out", str(tmp_path / "s.json"),
+                                             *extra])["results"]["a"]
+        return result, np.asarray(Image.open(tmp_path / "s.png"))
+
+    (own, own_sheet), (guided, guided_sheet) = run(), run("--guidance", "4")
+    assert own["guidance_scale"] == 1.0 and guided["guidance_scale"] == 4.0
+    assert not np.array_equal(own_sheet, guided_sheet)  # the guided clips differ
+    with pytest.raises(SystemExit):
+        run("--guidance", "-1")
+
+
+def test_caption_overfit_fine_tunes_on_clips_differing_in_one_factor(tmp_path):
+    """The overfit check renders one clip per value of the factor (captions differing in that word only), trains the
+    checkpoint's weights on them, and measures the factor's gap per stage before and during the fine-tuning."""
+    import caption_overfit
+    import lightning
+    import torch
+
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    video, captions = caption_overfit.clips_varying("direction", 8, 16)
+    assert video.shape == (4, 3, 8, 16, 16) and video.min() >= -1 and video.max() <= 1
+    assert [c.split()[4] for c in captions] == ["left", "right", "up", "down"]
+    assert len({c.replace(c.split()[4], "") for c in captions}) == 1  # nothing else differs
+    assert not torch.equal(video[0], video[1])  # left and right move apart
+    torch.manual_seed(0)
+    model = TPDiffModule(clip={"num_frames": 8, "resolution": 16}, optimization={"ema_decay": None})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 3,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    result = caption_overfit.main([str(path), "--steps", "2", "--every", "1", "--draws", "1", "--lr", "1e-2",
+                                   "--out", str(tmp_path / "o.json")])
+    assert [p["step"] for p in result["points"]] == [0, 1, 2]
+    gaps = [p["gaps"] for p in result["points"]]
+    assert all(len(g) == 3 and all(x != 0 for x in g) for g in gaps)  # the swap is real at every stage
+    assert gaps[0] != gaps[2]  # the weights were trained
+    assert "direction gap, stage 0" in result["table"] and load_json(tmp_path / "o.json")["factor"] == "direction"
+
+
 def test_step_split_quality_samples_every_split_with_the_same_prompts(tmp_path, tiny_data_root):
     import lightning
     import step_split_quality
@@ -606,3 +671,22 @@ def test_tensorboard_screenshot_names_what_is_missing_in_one_line(tmp_path, monk
     with pytest.raises(SystemExit):
         tensorboard_screenshot.main([str(tmp_path)])
     assert "no Chromium found" in capsys.readouterr().err
+
+
+def test_caption_variance_shares_are_what_each_factor_explains(tmp_path):
+    """A factor that sets the pixels explains all their variance, one independent of them none (to sampling error);
+    on real synthetic clips every share lies in [0, 1] and colour, which paints the whole shape, explains some."""
+    import caption_variance
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 400)
+    b = rng.integers(0, 2, 400)
+    clips = np.stack([np.full((3, 4), float(v)) for v in a])
+    shares = caption_variance.explained_shares(clips, {"a": list(a), "b": list(b)})
+    assert shares["a"] == pytest.approx(1.0, abs=1e-12) and shares["b"] < 0.02
+    result = caption_variance.main(["--clips", "32", "--num-frames", "4", "--size", "16", "--frame-step", "2",
+                                    "--out", str(tmp_path / "v.json")])
+    assert set(result["shares"]) == set(caption_variance.FACTORS)
+    assert all(0 <= s <= 1 for s in result["shares"].values()) and result["shares"]["colour"] > 0.01
+    assert load_json(tmp_path / "v.json")["frame_step"] == 2
