@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         if step % args.every == 0 or step == args.steps:
-            points.append({"step": step, "loss": float(loss), "seconds": time.perf_counter() - start,
+            points.append({"step": step, "loss": float(loss.detach()), "seconds": time.perf_counter() - start,
                            "gaps": factor_gaps(model, video, captions, args.factor, args.draws)})
     stages = len(model.pyramid.stages)
     table = print_table(["fine-tuning step", *(f"{args.factor} gap, stage {i}" for i in range(stages))],
