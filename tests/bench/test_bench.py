@@ -18,6 +18,24 @@ from tpdiff_lightning.data.video_io import write_mp4
 pytestmark = pytest.mark.slow
 
 
+def perturbed_checkpoint(tmp_path, step: int, **module_args):
+    """A tiny TPDiffModule moved off its zero init (adaLN, output layer, pooled caption), so that its caption changes
+    its output, saved as a Lightning checkpoint at ``step``; returns the module and the checkpoint's path."""
+    import lightning
+
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    torch.manual_seed(0)
+    model = TPDiffModule(**module_args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": step,
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return model, path
+
+
 BENCH = ROOT / "bench"
 if str(BENCH) not in sys.path:  # the bench scripts import their shared helpers as `common`
     sys.path.insert(0, str(BENCH))
@@ -500,22 +518,12 @@ def test_equal_compute_samples_guidance_overrides_the_checkpoints_scale(tmp_path
     """``--guidance`` samples every checkpoint at the given scale (recorded per checkpoint), which changes the clips of
     a model that reads its caption; without it each checkpoint samples at its own scale."""
     import equal_compute_samples
-    import lightning
     import numpy as np
-    import torch
     from PIL import Image
 
-    from tpdiff_lightning.training.module import TPDiffModule
 
-    torch.manual_seed(0)
-    model = TPDiffModule(clip={"num_frames": 8, "resolution": 16}, sampling={"steps": 3, "guidance_scale": 1.0},
-                         optimization={"ema_decay": None})
-    with torch.no_grad():  # off the zero init of adaLN and the output layer, so the caption changes the output
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path / "m.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 1,
-                "pytorch-lightning_version": lightning.__version__}, path)
+    model, path = perturbed_checkpoint(tmp_path, 1, clip={"num_frames": 8, "resolution": 16},
+                                       sampling={"steps": 3, "guidance_scale": 1.0}, optimization={"ema_decay": None})
 
     def run(*extra: str) -> tuple[dict, np.ndarray]:
         result = equal_compute_samples.main(["--checkpoint", f"a={path}", "--captions", "2", "--sheet-captions", "1",
@@ -534,24 +542,16 @@ def test_caption_overfit_fine_tunes_on_clips_differing_in_one_factor(tmp_path):
     """The overfit check renders one clip per value of the factor (captions differing in that word only), trains the
     checkpoint's weights on them, and measures the factor's gap per stage before and during the fine-tuning."""
     import caption_overfit
-    import lightning
     import torch
 
-    from tpdiff_lightning.training.module import TPDiffModule
 
     video, captions = caption_overfit.clips_varying("direction", 8, 16)
     assert video.shape == (4, 3, 8, 16, 16) and video.min() >= -1 and video.max() <= 1
     assert [c.split()[4] for c in captions] == ["left", "right", "up", "down"]
     assert len({c.replace(c.split()[4], "") for c in captions}) == 1  # nothing else differs
     assert not torch.equal(video[0], video[1])  # left and right move apart
-    torch.manual_seed(0)
-    model = TPDiffModule(clip={"num_frames": 8, "resolution": 16}, optimization={"ema_decay": None})
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path / "m.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 3,
-                "pytorch-lightning_version": lightning.__version__}, path)
+    model, path = perturbed_checkpoint(tmp_path, 3, clip={"num_frames": 8, "resolution": 16},
+                                       optimization={"ema_decay": None})
     result = caption_overfit.main([str(path), "--steps", "2", "--every", "1", "--draws", "1", "--lr", "1e-2",
                                    "--out", str(tmp_path / "o.json")])
     assert [p["step"] for p in result["points"]] == [0, 1, 2]
@@ -587,19 +587,11 @@ def test_caption_probe_swaps_each_factor_of_the_caption_at_every_stage(tmp_path,
     """The probe's loss with each caption factor swapped, per stage, against the true caption's; a random model
     uses no word, so its gaps are small, and swapping nothing would give exactly 0."""
     import caption_probe
-    import lightning
     import torch
 
-    from tpdiff_lightning.training.module import TPDiffModule
 
-    torch.manual_seed(0)
-    model = TPDiffModule(clip={"num_frames": 16, "resolution": 16}, optimization={"ema_decay": None})
-    with torch.no_grad():  # off the zero init of adaLN, so that the pooled caption's path is live too
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    path = tmp_path / "m.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 7,
-                "pytorch-lightning_version": lightning.__version__}, path)
+    model, path = perturbed_checkpoint(tmp_path, 7, clip={"num_frames": 16, "resolution": 16},
+                                       optimization={"ema_decay": None})
     result = caption_probe.main([str(path), "--data-root", str(tiny_data_root), "--clips", "4", "--draws", "1",
                                  "--paths", "--out", str(tmp_path / "p.json")])
     assert [r["stage"] for r in result["stages"]] == [0, 1, 2] and result["step"] == 7
