@@ -682,3 +682,38 @@ def test_caption_variance_shares_are_what_each_factor_explains(tmp_path):
     assert set(result["shares"]) == set(caption_variance.FACTORS)
     assert all(0 <= s <= 1 for s in result["shares"].values()) and result["shares"]["colour"] > 0.01
     assert load_json(tmp_path / "v.json")["frame_step"] == 2
+
+
+def test_noisy_end_probe_scores_the_model_against_each_captions_mean_clip(tmp_path, tiny_data_root):
+    """At t = 1 each group's predictor is the stage target with the clip replaced by its group's mean training clip,
+    so its loss is gamma_e^2 times the mean squared gap between the eval clips and those means at stage 0's frames,
+    whatever the noise; the model's rows read the true and the direction-swapped caption."""
+    import noisy_end_probe
+    import torch
+
+    from tpdiff_lightning.data.pipelines import eval_pipeline
+    from tpdiff_lightning.data.synthetic import read_manifest
+
+    model, path = perturbed_checkpoint(tmp_path, 5, clip={"num_frames": 16, "resolution": 16},
+                                       optimization={"ema_decay": None})
+    result = noisy_end_probe.main([str(path), "--data-root", str(tiny_data_root), "--train-clips", "24",
+                                   "--clips", "8", "--draws", "2", "--out", str(tmp_path / "n.json")])
+    loss = {r["predictor"]: r["loss"] for r in result["rows"]}
+    assert result["step"] == 5 and result["groups"]["all"] == 1 and result["groups"]["direction"] <= 4
+    # The closed form, from the clips decoded here: every training clip's mean, then the eval clips' gap to it.
+    manifest = read_manifest(tiny_data_root)
+    def decoded(split):
+        urls = [str(tiny_data_root / s) for s in manifest["splits"][split]["shards"]]
+        return torch.cat([model.batch_latents({"video": b["video"]}) for b in eval_pipeline(urls, 16, 16, 64)])
+    stage = model.pyramid.stages[0]
+    gamma_e, _ = model.pyramid.schedule.scalar(stage.t_end)
+    down = lambda x: model.pyramid.downsample(x, stage.stride)  # noqa: E731
+    train, evals = decoded("train").double(), decoded("eval").double()
+    expected = gamma_e**2 * float(((down(evals) - down(train.mean(0, keepdim=True))) ** 2).mean())
+    assert abs(loss["mean of all training clips"] - expected) < 1e-4 * expected
+    assert all(v > 0 for v in loss.values())
+    assert loss["model, direction word swapped"] != loss["model, true caption"]  # the swapped words were encoded
+    assert "mean by direction" in result["table"]
+    assert noisy_end_probe.caption_factors("a red circle moving left fast")["direction"] == "left"
+    with pytest.raises(ValueError, match="is not a synthetic one"):
+        noisy_end_probe.caption_factors("a cat")

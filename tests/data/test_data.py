@@ -558,6 +558,25 @@ def test_rebuilding_outdated_synthetic_data_logs_which_arguments_differ(tmp_path
     assert synthetic.read_manifest(tmp_path)["splits"]["eval"]["num_clips"] == 1
 
 
+def test_synthetic_data_drawn_by_another_generator_version_is_rebuilt(tmp_path, caplog, monkeypatch):
+    """The manifest records a fingerprint of what the clips show; shards from an edited generator (here a changed
+    speed, with every argument the same) are not reused as if they were this generator's."""
+    kwargs = dict(root=str(tmp_path), num_frames=4, resolution=16, synthetic_num_train=2, synthetic_num_eval=1,
+                  build_synthetic=True)
+    VideoDataModule(**kwargs).prepare_data()
+    before = (tmp_path / "train-000000.tar").read_bytes()
+    assert synthetic.read_manifest(tmp_path)["content"] == synthetic.content_fingerprint()
+    monkeypatch.setitem(synthetic.SPEEDS, "slow", 0.3 / 32)
+    monkeypatch.setitem(synthetic.SPEEDS, "fast", 2.4 / 32)
+    assert "another version of the generator" in synthetic.synthetic_mismatch(
+        tmp_path, num_train=2, num_eval=1, num_frames=4, size=16)
+    with caplog.at_level(logging.WARNING, logger=datamodule.__name__):
+        VideoDataModule(**kwargs).prepare_data()
+    assert len(caplog.records) == 1 and "another version of the generator" in caplog.records[0].getMessage()
+    assert (tmp_path / "train-000000.tar").read_bytes() != before
+    assert synthetic.synthetic_mismatch(tmp_path, num_train=2, num_eval=1, num_frames=4, size=16) is None
+
+
 def test_make_synthetic_says_why_it_rebuilds_and_refuses_a_real_dataset(tmp_path, capsys):
     args = ["--out", str(tmp_path / "s"), "--num-train", "1", "--num-eval", "1", "--num-frames", "2", "--size", "16",
             "--no-progress"]  # fmt: skip

@@ -10,6 +10,7 @@ share a seed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import re
@@ -126,6 +127,17 @@ def make_clip(rng: np.random.Generator, num_frames: int, size: int, height: int 
     return frames, caption_for(colour, shape, direction, speed), meta
 
 
+def content_fingerprint() -> str:
+    """A short hash of everything that decides what a clip shows: the palette, shapes, directions, speeds, sizes and
+    the source of the functions that draw and caption a clip. A build whose manifest records another fingerprint
+    was made by another version of this generator (or an edited one), so its clips are not the ones these
+    arguments would give, and it is rebuilt."""
+    constants = repr((PALETTE, SHAPES, DIRECTIONS, SPEEDS, BACKGROUND, SHAPE_FRACTION))
+    sources = "".join(inspect.getsource(f) for f in (caption_for, _wrapped_offset, _coverage, render_clip,
+                                                       start_position, make_clip))
+    return hashlib.sha256((constants + sources).encode()).hexdigest()[:16]
+
+
 def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """Return the generator of clip `index` of `split`; splits get disjoint seed sequences."""
     return np.random.default_rng([seed, SPLIT_IDS[split], index])
@@ -221,7 +233,7 @@ def write_synthetic_shards(
                     "shard_clips": _shard_clips(count, args["clips_per_shard"])}
             for split, count in counts.items()
         }
-    manifest = {"generator": GENERATOR_NAME, "args": args, "splits": splits}
+    manifest = {"generator": GENERATOR_NAME, "content": content_fingerprint(), "args": args, "splits": splits}
     tmp = out_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(out_dir / MANIFEST)
@@ -251,6 +263,9 @@ def synthetic_mismatch(out_dir: str | Path, **generator_args) -> str | None:
         old = ", ".join(f"{name}={recorded.get(name)!r}" for name in differ)
         new = ", ".join(f"{name}={args.get(name)!r}" for name in differ)
         return f"it was built with {old}, but this build asks for {new}"
+    if manifest.get("content") != content_fingerprint():
+        return (f"its clips were drawn by another version of the generator (content {manifest.get('content')!r}, "
+                f"this one draws {content_fingerprint()!r})")
     shards = [name for split in manifest["splits"].values() for name in split["shards"]]
     missing = [name for name in shards if not (Path(out_dir) / name).is_file()]
     if missing:
