@@ -38,12 +38,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _tiny_shards(tmp_path_factory, num_frames: int) -> Path:
+def _tiny_shards(tmp_path_factory, num_frames: int, paths: str = "anywhere") -> Path:
     from tpdiff_lightning.data.synthetic import write_synthetic_shards
 
-    root = tmp_path_factory.mktemp(f"synthetic{num_frames}")
+    root = tmp_path_factory.mktemp(f"synthetic{num_frames}-{paths}")
     write_synthetic_shards(root, num_train=TINY_DATA["synthetic_num_train"], num_eval=TINY_DATA["synthetic_num_eval"],
-                           num_frames=num_frames, size=TINY_DATA["resolution"], seed=0, progress=False)
+                           num_frames=num_frames, size=TINY_DATA["resolution"], seed=0, progress=False, paths=paths)
     return root
 
 
@@ -51,6 +51,12 @@ def _tiny_shards(tmp_path_factory, num_frames: int) -> Path:
 def tiny_data_root(tmp_path_factory) -> Path:
     """A synthetic shard folder shared by the end-to-end tests (built by the first run that needs it)."""
     return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"])
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root_centred(tmp_path_factory) -> Path:
+    """Synthetic shards whose paths cross the frame's centre (``synthetic_paths: centred``, configs/motion.yaml)."""
+    return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"], "centred")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import yaml
 from tests.conftest import CONFIGS, DEFAULT, OVERLAYS, config_callbacks, config_chain, shrink_args
 from tests.helpers.tiny_pipelines import config_kind, pipeline_overrides, save_tiny_pipeline
 from tpdiff_lightning.cli.main import main
+from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.training.settings import GROUPS
 
 RUNNABLE = [DEFAULT, *(p for p in OVERLAYS if "strategy" not in p.relative_to(CONFIGS).parts)]
@@ -107,12 +108,18 @@ def test_config_parses_and_builds(path, pipelines):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
-def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data_root_17, pipelines):
+def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data_root_17, tiny_data_root_centred,
+                                       pipelines):
     """Each config as written (its precision, clipping, accumulation, optimizer, EMA and callbacks), shrunk
-    only in size: frames, resolution, widths, steps, clip counts and callback intervals, on one CPU device."""
+    only in size: frames, resolution, widths, steps, clip counts and callback intervals, on one CPU device. A config
+    with centred synthetic paths reads tiny shards built that way (the same build arguments, so none is rebuilt)."""
     chain = config_chain(path)
     kind = config_kind(chain)
-    root = tiny_data_root_17 if kind == "wan" else tiny_data_root
+    data = {}
+    for p in chain:
+        data.update(((yaml.safe_load(p.read_text()) or {}).get("data") or {}).get("init_args") or {})
+    root = (tiny_data_root_17 if kind == "wan" else
+            tiny_data_root_centred if data.get("synthetic_paths") == "centred" else tiny_data_root)
     written = {}
     for p in chain:
         written.update((yaml.safe_load(p.read_text()) or {}).get("trainer") or {})
@@ -134,6 +141,7 @@ def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data
     assert any(k.startswith("val/loss_stage") for k in logged)
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert len(ckpts) == 1
+    assert read_manifest(root)["args"].get("paths", "anywhere") == data.get("synthetic_paths", "anywhere")
 
 
 @pytest.mark.parametrize("name, folder", [("animatediff_ddim.yaml", "weights/animatediff-sd15"),

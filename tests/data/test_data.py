@@ -178,6 +178,40 @@ def test_shapes_stay_whole_inside_the_frame():
         assert not border, f"clip {i} ({caption}) touches the border, so its shape is cut"
 
 
+def test_centred_paths_cross_the_frame_centre_so_the_direction_fixes_every_frame():
+    """With paths="centred" the shape's mid-clip position is the frame's centre within 2 px on both axes, whatever
+    the direction and speed; "anywhere" paths spread over the frame (the same generator, another rule)."""
+    mids = {"centred": [], "anywhere": []}
+    for paths in mids:
+        for i in range(64):
+            _, _, meta = make_clip(clip_rng(0, "train", i), 16, 32, paths=paths)
+            vx, vy = DIRECTIONS[meta["direction"]]
+            half_travel = meta["speed_px_per_frame"] * 15 / 2
+            mids[paths].append((meta["start_xy"][0] + vx * half_travel, meta["start_xy"][1] + vy * half_travel))
+    centred, anywhere = np.asarray(mids["centred"]), np.asarray(mids["anywhere"])
+    assert np.abs(centred - 16).max() <= synthetic.CENTRED_JITTER + 1e-9
+    assert np.abs(anywhere - 16).max() > 4 * synthetic.CENTRED_JITTER
+    with pytest.raises(ValueError, match=r"paths='middle' is invalid; expected one of \['anywhere', 'centred'\]"):
+        make_clip(clip_rng(0, "train", 0), 4, 16, paths="middle")
+
+
+def test_synthetic_paths_is_a_build_argument_checked_before_anything_is_written(tmp_path, caplog):
+    """Asking a default build for centred paths rebuilds it with a warning naming `paths`; a misspelt value stops
+    with one line naming the key before anything is written."""
+    kwargs = dict(root=str(tmp_path), num_frames=4, resolution=16, synthetic_num_train=2, synthetic_num_eval=1,
+                  build_synthetic=True)
+    VideoDataModule(**kwargs).prepare_data()
+    assert "paths" not in synthetic.read_manifest(tmp_path)["args"]  # default builds keep their arguments
+    with caplog.at_level(logging.WARNING, logger=datamodule.__name__):
+        VideoDataModule(**kwargs, synthetic_paths="centred").prepare_data()
+    assert "paths=None, but this build asks for paths='centred'" in caplog.records[0].getMessage()
+    assert synthetic.read_manifest(tmp_path)["args"]["paths"] == "centred"
+    with pytest.raises(ValueError, match=r"^data.init_args.synthetic_paths='centered' is invalid; expected one of "
+                                         r"\['anywhere', 'centred'\]$"):
+        VideoDataModule(root=str(tmp_path / "new"), build_synthetic=True, synthetic_paths="centered")
+    assert not (tmp_path / "new").exists()
+
+
 def test_captions_cover_every_colour_shape_and_direction():
     metas = [make_clip(clip_rng(0, "train", i), 2, 16)[2] for i in range(200)]
     assert {m["colour"] for m in metas} == set(PALETTE)

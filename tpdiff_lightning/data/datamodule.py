@@ -21,6 +21,7 @@ from tpdiff_lightning.data.shard_formats import check_format, is_remote
 from tpdiff_lightning.data.shard_records import recorded_clip_count
 from tpdiff_lightning.data.synthetic import (
     GENERATOR_NAME,
+    PATHS as SYNTHETIC_PATHS,
     SYNTHETIC_FPS,
     caption_for,
     read_manifest,
@@ -79,6 +80,9 @@ class VideoDataModule(L.LightningDataModule):
             in `root` is rebuilt (unless ``false``), with a warning naming the arguments that changed.
         synthetic_num_train: Training clips of the synthetic build.
         synthetic_num_eval: Evaluation clips of the synthetic build.
+        synthetic_paths: Where a synthetic clip's path lies: ``"anywhere"`` the whole shape stays in frame, or
+            ``"centred"`` through the frame's centre (within 2 px), so the direction word fixes the shape's place in
+            every frame (``configs/motion.yaml``; docs/benchmarks.md §12).
         predict_prompts: Captions to sample in `predict`; None uses a few synthetic captions.
         predict_seeds_per_prompt: Samples per prompt in `predict`, each with its own seed.
         buckets: Training shapes ``[[frames, height, width], ...]`` (video frames and pixels) instead of the one
@@ -113,6 +117,7 @@ class VideoDataModule(L.LightningDataModule):
         build_synthetic: bool | str = False,
         synthetic_num_train: int = 2048,
         synthetic_num_eval: int = 128,
+        synthetic_paths: str = "anywhere",
         predict_prompts: list[str] | None = None,
         predict_seeds_per_prompt: int = 1,
         buckets: list[tuple[int, int, int]] | None = None,
@@ -133,6 +138,9 @@ class VideoDataModule(L.LightningDataModule):
         )
         if num_workers < 0 or seed < 0:
             raise ValueError(f"num_workers and seed must be >= 0, got num_workers={num_workers}, seed={seed}")
+        if synthetic_paths not in SYNTHETIC_PATHS:
+            raise ValueError(f"data.init_args.synthetic_paths={synthetic_paths!r} is invalid; expected one of "
+                             f"{list(SYNTHETIC_PATHS)}")
         if predict_prompts is not None and not predict_prompts:
             raise ValueError("predict_prompts is an empty list; pass None for the default prompts")
         self.buckets = parse_buckets(buckets) if buckets is not None else None
@@ -152,6 +160,7 @@ class VideoDataModule(L.LightningDataModule):
         self.train_steps_per_epoch, self.shuffle_buffer = train_steps_per_epoch, shuffle_buffer
         self.build_synthetic = build_synthetic
         self.synthetic_num_train, self.synthetic_num_eval = synthetic_num_train, synthetic_num_eval
+        self.synthetic_paths = synthetic_paths
         self.predict_prompts = list(predict_prompts or DEFAULT_PREDICT_PROMPTS)
         self.predict_seeds_per_prompt = predict_seeds_per_prompt
         self.resume_step: int | None = None
@@ -185,6 +194,7 @@ class VideoDataModule(L.LightningDataModule):
             size=size,
             seed=self.seed,
             fps=SYNTHETIC_FPS,
+            paths=self.synthetic_paths,
         )
 
     def prepare_data(self) -> None:

@@ -1,7 +1,9 @@
 """Deterministic captioned clips of one big shape sliding over a dark background, written as webdataset shards.
 
 Every clip shows a single solid shape (about 45% of the frame side) of one palette colour that moves
-at a constant speed in one direction and wraps around the frame edges, so motion never stops. The
+at a constant speed in one direction and wraps around the frame edges, so motion never stops. Its path starts
+anywhere the whole path stays in frame (``paths="anywhere"``, the default) or runs through the frame's centre,
+within 2 px (``paths="centred"``), where the direction word alone fixes the shape's place in every frame. The
 caption names all four factors, e.g. "a red circle moving left fast". Each clip is drawn from its own
 generator seeded by (seed, split, index), so any clip can be rebuilt alone and train and eval never
 share a seed.
@@ -39,6 +41,8 @@ SPEEDS: dict[str, float] = {"slow": 0.6 / 32, "fast": 1.2 / 32}
 BACKGROUND = (16, 16, 24)
 SHAPE_FRACTION = 0.35
 SPLIT_IDS = {"train": 0, "eval": 1}
+PATHS = ("anywhere", "centred")
+CENTRED_JITTER = 2.0  # px: how far a centred path's midpoint may sit from the frame's centre, on each axis
 MANIFEST = "manifest.json"
 GENERATOR_NAME = "tpdiff_lightning.data.synthetic"
 SYNTHETIC_FPS = 8  # frame rate stored in the mp4s, from which `target_fps` derives the frame step
@@ -82,27 +86,36 @@ def render_clip(
     return np.round(frames).astype(np.uint8)
 
 
-def start_position(rng: np.random.Generator, direction: str, speed: str, num_frames: int, size: int) -> tuple[float, float]:
-    """A random start (x, y) from which the whole shape stays in frame for the clip; wraps only if it cannot."""
+def start_position(rng: np.random.Generator, direction: str, speed: str, num_frames: int, size: int,
+                   paths: str = "anywhere") -> tuple[float, float]:
+    """The start (x, y) of a clip's path. ``"anywhere"``: random, such that the whole shape stays in frame for the
+    clip (it wraps only where it cannot). ``"centred"``: the path's midpoint is the frame's centre within
+    ``CENTRED_JITTER`` px on each axis, so the direction fixes where the shape is in every frame; a fast path's
+    first or last frames may then reach up to that far past the edge, where the shape wraps round."""
+    if paths not in PATHS:
+        raise ValueError(f"paths={paths!r} is invalid; expected one of {list(PATHS)}")
     half = SHAPE_FRACTION * size / 2 + 1.0  # plus the anti-aliased edge
     travel = SPEEDS[speed] * size * (num_frames - 1)
     start = []
     for v in DIRECTIONS[direction]:
+        if paths == "centred":
+            start.append(float(size / 2 - v * travel / 2 + rng.uniform(-CENTRED_JITTER, CENTRED_JITTER)))
+            continue
         low, high = half + (travel if v < 0 else 0.0), size - half - (travel if v > 0 else 0.0)
         start.append(float(rng.uniform(low, high)) if low <= high else float(rng.uniform(0, size)))
     return start[0], start[1]
 
 
 def make_clip(rng: np.random.Generator, num_frames: int, size: int, height: int | None = None,
-              width: int | None = None) -> tuple[np.ndarray, str, dict]:
+              width: int | None = None, paths: str = "anywhere") -> tuple[np.ndarray, str, dict]:
     """Draw one random clip: uint8 frames (F, H, W, 3) with H = W = size, its caption, and its metadata. With
     ``height`` and ``width`` (a portrait or landscape clip) it is drawn square at the larger side and centre-cropped
-    to ``height x width``."""
+    to ``height x width``. ``paths``: where its path lies (`start_position`)."""
     if num_frames < 1 or size < 4:
         raise ValueError(f"need num_frames >= 1 and size >= 4, got num_frames={num_frames}, size={size}")
     if height is not None or width is not None:
         height, width = height or size, width or size
-        frames, caption, meta = make_clip(rng, num_frames, max(height, width))
+        frames, caption, meta = make_clip(rng, num_frames, max(height, width), paths=paths)
         top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
         meta.update(height=height, width=width)
         return np.ascontiguousarray(frames[:, top:top + height, left:left + width]), caption, meta
@@ -110,7 +123,7 @@ def make_clip(rng: np.random.Generator, num_frames: int, size: int, height: int 
     shape = str(rng.choice(SHAPES))
     direction = str(rng.choice(list(DIRECTIONS)))
     speed = str(rng.choice(list(SPEEDS)))
-    start = start_position(rng, direction, speed, num_frames, size)
+    start = start_position(rng, direction, speed, num_frames, size, paths)
     frames = render_clip(colour, shape, direction, speed, start, num_frames, size)
     meta = {
         "colour": colour,
@@ -161,10 +174,10 @@ def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqd
             if shapes:  # mixed shapes: clip i takes shape i mod len(shapes)
                 frames_i, height, width = shapes[index % len(shapes)]
                 frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), frames_i, args["size"],
-                                                  height, width)
+                                                  height, width, paths=args.get("paths", "anywhere"))
             else:
                 frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), args["num_frames"],
-                                                  args["size"])
+                                                  args["size"], paths=args.get("paths", "anywhere"))
             key = f"{split}-{index:06d}"
             sink.write({"__key__": key, "mp4": encode_mp4(frames, fps=args["fps"]), "txt": caption, "json": meta})
             bar.update(1)
@@ -179,7 +192,8 @@ def _shard_clips(num_clips: int, clips_per_shard: int) -> list[int]:
     return [min(clips_per_shard, num_clips - start) for start in range(0, num_clips, clips_per_shard)]
 
 
-def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes=None) -> dict:
+def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes=None,
+                    paths="anywhere") -> dict:
     """Collect and check the arguments that fully determine a synthetic build."""
     args = dict(
         num_train=num_train,
@@ -190,6 +204,10 @@ def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard
         clips_per_shard=clips_per_shard,
         fps=fps,
     )
+    if paths != "anywhere":  # recorded only where it differs, so default builds keep their arguments
+        if paths not in PATHS:
+            raise ValueError(f"paths={paths!r} is invalid; expected one of {list(PATHS)}")
+        args["paths"] = paths
     if shapes:
         args["shapes"] = [list(s) for s in shapes]
         for s in args["shapes"]:
@@ -216,12 +234,14 @@ def write_synthetic_shards(
     fps: int = SYNTHETIC_FPS,
     progress: bool = True,
     shapes: list[tuple[int, int, int]] | None = None,
+    paths: str = "anywhere",
 ) -> dict:
     """Write train and eval shards of synthetic clips (F=num_frames, H=W=size) plus `manifest.json`; return the manifest.
 
     ``shapes`` (``[(frames, height, width), ...]``) makes clips of mixed shapes instead, clip i of each split
-    taking shape i mod len(shapes): portrait, square and landscape, of several lengths, to exercise buckets."""
-    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes)
+    taking shape i mod len(shapes): portrait, square and landscape, of several lengths, to exercise buckets.
+    ``paths``: ``"anywhere"`` or ``"centred"`` (`start_position`)."""
+    args = _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard, fps, shapes, paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Drop the manifest first so an interrupted build is never mistaken for a finished one.
@@ -297,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("FRAMES", "HEIGHT", "WIDTH"),
                         help="a clip shape; repeat for clips of mixed shapes (portrait, square, landscape, several "
                              "lengths) in turn, to train with buckets (default: num-frames x size x size)")
+    parser.add_argument("--paths", choices=PATHS, default="anywhere",
+                        help="where a clip's path lies: anywhere it stays in frame, or through the frame's centre "
+                             "(the direction word then fixes the shape's place in every frame) (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -314,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         clips_per_shard=opts.clips_per_shard,
         fps=opts.fps,
         shapes=[tuple(s) for s in opts.shape] if opts.shape else None,
+        paths=opts.paths,
     )
     start = time.perf_counter()
     reason = synthetic_mismatch(opts.out, **kwargs)
