@@ -684,7 +684,7 @@ def test_caption_variance_shares_are_what_each_factor_explains(tmp_path):
     assert load_json(tmp_path / "v.json")["frame_step"] == 2
 
 
-def test_noisy_end_probe_scores_the_model_against_each_captions_mean_clip(tmp_path, tiny_data_root):
+def test_noisy_end_probe_scores_the_model_against_each_captions_mean_clip(tmp_path):
     """At t = 1 each group's predictor is the stage target with the clip replaced by its group's mean training clip,
     so its loss is gamma_e^2 times the mean squared gap between the eval clips and those means at stage 0's frames,
     whatever the noise; the model's rows read the true and the direction-swapped caption."""
@@ -692,18 +692,21 @@ def test_noisy_end_probe_scores_the_model_against_each_captions_mean_clip(tmp_pa
     import torch
 
     from tpdiff_lightning.data.pipelines import eval_pipeline
-    from tpdiff_lightning.data.synthetic import read_manifest
+    from tpdiff_lightning.data.synthetic import read_manifest, write_synthetic_shards
+
+    root = tmp_path / "data"  # its own shards: every training clip read, by the bench and here alike
+    write_synthetic_shards(root, num_train=12, num_eval=4, num_frames=16, size=16, progress=False)
 
     model, path = perturbed_checkpoint(tmp_path, 5, clip={"num_frames": 16, "resolution": 16},
                                        optimization={"ema_decay": None})
-    result = noisy_end_probe.main([str(path), "--data-root", str(tiny_data_root), "--train-clips", "24",
-                                   "--clips", "8", "--draws", "2", "--out", str(tmp_path / "n.json")])
+    result = noisy_end_probe.main([str(path), "--data-root", str(root), "--train-clips", "100",
+                                   "--clips", "4", "--draws", "2", "--out", str(tmp_path / "n.json")])
     loss = {r["predictor"]: r["loss"] for r in result["rows"]}
     assert result["step"] == 5 and result["groups"]["all"] == 1 and result["groups"]["direction"] <= 4
     # The closed form, from the clips decoded here: every training clip's mean, then the eval clips' gap to it.
-    manifest = read_manifest(tiny_data_root)
+    manifest = read_manifest(root)
     def decoded(split):
-        urls = [str(tiny_data_root / s) for s in manifest["splits"][split]["shards"]]
+        urls = [str(root / s) for s in manifest["splits"][split]["shards"]]
         return torch.cat([model.batch_latents({"video": b["video"]}) for b in eval_pipeline(urls, 16, 16, 64)])
     stage = model.pyramid.stages[0]
     gamma_e, _ = model.pyramid.schedule.scalar(stage.t_end)
