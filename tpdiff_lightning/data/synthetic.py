@@ -283,9 +283,10 @@ def synthetic_mismatch(out_dir: str | Path, **generator_args) -> str | None:
         old = ", ".join(f"{name}={recorded.get(name)!r}" for name in differ)
         new = ", ".join(f"{name}={args.get(name)!r}" for name in differ)
         return f"it was built with {old}, but this build asks for {new}"
-    if manifest.get("content") != content_fingerprint():
+    content = content_fingerprint()
+    if manifest.get("content") != content:
         return (f"its clips were drawn by another version of the generator (content {manifest.get('content')!r}, "
-                f"this one draws {content_fingerprint()!r})")
+                f"this one draws {content!r})")
     shards = [name for split in manifest["splits"].values() for name in split["shards"]]
     missing = [name for name in shards if not (Path(out_dir) / name).is_file()]
     if missing:
