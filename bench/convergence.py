@@ -46,6 +46,10 @@ RUNS: dict[str, list[str]] = {
     "tpdiff-flow-spatiotemporal": ["configs/spatiotemporal.yaml"],
     "tpdiff-flow-spatiotemporal-centre": ["configs/spatiotemporal.yaml", "configs/spatiotemporal_centre.yaml"],
     "tpdiff-flow-token-budget": ["configs/token_budget.yaml"],
+    # The motion study: the runs above on the data and DiT that learn the direction of motion (configs/motion.yaml).
+    "tpdiff-flow-motion": ["configs/motion.yaml"],
+    "vanilla-flow-motion": ["configs/motion.yaml", "configs/vanilla.yaml"],
+    "tpdiff-flow-spatiotemporal-motion": ["configs/motion.yaml", "configs/spatiotemporal.yaml"],
 }
 RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
@@ -202,11 +206,12 @@ def first_reach(points: list[dict[str, float]], level: float, axis: str) -> floa
     return next((p[axis] for p in points if p["fvd"] <= level), None)
 
 
-def interpolate(points: list[dict[str, float]], grid: list[float]) -> list[float]:
-    """A run's FVD at each training-FLOP value of ``grid``, piecewise linear between its evaluations."""
+def interpolate(points: list[dict[str, float]], grid: list[float], key: str = "fvd") -> list[float]:
+    """A run's ``key`` (FVD, or a caption accuracy) at each training-FLOP value of ``grid``, piecewise linear
+    between its evaluations."""
     import numpy as np
 
-    return np.interp(grid, [p["train_flops"] for p in points], [p["fvd"] for p in points]).tolist()
+    return np.interp(grid, [p["train_flops"] for p in points], [p[key] for p in points]).tolist()
 
 
 def seed_mean_curves(runs: list[dict[str, Any]], names: tuple[str, str], num: int = 40) -> dict[str, Any] | None:

@@ -470,6 +470,30 @@ def test_equal_compute_reads_every_curve_at_the_same_flops(tmp_path):
                                  "--convergence", str(tmp_path / "c.json"), "--out", str(tmp_path / "e.json")])
     assert result["train_tflops"] == [2.0, 3.0]  # the span both curves cover
     assert result["mean_fvd"] == {"a": [100.0, 90.0], "b": [60.0, 50.0]}
+    assert "mean_direction_accuracy" not in result  # the curves logged no caption accuracy
+
+
+def test_equal_compute_averages_caption_accuracy_at_the_same_flops_and_plots_each_measure(tmp_path):
+    import equal_compute
+
+    def run(name, seed, flops, fvds, directions):
+        return {"run": name, "seed": seed, "points": [
+            {"train_flops": f * 1e12, "fvd": v, "direction_accuracy": d, "colour_accuracy": 1.0}
+            for f, v, d in zip(flops, fvds, directions)]}
+
+    runs = [run("a", 0, [1, 3], [100, 80], [0.25, 0.75]), run("a", 1, [1, 3], [120, 100], [0.0, 0.5]),
+            run("b", 0, [2, 4], [50, 30], [0.5, 1.0]), run("b", 1, [2, 4], [70, 50], [0.5, 0.5])]
+    (tmp_path / "c.json").write_text(json.dumps({"runs": runs}))
+    result = equal_compute.main(["--runs", "a,b", "--seeds", "0,1", "--points", "2", "--plot", str(tmp_path / "p.png"),
+                                 "--convergence", str(tmp_path / "c.json"), "--out", str(tmp_path / "e.json")])
+    assert result["train_tflops"] == [2.0, 3.0]
+    # a at 2 TFLOPs: seed 0 halfway from 25% to 75%, seed 1 from 0% to 50%; b starts at 2 TFLOPs
+    assert result["mean_direction_accuracy"] == {"a": [0.375, 0.625], "b": [0.5, 0.625]}
+    assert result["mean_colour_accuracy"] == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+    assert "a direction" in result["table"] and "38%" in result["table"]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "p.png").size == (3 * 560, 400)  # FVD, colour and direction panels
 
 
 def test_convergence_extend_refuses_a_finished_run_without_its_checkpoint_before_training_any(tmp_path):
