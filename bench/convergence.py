@@ -54,7 +54,8 @@ RUNS: dict[str, list[str]] = {
 RUNS.update({f"tpdiff-flow-{p.stem}": [f"configs/ablations/{p.name}"]
              for p in sorted((ROOT / "configs" / "ablations").glob("*.yaml")) if p.stem != "no_alignment"})
 PAIRS = {"flow": ("tpdiff-flow", "vanilla-flow"), "ddim": ("tpdiff-ddim", "vanilla-ddim"),
-         "flow-noalign": ("tpdiff-flow-noalign", "vanilla-flow")}
+         "flow-noalign": ("tpdiff-flow-noalign", "vanilla-flow"),
+         "motion": ("tpdiff-flow-motion", "vanilla-flow-motion")}
 # Two ways of training TPDiff compared at equal FLOPs (seed means only): (option, baseline).
 COMPARISONS = {"flow-token-budget": ("tpdiff-flow-token-budget", "tpdiff-flow")}
 CAPTION_FACTORS = ("colour_accuracy", "direction_accuracy")
@@ -293,11 +294,12 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """FVD against training FLOPs, one panel per schedule, vanilla and TPDiff overlaid."""
+    """FVD against training FLOPs, one panel per schedule (and one for the motion study), vanilla and TPDiff
+    overlaid."""
     from common import line_plot
 
     panels = {}
-    for schedule in ("flow", "ddim"):
+    for schedule in ("flow", "ddim", "motion"):
         series = {}
         for r in result["runs"]:
             if r["run"].endswith(schedule) or (schedule == "flow" and r["run"] == "tpdiff-flow-noalign"):

@@ -270,6 +270,17 @@ def test_training_budget_counts_each_stage_and_batch_shape_it_trains():
     assert restored.flops == budget.flops
 
 
+def test_convergence_runs_are_existing_config_overlays_and_the_motion_study_is_a_pair():
+    import convergence
+
+    for name, overlays in convergence.RUNS.items():
+        assert all((ROOT / overlay).is_file() for overlay in overlays), name
+    assert convergence.RUNS["vanilla-flow-motion"] == ["configs/motion.yaml", "configs/vanilla.yaml"]
+    runs = [{"run": name, "seed": 0, "points": [{"fvd": 500.0, "train_flops": 1.0, "train_seconds": 1.0}]}
+            for name in ("tpdiff-flow-motion", "vanilla-flow-motion")]
+    assert convergence.analyse(runs)["motion"][0]["tpdiff_final_fvd"] == 500.0
+
+
 def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():
     import convergence
 
