@@ -51,10 +51,30 @@ def equal_compute(runs: list[dict[str, Any]], names: list[str], seeds: list[int]
     return result
 
 
+def first_reach(points: list[dict[str, float]], key: str, level: float) -> float | None:
+    """Training FLOPs at which ``key`` first reaches ``level``, linear between the two evaluations that straddle
+    it; ``None`` if it never does."""
+    for before, after in zip([None, *points], points):
+        if after[key] >= level:
+            if before is None:
+                return after["train_flops"]
+            share = (level - before[key]) / (after[key] - before[key])
+            return before["train_flops"] + share * (after["train_flops"] - before["train_flops"])
+    return None
+
+
+def direction_reach(runs: list[dict[str, Any]], names: list[str], seeds: list[int], levels: list[float]
+                    ) -> dict[str, dict[str, list[float | None]]]:
+    """Per run and level: the TFLOPs at which each seed's direction accuracy first reached it (None: never)."""
+    by_key = {(r["run"], r["seed"]): r["points"] for r in runs}
+    return {n: {f"{level:g}": [None if (x := first_reach(by_key[(n, s)], "direction_accuracy", level)) is None
+                               else x / 1e12 for s in seeds] for level in levels} for n in names}
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     """FVD and each caption accuracy against training TFLOPs, one panel per measure, the runs overlaid."""
     seeds = ", ".join(map(str, result["seeds"]))
-    panels = {f"{key.removeprefix('mean_').replace('_', ' ')} (mean of seeds {seeds})":
+    panels = {f"{'FVD' if key == 'mean_fvd' else key.removeprefix('mean_').replace('_', ' ')} (mean of seeds {seeds})":
               {n: (result["train_tflops"], result[key][n]) for n in result["runs"]}
               for key in ["mean_fvd", *(f"mean_{f}" for f in CAPTION_FACTORS)] if key in result}
     print(f"wrote {line_plot(path, panels, 'backbone training TFLOPs', 'FVD | accuracy')}")
@@ -68,12 +88,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--convergence", default=str(ROOT / "bench" / "results" / "convergence.json"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "equal_compute.json"))
     parser.add_argument("--plot", default="", help="a PNG of each measure against TFLOPs (none if empty)")
+    parser.add_argument("--reach", default="0.5,0.8",
+                        help="direction accuracies whose first crossing (TFLOPs) is reported per run and seed")
     args = parser.parse_args(argv)
     if args.points < 2:
         parser.error(f"--points {args.points}: expected at least 2")
     names, seeds = args.runs.split(","), [int(s) for s in args.seeds.split(",")]
-    result = {"bench": "equal_compute",
-              **equal_compute(json.loads(Path(args.convergence).read_text())["runs"], names, seeds, args.points)}
+    runs = json.loads(Path(args.convergence).read_text())["runs"]
+    result = {"bench": "equal_compute", **equal_compute(runs, names, seeds, args.points)}
     factors = [f for f in CAPTION_FACTORS if f"mean_{f}" in result]
     words = [f.removesuffix("_accuracy") for f in factors]  # colour, direction
     print(f"mean {', '.join(['FVD', *words])} accuracy over seeds {seeds} at equal backbone training compute")
@@ -82,6 +104,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            [f"{result['mean_fvd'][n][k]:.0f}", *(f"{result[f'mean_{f}'][n][k]:.0%}" for f in factors)])]
             for k, x in enumerate(result["train_tflops"])]
     result["table"] = print_table(header, rows)
+    if "mean_direction_accuracy" in result:
+        levels = [float(x) for x in args.reach.split(",") if x]
+        result["direction_reach_tflops"] = direction_reach(runs, names, seeds, levels)
+        for level in levels:
+            print(f"TFLOPs at which direction accuracy first reached {level:.0%}, seeds {seeds}: " + "; ".join(
+                f"{n} " + ", ".join("never" if x is None else f"{x:.1f}"
+                                    for x in result["direction_reach_tflops"][n][f"{level:g}"]) for n in names))
     write_json(args.out, result)
     if args.plot:
         plot(result, args.plot)
