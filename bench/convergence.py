@@ -127,13 +127,27 @@ class TrainingBudget(L.Callback):
             trainer.should_stop = True
 
 
-def callbacks(args: argparse.Namespace) -> list[dict[str, Any]]:
+def data_root(args: argparse.Namespace, run: str) -> str:
+    """The run's data folder: ``--data-root`` where given, else the last overlay's ``data.init_args.root`` (the
+    motion runs' centred clips), else ``data/synthetic``. A run never builds its clips in another kind's folder."""
+    if args.data_root:
+        return args.data_root
+    import yaml
+
+    for overlay in reversed(RUNS[run]):
+        root = ((yaml.safe_load((ROOT / overlay).read_text()).get("data") or {}).get("init_args") or {}).get("root")
+        if root:
+            return root
+    return "data/synthetic"
+
+
+def callbacks(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
     """The run's callbacks: checkpoints for resume, the FVD curve, then the budget (it reads the curve)."""
     return [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": args.fvd_every}},
         {"class_path": "tpdiff_lightning.callbacks.fvd_curve.FVDCurve",
-         "init_args": {"eval_root": args.data_root, "name": "synthetic", "num_videos": args.fvd_videos,
+         "init_args": {"eval_root": data_root(args, run), "name": "synthetic", "num_videos": args.fvd_videos,
                        "every_n_steps": args.fvd_every, "num_steps": args.fvd_steps, "cache_dir": args.cache_dir,
                        "caption_accuracy": True}},
         {"class_path": "bench.convergence.TrainingBudget",
@@ -152,11 +166,11 @@ def command(args: argparse.Namespace, run: str, seed: int) -> list[str]:
         cmd += ["--config", str(ROOT / overlay)]
     cmd += [
         f"--seed_everything={seed}", f"--model.init_args.objective.stage_seed={seed}",
-        f"--trainer.callbacks={json.dumps(callbacks(args))}",
+        f"--trainer.callbacks={json.dumps(callbacks(args, run))}",
         f"--trainer.max_steps={args.max_steps}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={args.out_dir}", "--trainer.logger.init_args.name=convergence",
-        f"--trainer.logger.init_args.version={run}-s{seed}", f"--data.init_args.root={args.data_root}",
+        f"--trainer.logger.init_args.version={run}-s{seed}", f"--data.init_args.root={data_root(args, run)}",
         "--data.init_args.build_synthetic=true",  # the synthetic set is built at data_root when missing
         f"--data.init_args.batch_size={args.batch}", f"--data.init_args.num_workers={args.workers}",
     ]
@@ -331,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--resolution", type=int, default=None, help="override the data resolution")
-    parser.add_argument("--data-root", default="data/synthetic")
+    parser.add_argument("--data-root", default=None,
+                        help="the runs' data folder (default: the run's config's root, else data/synthetic)")
     parser.add_argument("--cache-dir", default="outputs/fvd_cache")
     parser.add_argument("--out-dir", default="outputs")
     parser.add_argument("--out", default="bench/results/convergence.json")

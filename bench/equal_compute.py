@@ -51,7 +51,7 @@ def equal_compute(runs: list[dict[str, Any]], names: list[str], seeds: list[int]
     return result
 
 
-def first_reach(points: list[dict[str, float]], key: str, level: float) -> float | None:
+def first_crossing(points: list[dict[str, float]], key: str, level: float) -> float | None:
     """Training FLOPs at which ``key`` first reaches ``level``, linear between the two evaluations that straddle
     it; ``None`` if it never does."""
     for before, after in zip([None, *points], points):
@@ -67,7 +67,7 @@ def direction_reach(runs: list[dict[str, Any]], names: list[str], seeds: list[in
                     ) -> dict[str, dict[str, list[float | None]]]:
     """Per run and level: the TFLOPs at which each seed's direction accuracy first reached it (None: never)."""
     by_key = {(r["run"], r["seed"]): r["points"] for r in runs}
-    return {n: {f"{level:g}": [None if (x := first_reach(by_key[(n, s)], "direction_accuracy", level)) is None
+    return {n: {f"{level:g}": [None if (x := first_crossing(by_key[(n, s)], "direction_accuracy", level)) is None
                                else x / 1e12 for s in seeds] for level in levels} for n in names}
 
 
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"bench": "equal_compute", **equal_compute(runs, names, seeds, args.points)}
     factors = [f for f in CAPTION_FACTORS if f"mean_{f}" in result]
     words = [f.removesuffix("_accuracy") for f in factors]  # colour, direction
-    print(f"mean {', '.join(['FVD', *words])} accuracy over seeds {seeds} at equal backbone training compute")
+    measures = ", ".join(["FVD", *words]) + (" accuracy" if words else "")
+    print(f"mean {measures} over seeds {seeds} at equal backbone training compute")
     header = ["TFLOPs", *(f"{n} {m}" for n in names for m in ["FVD", *words])]
     rows = [[f"{x:.1f}", *(cell for n in names for cell in
                            [f"{result['mean_fvd'][n][k]:.0f}", *(f"{result[f'mean_{f}'][n][k]:.0%}" for f in factors)])]

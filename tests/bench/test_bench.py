@@ -281,6 +281,19 @@ def test_convergence_runs_are_existing_config_overlays_and_the_motion_study_is_a
     assert convergence.analyse(runs)["motion"][0]["tpdiff_final_fvd"] == 500.0
 
 
+
+def test_convergence_runs_train_in_their_configs_data_folder_unless_told_otherwise():
+    import argparse
+
+    import convergence
+
+    args = argparse.Namespace(data_root=None)
+    # The motion runs' centred clips never land in (and so never rebuild) the default data folder.
+    assert convergence.data_root(args, "vanilla-flow-motion") == "data/synthetic_centred"
+    assert convergence.data_root(args, "tpdiff-flow") == "data/synthetic"
+    assert convergence.data_root(argparse.Namespace(data_root="/x"), "tpdiff-flow-motion") == "/x"
+
+
 def test_convergence_analysis_finds_where_tpdiff_reaches_vanillas_final_fvd():
     import convergence
 
