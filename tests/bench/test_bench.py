@@ -512,12 +512,12 @@ def test_equal_compute_averages_caption_accuracy_at_the_same_flops_and_plots_eac
                                  "--convergence", str(tmp_path / "c.json"), "--out", str(tmp_path / "e.json")])
     assert result["train_tflops"] == [2.0, 3.0]
     # a at 2 TFLOPs: seed 0 halfway from 25% to 75%, seed 1 from 0% to 50%; b starts at 2 TFLOPs
-    assert result["mean_direction_accuracy"] == {"a": [0.375, 0.625], "b": [0.5, 0.625]}
-    assert result["mean_colour_accuracy"] == {"a": [1.0, 1.0], "b": [1.0, 1.0]}
+    assert result["mean_direction_accuracy"] == {"a": pytest.approx([0.375, 0.625]), "b": pytest.approx([0.5, 0.625])}
+    assert result["mean_colour_accuracy"] == {"a": pytest.approx([1.0, 1.0]), "b": pytest.approx([1.0, 1.0])}
     assert "a direction" in result["table"] and "38%" in result["table"]
     # first 50% direction: a seed 0 between 1 (25%) and 3 TFLOPs (75%), seed 1 at 3; b seed 0 at its first point
-    assert result["direction_reach_tflops"]["a"]["0.5"] == [2.0, 3.0]
-    assert result["direction_reach_tflops"]["b"]["0.5"] == [2.0, 2.0]
+    assert result["direction_reach_tflops"]["a"]["0.5"] == pytest.approx([2.0, 3.0])
+    assert result["direction_reach_tflops"]["b"]["0.5"] == pytest.approx([2.0, 2.0])
     assert result["direction_reach_tflops"]["a"]["0.8"] == [None, None]  # never
     from PIL import Image
 

@@ -167,17 +167,17 @@ def _write_split(out_dir: Path, split: str, num_clips: int, args: dict, bar: tqd
     """Write `num_clips` clips of `split` as `{split}-%06d.tar` shards in `out_dir` and return the shard names."""
     _remove_old_shards(out_dir, split)
     pattern = str(out_dir / f"{split}-%06d.tar")
+    paths, shapes = args.get("paths", "anywhere"), args.get("shapes")  # builds record paths only if not default
     # mtime=0 makes the tar bytes depend only on the clips, so rebuilding gives identical shards.
     with wds.ShardWriter(pattern, maxcount=args["clips_per_shard"], verbose=0, mtime=0) as sink:
         for index in range(num_clips):
-            shapes = args.get("shapes")
             if shapes:  # mixed shapes: clip i takes shape i mod len(shapes)
                 frames_i, height, width = shapes[index % len(shapes)]
                 frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), frames_i, args["size"],
-                                                  height, width, paths=args.get("paths", "anywhere"))
+                                                  height, width, paths=paths)
             else:
                 frames, caption, meta = make_clip(clip_rng(args["seed"], split, index), args["num_frames"],
-                                                  args["size"], paths=args.get("paths", "anywhere"))
+                                                  args["size"], paths=paths)
             key = f"{split}-{index:06d}"
             sink.write({"__key__": key, "mp4": encode_mp4(frames, fps=args["fps"]), "txt": caption, "json": meta})
             bar.update(1)
@@ -204,9 +204,9 @@ def _generator_args(num_train, num_eval, num_frames, size, seed, clips_per_shard
         clips_per_shard=clips_per_shard,
         fps=fps,
     )
+    if paths not in PATHS:  # checked before anything is written (start_position checks again for direct callers)
+        raise ValueError(f"paths={paths!r} is invalid; expected one of {list(PATHS)}")
     if paths != "anywhere":  # recorded only where it differs, so default builds keep their arguments
-        if paths not in PATHS:
-            raise ValueError(f"paths={paths!r} is invalid; expected one of {list(PATHS)}")
         args["paths"] = paths
     if shapes:
         args["shapes"] = [list(s) for s in shapes]
