@@ -772,3 +772,23 @@ def test_noisy_end_probe_scores_the_model_against_each_captions_mean_clip(tmp_pa
     assert noisy_end_probe.caption_factors("a red circle moving left fast")["direction"] == "left"
     with pytest.raises(ValueError, match="is not a synthetic one"):
         noisy_end_probe.caption_factors("a cat")
+
+
+def test_colour_confusion_reads_every_colour_word_and_draws_every_caption(tmp_path, tiny_data_root):
+    """The loss with each colour word per (colour, direction) of the eval clips, and the drawn colour per caption
+    with and without a stray letter; a wrong word within the margin is a confusion, one outside it is not."""
+    import colour_confusion
+
+    _, path = perturbed_checkpoint(tmp_path, 3, clip={"num_frames": 16, "resolution": 16},
+                                   optimization={"ema_decay": None})
+    result = colour_confusion.main([str(path), "--data-root", str(tiny_data_root), "--draws", "1", "--seeds", "1",
+                                    "--steps", "3", "--out", str(tmp_path / "c.json")])
+    assert result["loss"] and all(set(row) == set(colour_confusion.COLOURS)
+                                  for rows in result["loss"].values() for row in rows.values())
+    assert all(loss > 0 for rows in result["loss"].values() for row in rows.values() for loss in row.values())
+    assert len(result["drawn"]) == len(result["drawn_with_stray_letter"]) == 16
+    assert all(len(drawn) == 1 for drawn in result["drawn"].values())
+    assert colour_confusion.recolour("a green circle moving down fast", "red") == "a red circle moving down fast"
+    table = {"down": {"green": {"red": 1.05, "green": 1.0, "blue": 3.0, "yellow": 1.2}}}
+    assert [(c["clip colour"], c["caption colour"]) for c in colour_confusion.confusions(table, 0.1)] == \
+        [("green", "red")]

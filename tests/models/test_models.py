@@ -1,6 +1,7 @@
 """Properties of the built-in backbones: the video DiT, its stage-consistent RoPE, the text encoder and the codec."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -299,3 +300,55 @@ def test_absolute_positions_sit_at_the_stage_consistent_positions_and_change_onl
     assert not torch.allclose(model(x, t, text, mask), plain(x, t, text, mask))
     with pytest.raises(ValueError, match="absolute_positions='yes' is invalid"):
         make_model(absolute_positions="yes")
+
+
+def test_word_tokens_give_each_word_one_id_with_no_shared_pieces():
+    from tpdiff_lightning.models.word_hash_tokenizer import WordHashTokenizer
+
+    tokenizer = WordHashTokenizer(4096)
+    ids, mask = tokenizer(["a red square moving down fast", "A green square, moving UP", ""], max_length=64)
+    words = [tokenizer.words(c) for c in ["a red square moving down fast", "A green square, moving UP"]]
+    assert words[1] == ["a", "green", "square", ",", "moving", "up"]  # lower-cased, punctuation its own word
+    assert mask.sum(1).tolist() == [7, 7, 1]  # one token per word plus the end token; "" keeps its end token
+    assert ids[0, 6] == ids[1, 6] == ids[2, 0] == tokenizer.eos_token_id and ids[2, 1] == tokenizer.pad_token_id
+    assert ids[0, 0] == ids[1, 0] and ids[0, 2] == ids[1, 2]  # the same word, the same id, wherever it stands
+    assert ((ids >= 0) & (ids < len(tokenizer))).all()
+    # The shortcut the byte tokenizer allows: "red" and "down" share the byte "d", so a caption with "down" carries
+    # part of "red". As words they share nothing.
+    red, down = (set(tokenizer([w], 64)[0][0, :-1].tolist()) for w in ("red", "down"))
+    assert not red & down
+    byte_encoder = T5TextEncoder(tokens="bytes")
+    red_bytes, down_bytes = (set(byte_encoder.tokenize([w])[0][0, :-1].tolist()) for w in ("red", "down"))
+    assert red_bytes & down_bytes
+    # The synthetic captions' 14 words get 14 distinct ids with the default buckets.
+    vocabulary = "a red green blue yellow square circle moving left right up down slow fast".split()
+    assert len({tokenizer.word_id(w) for w in vocabulary}) == len(vocabulary)
+    cut, cut_mask = tokenizer(["a red square moving down fast"], max_length=3)
+    assert cut.shape == (1, 3) and cut[0, -1] == tokenizer.eos_token_id and cut_mask.all()
+
+
+def test_word_ids_are_the_same_in_every_process():
+    # A checkpoint's embedding rows must mean the same words wherever it is loaded: the ids may not depend on
+    # Python's per-process string hash.
+    import subprocess
+    import sys
+
+    code = ("from tpdiff_lightning.models.word_hash_tokenizer import WordHashTokenizer;"
+            "print(WordHashTokenizer(4096)(['a green circle moving left slow'], 64)[0].tolist())")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outputs) == 1
+
+
+def test_word_text_encoder_shapes_round_trip_and_bad_tokens():
+    encoder = T5TextEncoder(d_model=32, num_heads=2, d_ff=64, num_layers=1, tokens="words", word_buckets=64)
+    emb, mask = encoder(["a cat", "", "a dog running in a park"])
+    assert emb.shape == (3, 7, 32) and mask.sum(1).tolist() == [3, 1, 7]
+    assert encoder.model.shared.num_embeddings == 66  # pad, end and the 64 word buckets
+    again = T5TextEncoder(d_model=32, num_heads=2, d_ff=64, num_layers=1, tokens="words", word_buckets=64)
+    again.load_state_dict(encoder.state_dict())
+    assert_close(again(["a cat"])[0], encoder(["a cat"])[0][:1, :3])
+    with pytest.raises(ValueError, match=r"tokens='word': expected one of bytes, words"):
+        T5TextEncoder(tokens="word")
+    with pytest.raises(ValueError, match=r"word_buckets=0"):
+        T5TextEncoder(tokens="words", word_buckets=0)

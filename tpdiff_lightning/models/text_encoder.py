@@ -1,7 +1,7 @@
 """Caption encoders: `encoder(captions) -> (emb (B, L, dim), mask (B, L))`, with the width in `encoder.dim`.
 
-Every encoder follows the `TextEncoder` protocol below. The default is a small T5 encoder on bytes,
-built from a config (no download) and trained from scratch; CLIP and UMT5 encoders with pretrained
+Every encoder follows the `TextEncoder` protocol below. The default is a small T5 encoder on bytes or
+on hashed words, built from a config (no download) and trained from scratch; CLIP and UMT5 encoders with pretrained
 weights will plug in later with the same interface.
 """
 
@@ -10,6 +10,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+from tpdiff_lightning.models.word_hash_tokenizer import WordHashTokenizer
 
 
 @runtime_checkable
@@ -47,8 +49,14 @@ def drop_second_embedding_key(state_dict, prefix, *args) -> None:
         state_dict.pop(prefix + TIED_EMBEDDING_KEY, None)
 
 
+TOKENS = ("bytes", "words")
+
+
 class T5TextEncoder(nn.Module):
-    """A T5 encoder over UTF-8 bytes (ByT5 tokenizer), small enough to train on CPU."""
+    """A T5 encoder small enough to train on CPU, over UTF-8 bytes (``tokens="bytes"``, the ByT5 tokenizer) or
+    over words (``tokens="words"``: one id per word, from ``word_buckets`` hash buckets; see
+    ``word_hash_tokenizer``). A shallow encoder on bytes can key a word on one of its bytes and confuse it with
+    any other word holding that byte; word ids cannot."""
 
     def __init__(
         self,
@@ -58,12 +66,17 @@ class T5TextEncoder(nn.Module):
         d_ff: int = 256,
         max_length: int = 64,
         trainable: bool = True,
+        tokens: str = "bytes",
+        word_buckets: int = 4096,
     ):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-        # Byte-level tokenizer: needs no vocabulary file, so nothing is downloaded.
-        self.tokenizer = ByT5Tokenizer()
+        if tokens not in TOKENS:
+            raise ValueError(f"tokens={tokens!r}: expected one of {', '.join(TOKENS)}")
+        # Neither tokenizer needs a vocabulary file, so nothing is downloaded.
+        self.tokenizer = ByT5Tokenizer() if tokens == "bytes" else WordHashTokenizer(word_buckets)
+        self.tokens = tokens
         config = T5Config(
             vocab_size=len(self.tokenizer),
             d_model=d_model,
@@ -92,6 +105,14 @@ class T5TextEncoder(nn.Module):
             self.model.eval()
         return self
 
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Token ids and the real-token mask, each (B, L), padded to the longest and cut at ``max_length``."""
+        if self.tokens == "words":
+            return self.tokenizer(captions, self.max_length)
+        batch = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"].bool()
+
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Encode captions to `(emb (B, L, dim), mask (B, L))`, padded to the longest and cut at `max_length`.
 
@@ -100,11 +121,8 @@ class T5TextEncoder(nn.Module):
         if isinstance(captions, str):
             raise TypeError(f"expected a list of captions, got the single string {captions!r}")
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(
-            list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        ids = batch["input_ids"].to(device)  # (B, L)
-        mask = batch["attention_mask"].to(device).bool()  # (B, L)
+        ids, mask = self.tokenize(list(captions))
+        ids, mask = ids.to(device), mask.to(device)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             emb = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, dim)
         return emb, mask
