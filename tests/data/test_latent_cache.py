@@ -17,7 +17,8 @@ from tpdiff_lightning.data import decoding, pipelines
 from tpdiff_lightning.data.collation import collate_clips
 from tpdiff_lightning.data.datamodule import VideoDataModule
 from tpdiff_lightning.data.decoding import NoUsableClipsError
-from tpdiff_lightning.data.latent_cache import check_codec, encode_split, module_identity, tensor_bytes
+from tpdiff_lightning.data.latent_cache import (check_codec, check_text_encoder, encode_split, module_identity,
+                                                tensor_bytes)
 from tpdiff_lightning.data.lost_clips import CorruptSampleWarning, SkipCounter
 from tpdiff_lightning.data.pipelines import eval_pipeline, train_pipeline
 from tpdiff_lightning.data.synthetic import read_manifest
@@ -90,7 +91,7 @@ def test_training_from_latent_batches_with_cached_text(tmp_path, tiny_data_root)
     assert manifest["text_encoder"]["class"].endswith("T5TextEncoder")
     torch.manual_seed(0)
     module = TPDiffModule(clip={"num_frames": 16, "resolution": 16}, optimization={"ema_decay": None}, objective={"caption_dropout": 0.5},
-                          text_encoder=T5TextEncoder(trainable=False))
+                          text_encoder=T5TextEncoder(trainable=False, tokens="words"))  # as configs/default.yaml
     dm = VideoDataModule(root=str(out), num_frames=16, resolution=16, batch_size=4, num_workers=0, build_synthetic=False)
     batch = next(iter(dm.val_dataloader()))
     assert "text_emb" in batch
@@ -106,6 +107,18 @@ def test_training_from_latent_batches_with_cached_text(tmp_path, tiny_data_root)
                          text_encoder=T5TextEncoder(d_model=64, num_heads=4, trainable=False))
     with pytest.raises(ValueError, match="caption embeddings of text encoder"):
         other.batch_text(batch, batch["caption"])
+    # The same width on other tokens (bytes, not the words they were encoded with) is another encoder too.
+    on_bytes = TPDiffModule(clip={"num_frames": 16, "resolution": 16}, optimization={"ema_decay": None},
+                            text_encoder=T5TextEncoder(trainable=False, tokens="bytes"))
+    with pytest.raises(ValueError, match="caption embeddings of text encoder.*'tokens': 'words'"):
+        on_bytes.batch_text(batch, batch["caption"])
+
+
+def test_shards_from_before_word_tokens_count_as_bytes():
+    stored = {"class": "tpdiff_lightning.models.text_encoder.T5TextEncoder", "dim": 128}
+    check_text_encoder(stored, T5TextEncoder(trainable=False, tokens="bytes"))
+    with pytest.raises(ValueError, match="caption embeddings of text encoder"):
+        check_text_encoder(stored, T5TextEncoder(trainable=False, tokens="words"))
 
 
 @pytest.mark.slow
@@ -197,7 +210,8 @@ def _latent_sample(bucket=None):
 
 def test_a_latent_clip_keeps_its_bucket_and_one_the_run_lacks_stops_the_stream():
     from tpdiff_lightning.data.buckets import Bucket
-    from tpdiff_lightning.data.latent_cache import LatentBucketError, decode_latent
+    from tpdiff_lightning.data.latent_cache import (LatentBucketError,
+                                                    decode_latent)
 
     buckets = [Bucket(4, 8, 8), Bucket(8, 8, 16)]
     clip = decode_latent(_latent_sample([4, 8, 8]), 99, rng=None, buckets=buckets)

@@ -39,9 +39,11 @@ class LatentBucketError(ValueError):
 
 
 def module_identity(module: nn.Module) -> dict:
-    """What must match between the shards and the model: class, and the codec's declared name and shape factors."""
+    """What must match between the shards and the model: class, the codec's declared name and shape factors, and
+    the text encoder's width, weights folder and tokens (bytes or words)."""
     identity = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
-    for attr in ("name", "latent_channels", "temporal_compression", "spatial_compression", "dim", "name_or_path"):
+    for attr in ("name", "latent_channels", "temporal_compression", "spatial_compression", "dim", "name_or_path",
+                 "tokens"):
         value = getattr(module, attr, None)
         if isinstance(value, (str, int, float)):
             identity[attr] = value
@@ -59,6 +61,8 @@ def check_codec(stored: dict, codec: nn.Module) -> None:
 def check_text_encoder(stored: dict | None, text_encoder: nn.Module) -> None:
     """Raise ValueError when cached caption embeddings came from another text encoder than the model's."""
     expected = module_identity(text_encoder)
+    if stored is not None and "tokens" not in stored and expected.get("tokens") == "bytes":
+        del expected["tokens"]  # shards written before the T5 encoder had word tokens: those were bytes
     if stored != expected:
         raise ValueError(f"latent shards hold caption embeddings of text encoder {stored}, but the model's is "
                          f"{expected}; re-encode with `python data/encode_latents.py` for this model")
