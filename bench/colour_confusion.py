@@ -49,7 +49,8 @@ def loss_table(model: TPDiffModule, clips: dict[tuple[str, str], list[tuple[str,
         table[direction][colour] = {}
         for word in COLOURS:
             text, mask = model.text_encoder([recolour(c, word) for c in captions])
-            losses = [float(model.stage_loss(x0, text, mask, 0, torch.Generator().manual_seed(d))) for d in range(draws)]
+            losses = [float(model.stage_loss(x0, text, mask, 0, torch.Generator().manual_seed(d)))
+                      for d in range(draws)]
             table[direction][colour][word] = sum(losses) / draws
     return dict(table)
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table += "\n" + print_table(["caption", "drawn", f"drawn, with ' {args.stray}' appended"],
                                 [[c, " ".join(drawn[c]), " ".join(drawn[stray[c]])] for c in captions])
     result = {"bench": "colour_confusion", "checkpoint": str(args.checkpoint), "margin": args.margin,
+              "data_root": str(args.data_root), "draws": args.draws, "seeds": args.seeds, "steps": args.steps,
               "loss": losses, "confusions": found, "drawn": {c: drawn[c] for c in captions},
               "drawn_with_stray_letter": {c: drawn[stray[c]] for c in captions}, "stray": args.stray,
               "table": table, "machine": finish_machine_info(info)}

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--captions", type=int, default=24, help="captions sampled, one clip each")
     parser.add_argument("--sheet-captions", type=int, default=6, help="captions shown on the contact sheet")
     parser.add_argument("--seed", type=int, default=0, help="clip i is drawn with seed + i")
+    parser.add_argument("--seeds-per-caption", type=int, default=1,
+                        help="clips per caption, drawn with seeds seed .. seed + N - 1 (the issue's check: "
+                             "--captions 8 --seeds-per-caption 4); 1: one clip per caption, clip i with seed + i")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: each model's own)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: each model's own)")
@@ -68,11 +71,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.captions < 1 or not 0 < args.sheet_captions <= args.captions:
         parser.error(f"--captions {args.captions} --sheet-captions {args.sheet_captions}: expected "
                      "1 <= sheet captions <= captions")
+    if args.seeds_per_caption < 1:
+        parser.error(f"--seeds-per-caption {args.seeds_per_caption}: expected at least 1")
     if args.guidance is not None and args.guidance < 0:
         parser.error(f"--guidance {args.guidance}: expected a scale >= 0 (1: no guidance, 0: unconditional)")
     torch.manual_seed(0)
-    prompts = captions(args.captions)
-    seeds = [args.seed + i for i in range(args.captions)]
+    n = args.seeds_per_caption
+    prompts = [p for p in captions(args.captions) for _ in range(n)]
+    seeds = [args.seed + i for i in range(args.captions)] if n == 1 else \
+        [args.seed + s for _ in range(args.captions) for s in range(n)]
     info = machine_info()
     rows, results, videos = [], {}, {}
     for name, _, path in pairs:
@@ -94,13 +101,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append([name, checkpoint.get("global_step"), "-" if tflops is None else f"{tflops:.1f}",
                      f"{results[name]['guidance_scale']:g}",
                      f"{colour:.0%}", f"{direction:.0%}", f"{both:.0%}"])
-    print(f"{args.captions} captions, one clip each, seeds {seeds[0]}..{seeds[-1]}")
+    print(f"{args.captions} captions, {n} clip(s) each, seeds {min(seeds)}..{max(seeds)}")
     table = print_table(["checkpoint", "step", "train TFLOPs", "guidance", "colour right", "direction right", "both"], rows)
     sheet, labels = [], []
     for i in range(args.sheet_captions):
         for name in videos:
-            sheet.append(videos[name][i])
-            labels.append(f"{name}: {prompts[i][0]}")
+            sheet.append(videos[name][i * n])
+            labels.append(f"{name}: {prompts[i * n][0]}")
     png = save_contact_sheet(args.png, sheet, labels)
     print(f"wrote {png}")
     result = {"bench": "equal_compute_samples", "captions": [p for p, _, _ in prompts], "seeds": seeds,

@@ -46,7 +46,9 @@ def synthetic_batch(batch: int, frames: int, size: int) -> tuple[Tensor, list[st
 
 
 def build_module(num_stages: int, args: argparse.Namespace, device: str | None = None) -> TPDiffModule:
-    """The default config's module (dit-tiny, small T5, flow, alignment, EMA) with ``num_stages`` stages."""
+    """The default config's module (dit-tiny, small T5, flow, alignment, EMA) with ``num_stages`` stages; its text
+    encoder reads bytes, as when bench/results/train_throughput.json was measured (the default now reads words,
+    about 4.5x fewer caption tokens, a small part of a step)."""
     torch.manual_seed(0)
     return TPDiffModule(
         backbone=functools.partial(VideoDiT, size=args.size), text_encoder=T5TextEncoder(d_model=128, num_layers=2),

@@ -564,6 +564,13 @@ def test_equal_compute_samples_sheet_has_a_row_per_checkpoint_and_caption(tmp_pa
     width, height = Image.open(tmp_path / "s.png").size
     assert (width, height) == (8 * 32, 4 * (32 + 12))  # 2 captions x 2 checkpoints, 8 frames at scale 2
     assert load_json(tmp_path / "s.json")["captions"] == [p for p, _, _ in equal_compute_samples.captions(3)]
+    # The check: each caption with seeds 0..N-1, every clip checked against its caption.
+    result = equal_compute_samples.main(["--checkpoint", f"a={path}", "--captions", "2", "--seeds-per-caption", "3",
+                                         "--sheet-captions", "2", "--png", str(tmp_path / "s.png"),
+                                         "--out", str(tmp_path / "s.json")])
+    two = [p for p, _, _ in equal_compute_samples.captions(2)]
+    assert result["captions"] == [two[0]] * 3 + [two[1]] * 3 and result["seeds"] == [0, 1, 2, 0, 1, 2]
+    assert len(result["results"]["a"]["clips"]) == 6
 
 
 def test_equal_compute_samples_guidance_overrides_the_checkpoints_scale(tmp_path):

@@ -119,6 +119,9 @@ def test_shards_from_before_word_tokens_count_as_bytes():
     check_text_encoder(stored, T5TextEncoder(trainable=False, tokens="bytes"))
     with pytest.raises(ValueError, match="caption embeddings of text encoder"):
         check_text_encoder(stored, T5TextEncoder(trainable=False, tokens="words"))
+    words = module_identity(T5TextEncoder(trainable=False, tokens="words"))
+    with pytest.raises(ValueError, match="'word_buckets': 64"):  # other hash buckets: other word ids
+        check_text_encoder(words, T5TextEncoder(trainable=False, tokens="words", word_buckets=64))
 
 
 @pytest.mark.slow

@@ -352,3 +352,18 @@ def test_word_text_encoder_shapes_round_trip_and_bad_tokens():
         T5TextEncoder(tokens="word")
     with pytest.raises(ValueError, match=r"word_buckets=0"):
         T5TextEncoder(tokens="words", word_buckets=0)
+
+
+def test_a_checkpoint_on_other_tokens_is_refused_naming_the_setting(tmp_path):
+    from tpdiff_lightning.training.module import TPDiffModule
+
+    small = {"clip": {"num_frames": 4, "resolution": 16}, "optimization": {"ema_decay": None}}
+    on_bytes = TPDiffModule(text_encoder=T5TextEncoder(d_model=32, num_heads=2, num_layers=1), **small)
+    path = tmp_path / "bytes.ckpt"
+    torch.save({"state_dict": on_bytes.state_dict(), "global_step": 5}, path)
+    on_words = TPDiffModule(text_encoder=T5TextEncoder(d_model=32, num_heads=2, num_layers=1, tokens="words"), **small)
+    with pytest.raises(ValueError, match=r"384 token ids and this model's 4098.*tokens=bytes"):
+        on_words.load_weights(str(path))
+    TPDiffModule(text_encoder=T5TextEncoder(d_model=32, num_heads=2, num_layers=1), **small).load_weights(str(path))
+    with pytest.raises(ValueError, match=r"max_length=0"):
+        T5TextEncoder(max_length=0)

@@ -40,10 +40,10 @@ class LatentBucketError(ValueError):
 
 def module_identity(module: nn.Module) -> dict:
     """What must match between the shards and the model: class, the codec's declared name and shape factors, and
-    the text encoder's width, weights folder and tokens (bytes or words)."""
+    the text encoder's width, weights folder and tokens (bytes, or words and their number of hash buckets)."""
     identity = {"class": f"{type(module).__module__}.{type(module).__qualname__}"}
     for attr in ("name", "latent_channels", "temporal_compression", "spatial_compression", "dim", "name_or_path",
-                 "tokens"):
+                 "tokens", "word_buckets"):
         value = getattr(module, attr, None)
         if isinstance(value, (str, int, float)):
             identity[attr] = value

@@ -74,9 +74,12 @@ class T5TextEncoder(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
         if tokens not in TOKENS:
             raise ValueError(f"tokens={tokens!r}: expected one of {', '.join(TOKENS)}")
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length}: expected at least 1 token (the end-of-sequence token)")
         # Neither tokenizer needs a vocabulary file, so nothing is downloaded.
         self.tokenizer = ByT5Tokenizer() if tokens == "bytes" else WordHashTokenizer(word_buckets)
         self.tokens = tokens
+        self.word_buckets = word_buckets if tokens == "words" else None  # part of the cached embeddings' identity
         config = T5Config(
             vocab_size=len(self.tokenizer),
             d_model=d_model,
@@ -126,3 +129,19 @@ class T5TextEncoder(nn.Module):
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             emb = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, dim)
         return emb, mask
+
+
+def check_token_embedding(state: dict[str, Tensor] | None, current: dict[str, Tensor], prefix: str = "") -> None:
+    """Raise ValueError when a checkpoint's T5 encoder (its weights under ``prefix``) has another number of token ids
+    than the one configured: it was trained on other tokens. Says which setting to change, before a raw size
+    mismatch does."""
+    key = prefix + "model.shared.weight"
+    if state is None or key not in state or key not in current:
+        return
+    stored, here = state[key].shape[0], current[key].shape[0]
+    if stored != here:
+        raise ValueError(
+            f"the checkpoint's text encoder has {stored} token ids and this model's {here}: it was trained with "
+            f"other tokens (bytes: 384 ids; words: 2 + word_buckets). Set model.init_args.text_encoder.init_args."
+            f"tokens (and word_buckets) to what it was trained with; checkpoints from before word tokens need "
+            f"tokens=bytes")

@@ -25,7 +25,7 @@ from tpdiff_lightning.method.schedules import make_schedule
 from tpdiff_lightning.models.codec import IdentityCodec
 from tpdiff_lightning.models.dit import VideoDiT
 from tpdiff_lightning.models.token_split import token_count
-from tpdiff_lightning.models.text_encoder import T5TextEncoder
+from tpdiff_lightning.models.text_encoder import T5TextEncoder, check_token_embedding
 from tpdiff_lightning.training.ema import EMA
 from tpdiff_lightning.training.finite_input import check_finite_input, finite_rows
 from tpdiff_lightning.training.fit_checks import check_fit_setup
@@ -448,6 +448,7 @@ class TPDiffModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.global_step_at_load = int(checkpoint.get("global_step", -1))
         state = checkpoint.get("state_dict")
+        check_token_embedding(state, self.state_dict(), "text_encoder.")
         if state is not None and any(k.startswith("ema.shadow.") for k in state):
             current = self.state_dict()
             for key in [k for k in state if k.startswith("ema.shadow.")]:  # checkpoints from the full-copy EMA
