@@ -10,7 +10,9 @@ import torch
 
 from tests.conftest import DEFAULT, ROOT, shrink_args
 from tpdiff_lightning.cli.main import main
+from tpdiff_lightning.runs.checkpoint_match import CheckpointModelMismatchError
 from tpdiff_lightning.training import TPDiffModule
+from tpdiff_lightning.training.flat_settings import grouped
 from tpdiff_lightning.training.module import to_uint8_video
 
 FIXTURE = ROOT / "tests" / "fixtures" / "flat_hparams"
@@ -19,7 +21,8 @@ CHECKPOINT = FIXTURE / "release-0.1.0-step3.ckpt"
 AS_TRAINED = ["--model.init_args.backbone.init_args.size=dit-nano", "--model.init_args.text_encoder.init_args.d_model=32",
               "--model.init_args.text_encoder.init_args.num_layers=1",
               "--model.init_args.text_encoder.init_args.num_heads=2",
-              "--model.init_args.text_encoder.init_args.d_ff=64"]
+              "--model.init_args.text_encoder.init_args.d_ff=64",
+              "--model.init_args.text_encoder.init_args.tokens=bytes"]  # the release's only tokens
 
 
 def test_the_checkpoint_is_stored_flat():
@@ -67,8 +70,23 @@ def test_predict_validate_and_a_resumed_fit_take_the_flat_checkpoint(tmp_path, t
     folder = out / "synthetic" / "tpdiff-flow" / "checkpoints"
     folder.mkdir(parents=True)
     shutil.copy(CHECKPOINT, folder / "epoch=0-step=3.ckpt")
+    # The release read bytes; resumed under the default's word tokens it is refused, naming the setting.
+    with pytest.raises(CheckpointModelMismatchError, match=r"text_encoder tokens 'bytes', config asks 'words'"):
+        main(["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root, max_steps=5), *AS_TRAINED[:-1],
+              "--ckpt_path", "last"])
     cli = main(["fit", "--config", str(DEFAULT), *shrink_args(out, tiny_data_root, max_steps=5), *AS_TRAINED,
                 "--ckpt_path", "last"])
     assert cli.trainer.global_step == 5 and int(cli.model.ema.num_updates) == 5  # continued from step 3
     stored = torch.load(folder / "last.ckpt", weights_only=True)["hyper_parameters"]
     assert stored["optimization"]["lr"] == 0.001 and "lr" not in stored  # saved the grouped way from now on
+
+
+def test_checkpoints_from_before_word_tokens_read_as_bytes():
+    t5 = "tpdiff_lightning.models.text_encoder.T5TextEncoder"
+    old = grouped({"text_encoder": {"class_path": t5, "init_args": {"d_model": 32}}})
+    assert old["text_encoder"]["init_args"] == {"d_model": 32, "tokens": "bytes", "word_buckets": 4096}
+    new = {"text_encoder": {"class_path": t5, "init_args": {"d_model": 32, "tokens": "words", "word_buckets": 64}}}
+    assert grouped(new) == new
+    clip = {"text_encoder": {"class_path": "tpdiff_lightning.models.pretrained_text.CLIPTextEncoder",
+                             "init_args": {"pretrained_path": "x"}}}
+    assert grouped(clip) == clip

@@ -1,6 +1,7 @@
 """Release 0.1.0 took the module's settings flat (``model.init_args.lr``) and lived in a flat package
 (``tpdiff_lightning.module.TPDiffModule``). Its checkpoints still load: their hyperparameters are read into the
-settings groups here. A config that still names a flat key or a moved class gets one line saying where it went."""
+settings groups here. A config that still names a flat key or a moved class gets one line saying where it went.
+Checkpoints from before the built-in text encoder had word tokens are read as what they were: bytes."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ MOVED_CLASS_PATHS: dict[str, str] = {
 """Classes a config can name whose module moved when the package was laid out by role."""
 
 
+BEFORE_WORD_TOKENS = {"tokens": "bytes", "word_buckets": 4096}
+"""The T5 text encoder's token settings as every checkpoint saved before they existed had them (the defaults)."""
+
+
 def is_flat(hparams: dict[str, Any]) -> bool:
     """Whether ``hparams`` (a checkpoint's ``hyper_parameters``) hold any setting the flat way."""
     return any(key in FLAT_KEYS for key in hparams)
@@ -55,6 +60,11 @@ def grouped(hparams: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     for group, values in groups.items():
         out[group] = {**values, **(out.get(group) or {})}
+    encoder = out.get("text_encoder")
+    if isinstance(encoder, dict) and str(encoder.get("class_path", "")).endswith(".T5TextEncoder"):
+        init_args = dict(encoder.get("init_args") or {})
+        if "tokens" not in init_args:  # saved before the encoder could read words: it read bytes
+            out["text_encoder"] = {**encoder, "init_args": {**init_args, **BEFORE_WORD_TOKENS}}
     return out
 
 
