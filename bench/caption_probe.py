@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from common import ROOT, finish_machine_info, machine_info, print_table, write_json
+from common import ROOT, eval_split_urls, finish_machine_info, machine_info, print_table, write_json
 from tpdiff_lightning.data.pipelines import eval_pipeline
-from tpdiff_lightning.data.synthetic import read_manifest
 from tpdiff_lightning.training.module import TPDiffModule
 
 SWAPS = {
@@ -64,13 +63,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--paths", action="store_true", help="also split each gap into cross-attention and pooled")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "caption_probe.json"))
     args = parser.parse_args(argv)
-    manifest = read_manifest(args.data_root)
-    if manifest is None or "eval" not in manifest.get("splits", {}):
-        parser.error(f"--data-root {args.data_root}: expected synthetic shards with an eval split")
+    urls = eval_split_urls(parser, args.data_root)
     info = machine_info()
     model = TPDiffModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     clip = model.settings.clip
-    urls = [str(args.data_root / s) for s in manifest["splits"]["eval"]["shards"]]
     captions, videos = [], []
     for batch in eval_pipeline(urls, clip.num_frames, clip.resolution, 16):
         captions += batch["caption"]

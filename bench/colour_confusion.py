@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from common import ROOT, finish_machine_info, machine_info, print_table, write_json
+from common import ROOT, eval_split_urls, finish_machine_info, machine_info, print_table, write_json
 from tpdiff_lightning.data.caption_accuracy import caption_accuracy, caption_factors
 from tpdiff_lightning.data.pipelines import eval_pipeline
-from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, caption_for, read_manifest
+from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, caption_for
 from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
 
 COLOURS = tuple(PALETTE)
@@ -89,14 +89,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--margin", type=float, default=0.1, help="a wrong word this close (relative) is a confusion")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "colour_confusion.json"))
     args = parser.parse_args(argv)
-    manifest = read_manifest(args.data_root)
-    if manifest is None or "eval" not in manifest.get("splits", {}):
-        parser.error(f"--data-root {args.data_root}: expected synthetic shards with an eval split")
+    urls = eval_split_urls(parser, args.data_root)
     info = machine_info()
     model = TPDiffModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     clip = model.settings.clip
     clips: dict[tuple[str, str], list[tuple[str, torch.Tensor]]] = defaultdict(list)
-    urls = [str(args.data_root / s) for s in manifest["splits"]["eval"]["shards"]]
     for batch in eval_pipeline(urls, clip.num_frames, clip.resolution, 16):
         for caption, video in zip(batch["caption"], batch["video"]):
             clips[caption_factors(caption)].append((caption, video))

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so `python bench/x.py` finds the package and `tests.tiny_*` helpers
     sys.path.insert(0, str(ROOT))
 
+from tpdiff_lightning.data.synthetic import read_manifest  # noqa: E402
 from tpdiff_lightning.method.pyramid import TemporalPyramid  # noqa: E402
 from tpdiff_lightning.models.dit import VideoDiT  # noqa: E402
 
@@ -126,6 +127,14 @@ def random_text(batch: int, dim: int, tokens: int = TEXT_TOKENS, device: str = "
     """Caption tokens ``(B, L, D)`` and an all-True mask ``(B, L)``, standing in for an encoder's output."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(batch, tokens, dim, generator=g).to(device), torch.ones(batch, tokens, dtype=torch.bool, device=device)
+
+
+def eval_split_urls(parser, data_root: Path) -> list[str]:
+    """The shard URLs of a synthetic folder's eval split; a parser error naming ``--data-root`` when it has none."""
+    manifest = read_manifest(data_root)
+    if manifest is None or "eval" not in manifest.get("splits", {}):
+        parser.error(f"--data-root {data_root}: expected synthetic shards with an eval split")
+    return [str(data_root / s) for s in manifest["splits"]["eval"]["shards"]]
 
 
 def pyramid_from_config(overlays: Sequence[str | Path] = (), num_frames: int | None = None,

@@ -796,6 +796,8 @@ def test_colour_confusion_reads_every_colour_word_and_draws_every_caption(tmp_pa
     assert len(result["drawn"]) == len(result["drawn_with_stray_letter"]) == 16
     assert all(len(drawn) == 1 for drawn in result["drawn"].values())
     assert colour_confusion.recolour("a green circle moving down fast", "red") == "a red circle moving down fast"
+    with pytest.raises(SystemExit):  # a folder with no synthetic eval split: one parser error, nothing loaded
+        colour_confusion.main([str(path), "--data-root", str(tmp_path), "--out", str(tmp_path / "x.json")])
     table = {"down": {"green": {"red": 1.05, "green": 1.0, "blue": 3.0, "yellow": 1.2}}}
     assert [(c["clip colour"], c["caption colour"]) for c in colour_confusion.confusions(table, 0.1)] == \
         [("green", "red")]
