@@ -49,14 +49,15 @@ def _tiny_shards(tmp_path_factory, num_frames: int, paths: str = "anywhere") -> 
 
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory) -> Path:
-    """A synthetic shard folder shared by the end-to-end tests (built by the first run that needs it)."""
-    return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"])
+    """A synthetic shard folder shared by the end-to-end tests, built as the default config builds its data
+    (``synthetic_paths: centred``: every path crosses the frame's centre), so no run of it rebuilds the folder."""
+    return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"], "centred")
 
 
 @pytest.fixture(scope="session")
-def tiny_data_root_centred(tmp_path_factory) -> Path:
-    """Synthetic shards whose paths cross the frame's centre (``synthetic_paths: centred``, configs/motion.yaml)."""
-    return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"], "centred")
+def tiny_data_root_anywhere(tmp_path_factory) -> Path:
+    """Synthetic shards whose paths lie anywhere in frame (``synthetic_paths: anywhere``, the builder's default)."""
+    return _tiny_shards(tmp_path_factory, TINY_DATA["num_frames"], "anywhere")
 
 
 @pytest.fixture(scope="session")

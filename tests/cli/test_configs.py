@@ -108,7 +108,7 @@ def test_config_parses_and_builds(path, pipelines):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
-def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data_root_17, tiny_data_root_centred,
+def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data_root_17, tiny_data_root_anywhere,
                                        pipelines):
     """Each config as written (its precision, clipping, accumulation, optimizer, EMA and callbacks), shrunk
     only in size: frames, resolution, widths, steps, clip counts and callback intervals, on one CPU device. A config
@@ -119,7 +119,7 @@ def test_config_runs_once_at_tiny_size(path, tmp_path, tiny_data_root, tiny_data
     for p in chain:
         data.update(((yaml.safe_load(p.read_text()) or {}).get("data") or {}).get("init_args") or {})
     root = (tiny_data_root_17 if kind == "wan" else
-            tiny_data_root_centred if data.get("synthetic_paths") == "centred" else tiny_data_root)
+            tiny_data_root if data.get("synthetic_paths") == "centred" else tiny_data_root_anywhere)
     written = {}
     for p in chain:
         written.update((yaml.safe_load(p.read_text()) or {}).get("trainer") or {})

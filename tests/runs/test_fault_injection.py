@@ -349,7 +349,7 @@ def test_a_changed_learning_rate_and_batch_size_on_resume_are_applied_and_said(t
 
 @pytest.mark.parametrize("change, named", [
     (["--model.init_args.pyramid.num_stages=2", "--model.init_args.pyramid.reductions=[2]",
-      "--model.init_args.pyramid.partition=[1, 1]"], r"model\.init_args\.pyramid\.num_stages=2 \(the checkpoint has 3\)"),
+      "--model.init_args.pyramid.partition=[1, 1]", "--model.init_args.pyramid.stage_weights=null"], r"model\.init_args\.pyramid\.num_stages=2 \(the checkpoint has 3\)"),
     (["--model.init_args.objective.schedule=ddim"],
      r"model\.init_args\.objective\.schedule='ddim' \(the checkpoint has 'flow'\)"),
     (["--model.init_args.optimization.ema_decay=null"],
@@ -373,7 +373,7 @@ def test_weights_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, tiny
     source = _run_dir(out) / "checkpoints" / "last.ckpt"
     cli = _fit(out, tiny_data_root, 0, "--weights_from", str(source), "--trainer.logger.init_args.version=two-stage",
                "--model.init_args.pyramid.num_stages=2", "--model.init_args.pyramid.reductions=[2]",
-               "--model.init_args.pyramid.partition=[1, 1]")
+               "--model.init_args.pyramid.partition=[1, 1]", "--model.init_args.pyramid.stage_weights=null")
     assert cli.trainer.global_step == 0 and cli.model.pyramid.num_stages == 2
     stored = torch.load(source, weights_only=False)["state_dict"]
     assert all(torch.equal(stored[k], v) for k, v in cli.model.state_dict().items())
@@ -783,7 +783,8 @@ def test_validation_with_a_truncated_eval_shard_logs_and_warns_the_skipped_clips
     from tpdiff_lightning.data.synthetic import write_synthetic_shards
 
     root = tmp_path / "data"
-    write_synthetic_shards(root, num_train=4, num_eval=6, num_frames=16, size=16, seed=0, progress=False)
+    write_synthetic_shards(root, num_train=4, num_eval=6, num_frames=16, size=16, seed=0, progress=False,
+                           paths="centred")  # as the default builds, so the damaged folder is read, not rebuilt
     shard = root / json.loads((root / "manifest.json").read_text())["splits"]["eval"]["shards"][0]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])

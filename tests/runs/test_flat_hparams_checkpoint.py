@@ -22,6 +22,9 @@ AS_TRAINED = ["--model.init_args.backbone.init_args.size=dit-nano", "--model.ini
               "--model.init_args.text_encoder.init_args.num_layers=1",
               "--model.init_args.text_encoder.init_args.num_heads=2",
               "--model.init_args.text_encoder.init_args.d_ff=64",
+              # The default's settings at the release: relative positions only, stages drawn by partition.
+              "--model.init_args.backbone.init_args.absolute_positions=false",
+              "--model.init_args.pyramid.stage_weights=null",
               "--model.init_args.text_encoder.init_args.tokens=bytes"]  # the release's only tokens
 
 
@@ -90,3 +93,14 @@ def test_checkpoints_from_before_word_tokens_read_as_bytes():
     clip = {"text_encoder": {"class_path": "tpdiff_lightning.models.pretrained_text.CLIPTextEncoder",
                              "init_args": {"pretrained_path": "x"}}}
     assert grouped(clip) == clip
+
+
+def test_checkpoints_from_before_absolute_positions_keep_relative_positions_only():
+    dit = "tpdiff_lightning.models.dit.VideoDiT"
+    old = grouped({"backbone": {"class_path": dit, "init_args": {"size": "dit-nano"}}})
+    assert old["backbone"]["init_args"] == {"size": "dit-nano", "absolute_positions": False}
+    new = {"backbone": {"class_path": dit, "init_args": {"size": "dit-nano", "absolute_positions": True}}}
+    assert grouped(new) == new
+    # Predicting a release checkpoint under the default config (absolute positions on) builds the model it trained.
+    module = TPDiffModule.load_from_checkpoint(CHECKPOINT, map_location="cpu")
+    assert module.backbone.absolute_positions is None

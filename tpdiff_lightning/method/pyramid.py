@@ -164,7 +164,8 @@ class TemporalPyramid:
             raise ValueError(f"partition={list(partition)} is invalid; expected positive weights")
         stage_weights = tuple(stage_weights) if stage_weights is not None else partition
         if len(stage_weights) != K or any(not (is_number(w) and w >= 0) for w in stage_weights) or sum(stage_weights) <= 0:
-            raise ValueError(f"stage_weights={list(stage_weights)} is invalid; expected {K} non-negative weights with a positive sum")
+            raise ValueError(f"stage_weights={list(stage_weights)} is invalid; expected {K} non-negative weights with a "
+                             "positive sum, one per stage (or null: in proportion to the partition)")
 
         self.schedule = make_schedule(schedule)
         if flow_velocity not in FLOW_VELOCITIES:

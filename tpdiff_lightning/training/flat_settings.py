@@ -39,6 +39,14 @@ MOVED_CLASS_PATHS: dict[str, str] = {
 BEFORE_WORD_TOKENS = {"tokens": "bytes", "word_buckets": 4096}
 """The T5 text encoder's token settings as every checkpoint saved before they existed had them (the defaults)."""
 
+SETTINGS_ADDED_LATER = {
+    ("text_encoder", ".T5TextEncoder"): BEFORE_WORD_TOKENS,
+    ("backbone", ".VideoDiT"): {"absolute_positions": False},
+}
+"""Per (model slot, class), init arguments added after some checkpoints were saved, with the value those checkpoints
+were trained with. A checkpoint without one gets it here, so a config that sets it otherwise (the default config's
+word tokens and absolute positions) cannot change what the checkpoint's model is."""
+
 
 def is_flat(hparams: dict[str, Any]) -> bool:
     """Whether ``hparams`` (a checkpoint's ``hyper_parameters``) hold any setting the flat way."""
@@ -60,11 +68,12 @@ def grouped(hparams: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     for group, values in groups.items():
         out[group] = {**values, **(out.get(group) or {})}
-    encoder = out.get("text_encoder")
-    if isinstance(encoder, dict) and str(encoder.get("class_path", "")).endswith(".T5TextEncoder"):
-        init_args = dict(encoder.get("init_args") or {})
-        if "tokens" not in init_args:  # saved before the encoder could read words: it read bytes
-            out["text_encoder"] = {**encoder, "init_args": {**init_args, **BEFORE_WORD_TOKENS}}
+    for (slot, class_name), then in SETTINGS_ADDED_LATER.items():
+        part = out.get(slot)
+        if isinstance(part, dict) and str(part.get("class_path", "")).endswith(class_name):
+            init_args = dict(part.get("init_args") or {})
+            if any(key not in init_args for key in then):  # saved before these settings existed
+                out[slot] = {**part, "init_args": {**then, **init_args}}
     return out
 
 
