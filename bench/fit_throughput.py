@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=100, help="measured steps per run")
     parser.add_argument("--warmup", type=int, default=20, help="steps dropped at the start of each run")
-    parser.add_argument("--profile-steps", type=int, default=30,
-                        help="steps after the measured ones in which one step per stage is profiled")
+    parser.add_argument("--profile-steps", type=int, default=100,
+                        help="at most this many steps after the measured ones, in which one step per stage is "
+                             "profiled (the fit stops once every stage has been; a rarely drawn stage needs more)")
     parser.add_argument("--repeats", type=int, default=2, help="fits of each (checkout, variant), taking turns")
     parser.add_argument("--step-repeats", type=int, default=7, help="repeats of the step benchmark (0: skip it)")
     parser.add_argument("--top", type=int, default=12, help="operators listed per profiled step")
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.threads < 1:
         raise ValueError(f"--threads={args.threads} is invalid; expected >= 1 (CPU seconds need one thread)")
     if args.quick and not args.child:
-        args.resolution, args.batch, args.steps, args.warmup, args.profile_steps = 16, 2, 4, 2, 12
+        args.resolution, args.batch, args.steps, args.warmup, args.profile_steps = 16, 2, 4, 2, 40
         args.repeats, args.step_repeats = 1, 1
         if args.out == parser.get_default("out"):  # a smoke run never replaces a measured result
             args.out = str(ROOT / "bench" / "results" / "quick" / Path(args.out).name)

@@ -184,7 +184,14 @@ def split_results(tmp_path_factory):
     results = {}
     for world in (2, 4):
         out = tmp_path_factory.mktemp(f"cp{world}") / "cp.pt"
-        mp.start_processes(_worker, args=(free_port(), world, str(out)), nprocs=world, start_method="spawn", join=True)
+        for attempt in range(2):  # a fresh port once: free_port's port can be taken by another test's group first
+            try:
+                mp.start_processes(_worker, args=(free_port(), world, str(out)), nprocs=world, start_method="spawn",
+                                   join=True)
+                break
+            except mp.ProcessExitedException:
+                if attempt == 1:
+                    raise
         results[world] = torch.load(out)
         results[world]["attention"] = [torch.load(f"{out}.attention{r}") for r in range(world)]
     return results
