@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from common import ROOT, eval_split_urls, finish_machine_info, machine_info, print_table, write_json
-from tpdiff_lightning.data.pipelines import eval_pipeline
+from common import ROOT, eval_split_urls, finish_machine_info, machine_info, model_clips, print_table, write_json
 from tpdiff_lightning.training.module import TPDiffModule
 
 SWAPS = {
@@ -66,14 +65,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     urls = eval_split_urls(parser, args.data_root)
     info = machine_info()
     model = TPDiffModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    clip = model.settings.clip
-    captions, videos = [], []
-    for batch in eval_pipeline(urls, clip.num_frames, clip.resolution, 16):
-        captions += batch["caption"]
-        videos.append(batch["video"])
-        if len(captions) >= args.clips:
-            break
-    captions, video = captions[: args.clips], torch.cat(videos)[: args.clips]
+    captions, videos = map(list, zip(*model_clips(model, urls, args.clips)))
+    video = torch.stack(videos)
     variants = {"true": captions, **{f"{k} swapped": [swapped(c, t) for c in captions] for k, t in SWAPS.items()},
                 "no caption": [""] * len(captions)}
     rows = []

@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from common import ROOT, eval_split_urls, finish_machine_info, machine_info, print_table, write_json
+from common import ROOT, eval_split_urls, finish_machine_info, machine_info, model_clips, print_table, write_json
 from tpdiff_lightning.data.caption_accuracy import caption_accuracy, caption_factors
-from tpdiff_lightning.data.pipelines import eval_pipeline
 from tpdiff_lightning.data.synthetic import DIRECTIONS, PALETTE, caption_for
 from tpdiff_lightning.training.module import TPDiffModule, to_uint8_video
 
@@ -92,11 +91,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     urls = eval_split_urls(parser, args.data_root)
     info = machine_info()
     model = TPDiffModule.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
-    clip = model.settings.clip
     clips: dict[tuple[str, str], list[tuple[str, torch.Tensor]]] = defaultdict(list)
-    for batch in eval_pipeline(urls, clip.num_frames, clip.resolution, 16):
-        for caption, video in zip(batch["caption"], batch["video"]):
-            clips[caption_factors(caption)].append((caption, video))
+    for caption, video in model_clips(model, urls):
+        clips[caption_factors(caption)].append((caption, video))
     captions = [caption_for(c, "square", d, "fast") for d in DIRECTIONS for c in COLOURS]
     stray = {c: f"{c} {args.stray}" for c in captions}
     with torch.no_grad(), model.ema_weights():

@@ -137,6 +137,19 @@ def eval_split_urls(parser, data_root: Path) -> list[str]:
     return [str(data_root / s) for s in manifest["splits"]["eval"]["shards"]]
 
 
+def model_clips(model, urls: Sequence[str], limit: int | None = None, batch_size: int = 16):
+    """Yield ``(caption, video)`` of the clips in ``urls``, decoded at ``model``'s clip size, up to ``limit``."""
+    from tpdiff_lightning.data.pipelines import eval_pipeline
+
+    clip, seen = model.settings.clip, 0
+    for batch in eval_pipeline(urls, clip.num_frames, clip.resolution, batch_size):
+        for caption, video in zip(batch["caption"], batch["video"]):
+            if limit is not None and seen >= limit:
+                return
+            yield caption, video
+            seen += 1
+
+
 def pyramid_from_config(overlays: Sequence[str | Path] = (), num_frames: int | None = None,
                         anchor_first_frame: bool | None = None) -> TemporalPyramid:
     """The pyramid that ``configs/default.yaml`` plus ``overlays`` describe (later files win)."""

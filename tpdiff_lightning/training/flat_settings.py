@@ -71,9 +71,7 @@ def grouped(hparams: dict[str, Any]) -> dict[str, Any]:
     for (slot, class_name), then in SETTINGS_ADDED_LATER.items():
         part = out.get(slot)
         if isinstance(part, dict) and str(part.get("class_path", "")).endswith(class_name):
-            init_args = dict(part.get("init_args") or {})
-            if any(key not in init_args for key in then):  # saved before these settings existed
-                out[slot] = {**part, "init_args": {**then, **init_args}}
+            out[slot] = {**part, "init_args": {**then, **(part.get("init_args") or {})}}  # what it saved wins
     return out
 
 
