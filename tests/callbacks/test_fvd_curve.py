@@ -101,10 +101,10 @@ def test_fvd_curve_logs_against_steps_gpu_hours_and_flops_and_resumes(tmp_path, 
 
 def test_a_resume_keeps_the_gpu_hours_curve_and_the_checkpoint_steps_point(tmp_path, tiny_data_root):
     """On 8 GPUs the milli-GPU-hours soon exceed the step count; the step axis's purge on resume (events at
-    >= the resumed step) must not wipe the GPU-hours curve, nor the evaluation logged at the checkpoint's step."""
+    >= the resumed step) must not wipe the GPU-hours curve, nor the evaluation logged at the checkpoint's step
+    (its FVD and its caption accuracy)."""
     def curve(seconds=0.0):
-        cb = FVDCurve(eval_root=str(tiny_data_root), num_videos=4, every_n_steps=2, cache_dir=str(tmp_path / "cache"),
-                      feature_extractor=ColourFeatures(), extractor_name="colour-test", num_steps=3)
+        cb = curve_with_captions(tiny_data_root, tmp_path / "cache")
         cb.train_seconds = seconds
         return cb
 
@@ -117,6 +117,8 @@ def test_a_resume_keeps_the_gpu_hours_curve_and_the_checkpoint_steps_point(tmp_p
     assert after[:2] == before and len(after) == 3 and after[2][0] >= before[1][0]
     by_step = _scalars(run_dir, "fvd/synthetic-4")
     assert [s for s, _ in by_step] == [2, 4, 6] and by_step[1][1] == pytest.approx(before[1][1])
+    for tag in ("caption/colour_accuracy", "caption/direction_accuracy", "caption/direction_chance"):
+        assert [s for s, _ in _scalars(run_dir, tag)] == [2, 4, 6], tag
 
 
 def test_fvd_curve_rejects_too_few_videos():

@@ -81,6 +81,7 @@ class FVDCurve(L.Callback):
         self._clock: float | None = None
         self._last_eval_step = -1
         self._last_value: float | None = None
+        self._last_captions: dict[str, float] = {}  # the caption accuracy logged beside _last_value
         self._real: tuple | None = None
         self._captions: list[str] | None = None
 
@@ -90,13 +91,15 @@ class FVDCurve(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-                "last_eval_step": self._last_eval_step, "last_value": self._last_value, "train_flops": self.flops.total}
+                "last_eval_step": self._last_eval_step, "last_value": self._last_value,
+                "last_captions": self._last_captions, "train_flops": self.flops.total}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_seconds = state_dict["train_seconds"]
         self.eval_seconds = state_dict["eval_seconds"]
         self._last_eval_step = state_dict.get("last_eval_step", -1)
         self._last_value = state_dict.get("last_value")
+        self._last_captions = state_dict.get("last_captions") or {}
         self.flops.total = state_dict.get("train_flops", 0.0)  # the meter keeps what setup decided
 
     def gpu_hours(self, trainer: L.Trainer) -> float:
@@ -149,7 +152,7 @@ class FVDCurve(L.Callback):
                     and self._last_value is not None):
                 # The evaluation at the checkpoint's own step was logged before the save, and the step axis's
                 # purge on resume (events at >= that step) removed it; it is not evaluated again, so log it again.
-                self._log(trainer, self._last_value, None, hours_axis=False)
+                self._log(trainer, self._last_value, None, hours_axis=False, captions=self._last_captions)
 
     def axis_writer(self, logger: TensorBoardLogger, run: str):
         """The writer of the tags whose x-axis is not steps (GPU-hours, FLOPs): a sub-run of the run folder each.
@@ -251,7 +254,7 @@ class FVDCurve(L.Callback):
         value = float(metric.compute())
         captions = self.caption_scores(trainer, frames, [self._captions[k] for k in slots if k < self.num_videos],
                                        counted) if self.caption_accuracy else {}
-        self._last_value = value
+        self._last_value, self._last_captions = value, captions
         self.eval_seconds += time.perf_counter() - start
         self._log(trainer, value, frames, captions=captions)
         self._clock = time.perf_counter()  # evaluation time is not training time
