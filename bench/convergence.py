@@ -65,14 +65,16 @@ class TrainingBudget(L.Callback):
     """Stop training once the FVD curve's training clock (evaluation excluded) reaches ``minutes``, or once
     the backbone's training FLOPs reach ``tflops``: a budget that other processes on the machine cannot shift.
     The FLOPs are counted with torch's counter on the first step of each (stage, batch shape) and summed over
-    the steps trained, and logged at every step as ``compute/backbone_tflops`` (the FVD points' x axis)."""
+    the steps trained, and logged at every step as ``compute/backbone_tflops`` (the FVD points' x axis).
+    Each tenth of the budget spent prints one line, ``label`` first (the study runs with no progress bar)."""
 
-    def __init__(self, minutes: float | None = None, tflops: float | None = None):
+    def __init__(self, minutes: float | None = None, tflops: float | None = None, label: str = ""):
         budget = minutes if tflops is None else tflops
         if (minutes is None) == (tflops is None) or not budget > 0:
             raise ValueError(f"minutes={minutes}, tflops={tflops}; expected exactly one positive budget")
-        self.minutes, self.tflops = minutes, tflops
+        self.minutes, self.tflops, self.label = minutes, tflops, label
         self.flops = 0.0
+        self._tenths_reported = 0  # a resumed run reports where it is at its first step
         self._per_step: dict[tuple[int, tuple[int, ...] | None], float] = {}
         self._key: tuple[int, tuple[int, ...] | None] | None = None
 
@@ -115,16 +117,25 @@ class TrainingBudget(L.Callback):
         if trainer.logger is not None:  # the FLOPs at every step, for the FVD points to be read against
             trainer.logger.log_metrics({"compute/backbone_tflops": self.flops / 1e12}, step=trainer.global_step)
         if self.tflops is not None:
-            if self.flops >= 1e12 * self.tflops:
-                trainer.should_stop = True
-            return
-        from tpdiff_lightning.callbacks.fvd_curve import FVDCurve
+            spent, budget, unit = self.flops / 1e12, self.tflops, "TFLOPs"
+        else:
+            from tpdiff_lightning.callbacks.fvd_curve import FVDCurve
 
-        curve = next((cb for cb in trainer.callbacks if isinstance(cb, FVDCurve)), None)
-        if curve is None:
-            raise ValueError("TrainingBudget needs an FVDCurve callback listed before it; found none")
-        if curve.train_seconds >= 60 * self.minutes:
+            curve = next((cb for cb in trainer.callbacks if isinstance(cb, FVDCurve)), None)
+            if curve is None:
+                raise ValueError("TrainingBudget needs an FVDCurve callback listed before it; found none")
+            spent, budget, unit = curve.train_seconds / 60, self.minutes, "training minutes"
+        if spent >= budget:
             trainer.should_stop = True
+        self.report(trainer, spent, budget, unit)
+
+    def report(self, trainer, spent: float, budget: float, unit: str) -> None:
+        """One line each time another tenth of the budget is spent."""
+        tenths = min(10, int(10 * spent / budget))
+        if tenths > self._tenths_reported and getattr(trainer, "is_global_zero", True):
+            self._tenths_reported = tenths
+            print(f"{self.label}step {trainer.global_step}: {spent:.3g} of {budget:g} {unit} ({10 * tenths}%)",
+                  flush=True)
 
 
 def data_root(args: argparse.Namespace, run: str) -> str:
@@ -141,7 +152,7 @@ def data_root(args: argparse.Namespace, run: str) -> str:
     return "data/synthetic"
 
 
-def callbacks(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
+def callbacks(args: argparse.Namespace, run: str, seed: int) -> list[dict[str, Any]]:
     """The run's callbacks: checkpoints for resume, the FVD curve, then the budget (it reads the curve)."""
     return [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -151,7 +162,8 @@ def callbacks(args: argparse.Namespace, run: str) -> list[dict[str, Any]]:
                        "every_n_steps": args.fvd_every, "num_steps": args.fvd_steps, "cache_dir": args.cache_dir,
                        "caption_accuracy": True}},
         {"class_path": "bench.convergence.TrainingBudget",
-         "init_args": {"tflops": args.budget_tflops} if args.budget_tflops else {"minutes": args.budget_minutes}},
+         "init_args": {**({"tflops": args.budget_tflops} if args.budget_tflops else {"minutes": args.budget_minutes}),
+                       "label": f"  {run} seed {seed}: "}},
     ]
 
 
@@ -166,7 +178,7 @@ def command(args: argparse.Namespace, run: str, seed: int) -> list[str]:
         cmd += ["--config", str(ROOT / overlay)]
     cmd += [
         f"--seed_everything={seed}", f"--model.init_args.objective.stage_seed={seed}",
-        f"--trainer.callbacks={json.dumps(callbacks(args, run))}",
+        f"--trainer.callbacks={json.dumps(callbacks(args, run, seed))}",
         f"--trainer.max_steps={args.max_steps}", "--trainer.limit_val_batches=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={args.out_dir}", "--trainer.logger.init_args.name=convergence",
@@ -386,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             start = time.time()
             budget = f"{args.budget_tflops} TFLOPs" if args.budget_tflops else f"{args.budget_minutes} min"
             print(f"{run} seed {seed}: training for {budget} ...", flush=True)
-            proc = subprocess.run(command(args, run, seed), cwd=ROOT, capture_output=True, text=True)
+            # The run's stdout (its progress lines) goes to the terminal; its stderr is kept for the error.
+            proc = subprocess.run(command(args, run, seed), cwd=ROOT, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"run {run} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
             points = read_points(run_dir(args, run, seed), args.fvd_videos)

@@ -237,7 +237,7 @@ def test_a_quick_run_never_writes_over_the_measured_results():
     assert parse_bench_args(parser, []).out == "bench/results/x.json"  # a full run writes the results
 
 
-def test_training_budget_counts_each_stage_and_batch_shape_it_trains():
+def test_training_budget_counts_each_stage_and_batch_shape_it_trains(capsys):
     import convergence
 
     from tpdiff_lightning.training.module import TPDiffModule
@@ -265,9 +265,16 @@ def test_training_budget_counts_each_stage_and_batch_shape_it_trains():
     assert len(budget._per_step) == 3 and not trainer.should_stop
     train(batch(8, 2))
     assert trainer.should_stop  # past 2 GFLOPs
-    restored = convergence.TrainingBudget(tflops=2e-3)
+    # The study runs without a progress bar: a line per tenth of the budget, the last at 100%.
+    shares = [int(line.rsplit("(", 1)[1].rstrip("%)")) for line in capsys.readouterr().out.splitlines()]
+    assert shares == sorted(set(shares)) and shares[-1] == 100 and len(shares) >= 2
+    restored = convergence.TrainingBudget(tflops=2e-3, label="run seed 0: ")
     restored.load_state_dict(budget.state_dict())
     assert restored.flops == budget.flops
+    restored.on_train_batch_start(trainer, module, batch(1, 0), 0)
+    restored.on_train_batch_end(trainer, module, None, batch(1, 0), 0)
+    out = capsys.readouterr().out  # a resumed run says where it is at its first step
+    assert out.startswith("run seed 0: step 0: ") and out.rstrip().endswith("of 0.002 TFLOPs (100%)")
 
 
 def test_convergence_runs_are_existing_config_overlays_and_the_motion_study_is_a_pair():
