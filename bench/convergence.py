@@ -132,7 +132,7 @@ class TrainingBudget(L.Callback):
     def report(self, trainer, spent: float, budget: float, unit: str) -> None:
         """One line each time another tenth of the budget is spent."""
         tenths = min(10, int(10 * spent / budget))
-        if tenths > self._tenths_reported and getattr(trainer, "is_global_zero", True):
+        if tenths > self._tenths_reported and trainer.is_global_zero:
             self._tenths_reported = tenths
             print(f"{self.label}step {trainer.global_step}: {spent:.3g} of {budget:g} {unit} ({10 * tenths}%)",
                   flush=True)

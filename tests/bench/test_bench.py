@@ -244,7 +244,7 @@ def test_training_budget_counts_each_stage_and_batch_shape_it_trains(capsys):
 
     module = TPDiffModule(clip={"num_frames": 8, "resolution": 16}, optimization={"ema_decay": None})
     budget = convergence.TrainingBudget(tflops=2e-3)
-    trainer = SimpleNamespace(logger=None, global_step=0, should_stop=False)
+    trainer = SimpleNamespace(logger=None, global_step=0, should_stop=False, is_global_zero=True)
 
     def batch(clips, stage):  # a token-budget batch: the stage drawn for its step travels with it
         return {"video": torch.zeros(clips, 3, 8, 16, 16), "caption": ["a red circle moving left"] * clips,
