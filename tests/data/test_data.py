@@ -148,11 +148,11 @@ def test_make_clip_is_deterministic_per_seed():
     other = make_clip(clip_rng(3, "train", 6), 8, 16)
     np.testing.assert_array_equal(first[0], again[0])
     assert first[1:] == again[1:], (first[1:], again[1:])
-    # The same frames encode to the same clip. Compared decoded, within a grey level on average: libx264's threaded
-    # encoder can make a slightly different rate decision under load (one byte of 800 seen in CI).
-    once, twice = (decode_mp4(encode_mp4(first[0])).astype(int) for _ in range(2))
-    assert once.shape == twice.shape == first[0].shape, (once.shape, twice.shape, first[0].shape)
-    assert np.abs(once - twice).mean() <= 1.0, np.abs(once - twice).mean()
+    # The same frames encode to the same bytes (encode_mp4 runs libx264 on one thread; its automatic threads gave
+    # other bytes now and then under load), and decode to frames of the clip's shape.
+    once, twice = encode_mp4(first[0]), encode_mp4(first[0])
+    assert once == twice
+    assert decode_mp4(once).shape == first[0].shape
     assert not np.array_equal(first[0], other[0]) or first[2] != other[2]
 
 
