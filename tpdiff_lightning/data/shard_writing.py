@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from tpdiff_lightning.data.shard_records import read_shard_record, write_json_atomic, write_shard_record
 from tpdiff_lightning.data.synthetic import MANIFEST
+from tpdiff_lightning.data.video_io import x264_options
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def reencode_mp4(data: bytes, options: Reencode) -> tuple[bytes, dict]:
         for index, frame in enumerate(src.decode(stream)):
             if out is None:
                 height, width = output_size(frame.height, frame.width, options.short_side)
-                out = dst.add_stream("libx264", rate=dst_rate, options={"crf": str(options.crf), "preset": "veryfast"})
+                out = dst.add_stream("libx264", rate=dst_rate, options=x264_options(options.crf, width))
                 out.height, out.width, out.pix_fmt = height, width, "yuv420p"
             end = math.ceil((index + 1) * dst_rate / src_rate)  # first output slot of the next source frame
             if slot >= end:

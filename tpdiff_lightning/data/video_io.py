@@ -42,20 +42,31 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"yuv420p needs even height and width, got H={height}, W={width}")
 
 
+def x264_options(crf: int, width: int, threads: int | None = None) -> dict[str, str]:
+    """libx264 options for an encode at `crf` of frames `width` pixels wide, on `threads` threads (None: libx264's
+    choice). On frames at most 16 pixels wide (one macroblock) the macroblock tree is off: there libx264 reads
+    uninitialised stack memory in it (valgrind; none at 24 pixels or with it off), so a rebuild of the 16x16 test
+    set now and then encoded a clip to other bytes."""
+    options = {"crf": str(crf), "preset": "veryfast"}
+    if threads is not None:
+        options["threads"] = str(threads)
+    if width <= 16:
+        options["x264-params"] = "mbtree=0"
+    return options
+
+
 def encode_mp4(frames: np.ndarray, fps: int = 8, crf: int = 23) -> bytes:
     """Encode uint8 RGB frames (F, H, W, 3) as an H.264 (libx264, yuv420p) mp4 and return its bytes.
 
-    The same frames always give the same bytes: the encoder and the RGB -> YUV conversion run on one thread. With
-    libx264's automatic threads, now and then a build encoded a clip differently (1-3 of 100 builds of the tiny
-    test set under load); one thread is also 2-4x faster on the small clips this encodes.
+    The same frames give the same bytes: the encoder and the RGB -> YUV conversion run on one thread (also 2-4x
+    faster on the small clips this encodes) and `x264_options` avoids libx264's uninitialised read.
     """
     _check_frames(frames)
     if fps < 1:
         raise ValueError(f"fps must be a positive integer, got {fps}")
     buffer = BytesIO()
     with av.open(buffer, "w", format="mp4") as container:
-        options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
-        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream = container.add_stream("libx264", rate=fps, options=x264_options(crf, frames.shape[2], threads=1))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         reformatter = VideoReformatter()
