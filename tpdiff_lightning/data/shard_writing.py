@@ -104,7 +104,7 @@ def reencode_mp4(data: bytes, options: Reencode) -> tuple[bytes, dict]:
         for index, frame in enumerate(src.decode(stream)):
             if out is None:
                 height, width = output_size(frame.height, frame.width, options.short_side)
-                out = dst.add_stream("libx264", rate=dst_rate, options=x264_options(options.crf, width))
+                out = dst.add_stream("libx264", rate=dst_rate, options=x264_options(options.crf))
                 out.height, out.width, out.pix_fmt = height, width, "yuv420p"
             end = math.ceil((index + 1) * dst_rate / src_rate)  # first output slot of the next source frame
             if slot >= end:
